@@ -1,0 +1,82 @@
+"""Small file helpers: atomic writes, canonical JSON, validated safetensors reads. Never unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from ifp_export.errors import IFPError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def canonical_json(data: Any) -> str:
+    """Sorted keys, fixed indent, trailing newline: same data, same bytes."""
+    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, canonical_json(data).encode())
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Contiguous CPU tensors in sorted-name order, so equal tensors give equal bytes."""
+    ordered = {name: tensors[name].detach().cpu().contiguous() for name in sorted(tensors)}
+    atomic_write_bytes(path, safetensors_bytes(ordered, metadata=metadata or {"format": "pt"}))
+
+
+def read_json(path: Path, what: str = "JSON file") -> Any:
+    if not path.is_file():
+        raise IFPError(f"{what} not found", path, "check the path")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IFPError(f"{what} is not valid JSON ({err})", path, "fix or regenerate the file") from None
+
+
+def read_safetensors(path: Path, fix: str = "re-save the weights with safetensors") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (memory-mapped), refusing missing, corrupt or pickle files."""
+    if not path.is_file():
+        pickled = [p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise IFPError(
+                f"{path.name} not found; only pickle weights ({', '.join(sorted(pickled))}) exist and pickle "
+                "is never loaded",
+                path.parent,
+                "convert them to safetensors (save_pretrained(..., safe_serialization=True))",
+            )
+        raise IFPError("weights file not found", path, fix)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise IFPError(f"corrupt or truncated safetensors file ({detail})", path, fix) from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise IFPError(f"tensor {name!r} holds NaN or Inf values", path, "use a checkpoint with finite weights")

@@ -1,0 +1,237 @@
+"""A compact Llama-family causal LM (Llama, Mistral, Qwen2) written for export.
+
+Module and parameter names mirror Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
+`save_pretrained` state dict loads without a mapping table and folded variants save back as HF checkpoints.
+The KV cache is explicit tensors in and out (no cache objects), masks are plain tensor arithmetic, and there
+is no data-dependent Python control flow, so `torch.onnx.export(dynamo=True)` and `torch.jit.trace` see one
+static graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ifp_export.model.config import DecoderConfig, rope_inverse_frequencies
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the given positions (HF's `rotate_half` convention)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after building on the meta device."""
+        self.inv_freq = rope_inverse_frequencies(self.cfg)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [B, T, D]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def attention_bias(
+    attention_mask: torch.Tensor,
+    query_length: int,
+    dtype: torch.dtype,
+    causal: bool = True,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Additive mask [B, 1, T, S] from a 0/1 key mask [B, S] whose last T keys are the queries.
+
+    Blocked entries get the dtype's most negative finite value (not -inf), so rows that see no key at all
+    (left padding) stay finite.
+    """
+    key_length = attention_mask.shape[-1]
+    key_pos = torch.arange(key_length, device=attention_mask.device)[None, :]
+    query_pos = torch.arange(query_length, device=attention_mask.device)[:, None] + (key_length - query_length)
+    allowed = attention_mask[:, None, None, :].bool()
+    if causal:
+        allowed = allowed & (key_pos <= query_pos)
+    if sliding_window is not None:
+        allowed = allowed & (query_pos - key_pos < sliding_window)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, blocked)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE; returns the full (past + new) keys and values."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        out = F.scaled_dot_product_attention(
+            q, repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads), attn_mask=bias
+        )
+        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out), (k, v)
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, KVH, S, D] -> [B, H, S, D] by repeating each KV head for its query group."""
+    b, kv_heads, s, d = x.shape
+    if kv_heads == num_heads:
+        return x
+    return x[:, :, None].expand(b, kv_heads, num_heads // kv_heads, s, d).reshape(b, num_heads, s, d)
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN. `neuron_mask` ([d_ff] or [B, 1, d_ff], 0/1) switches intermediate neurons off."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, neuron_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if neuron_mask is not None:
+            h = h * neuron_mask.to(h.dtype)
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        neuron_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, bias, past)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x), neuron_mask)
+        return x, present
+
+
+class DecoderModel(nn.Module):
+    """The transformer body (HF's `model.` prefix): embeddings, layers, final norm."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        ffn_masks: torch.Tensor | None = None,
+        causal: bool = True,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Final-norm hidden states [B, T, hidden] and the updated cache (see `CausalLM.forward`)."""
+        b, t = input_ids.shape
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past_len + t, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + t, device=input_ids.device)[None].expand(b, t)
+        if ffn_masks is not None and ffn_masks.dim() == 2:
+            ffn_masks = ffn_masks[None]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        bias = attention_bias(attention_mask, t, x.dtype, causal, self.config.sliding_window)
+        presents: KVCache = []
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            mask = None if ffn_masks is None else ffn_masks[:, i, None, :]
+            x, present = layer(x, cos, sin, bias, past, mask)
+            presents.append(present)
+        return self.norm(x), presents
+
+
+class CausalLM(nn.Module):
+    """Llama-family causal LM with an explicit KV cache and optional FFN neuron masks."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        ffn_masks: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Logits [B, T, V] and the updated cache (one (key, value) pair per layer, [B, KVH, S, D]).
+
+        attention_mask: [B, past + T] 0/1 (default all ones). position_ids: [B, T] (default: counted from
+        the past length). ffn_masks: [L, d_ff] or [B, L, d_ff] 0/1 neuron masks (default: dense).
+        """
+        hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values, ffn_masks)
+        return self.lm_head(hidden), presents
