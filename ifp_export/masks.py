@@ -1,0 +1,59 @@
+"""Prompt -> neuron masks: batched predictor scoring, per-group aggregation, mask overlap.
+
+Shared by the sample's evaluation, the predict/group passes and the runtime, so all of them pick the
+same neurons for the same prompts.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.model.softtopk import hard_topk_mask
+
+
+def encode_prompts(
+    tokenizer: Tokenizer, prompts: list[str], max_length: int, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Right-padded input_ids and attention_mask [B, T] (T <= max_length) and which prompts were truncated."""
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    truncated = [len(ids) > max_length for ids in encoded]
+    encoded = [ids[:max_length] for ids in encoded]
+    width = max(1, max(len(ids) for ids in encoded))
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask, truncated
+
+
+@torch.no_grad()
+def predict_scores(
+    predictor: SparsityPredictor, tokenizer: Tokenizer, prompts: list[str], batch_size: int = 64
+) -> torch.Tensor:
+    """Neuron scores [N, L, d_ff] for every prompt (truncated to the predictor's max_length)."""
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask, _ = encode_prompts(tokenizer, prompts[start : start + batch_size], predictor.config.max_length)
+        chunks.append(predictor(ids, mask))
+    return torch.cat(chunks)
+
+
+def aggregate_topk(scores: torch.Tensor, k: list[int] | int) -> torch.Tensor:
+    """One mask [L, d_ff] for a group of prompts' scores [N, L, d_ff].
+
+    Neurons are ranked by how many of the group's own top-k masks keep them, ties broken by mean score,
+    which maximizes the overlap with the prompts' own masks.
+    """
+    votes = hard_topk_mask(scores, torch.as_tensor(k)).mean(0)
+    key = votes + torch.sigmoid(scores.mean(0)) / (scores.shape[0] + 1)
+    return hard_topk_mask(key, torch.as_tensor(k))
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of 0/1 masks along the last dim (per layer), broadcasting leading dims."""
+    inter = (a * b).sum(-1)
+    union = ((a + b) > 0).to(a.dtype).sum(-1)
+    return inter / union.clamp(min=1)
