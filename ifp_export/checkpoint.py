@@ -12,19 +12,21 @@ CKPT/
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import torch
 from tokenizers import Tokenizer
 
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import read_json, write_json
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import load_decoder
-from ifp_export.model.predictor import SparsityPredictor, load_predictor
+from ifp_export.model.predictor import PredictorConfig, SparsityPredictor, load_predictor, save_predictor
 
 FORMAT = "ifp-checkpoint"
 FORMAT_VERSION = 1
@@ -186,3 +188,51 @@ def write_spec(root: Path, k_per_layer: list[int], temperature: float, descripti
     if description:
         spec["description"] = description
     write_json(root / SPEC_FILE, spec)
+
+
+def keep_to_k(keep: float, intermediate_size: int, path: str | Path | None = None) -> int:
+    """Neurons kept per layer for a keep ratio in (0, 1]."""
+    if not 0 < keep <= 1:
+        raise IFPError(f"keep ratio must be in (0, 1], got {keep}", path, "pass e.g. --keep 0.25")
+    return max(1, round(keep * intermediate_size))
+
+
+def create_checkpoint(
+    backbone_dir: Path, tasks_path: Path, out_dir: Path, keep: float, tokenizer_path: Path | None = None, seed: int = 0
+) -> Checkpoint:
+    """Wrap a HF backbone with a freshly initialized (seeded) predictor into `out_dir` (which must be empty).
+
+    The backbone files are copied byte for byte after validation; tasks.jsonl and the tokenizer likewise.
+    """
+    backbone = load_decoder(backbone_dir)
+    tokenizer_path = tokenizer_path or backbone_dir / TOKENIZER_FILE
+    tokenizer = read_tokenizer(tokenizer_path)
+    read_tasks(tasks_path)
+    cfg = backbone.config
+    k = keep_to_k(keep, cfg.intermediate_size)
+    torch.manual_seed(seed)
+    predictor = SparsityPredictor(
+        PredictorConfig(
+            vocab_size=max(cfg.vocab_size, tokenizer.get_vocab_size(with_added_tokens=True)),
+            target_layers=cfg.num_hidden_layers,
+            target_intermediate_size=cfg.intermediate_size,
+        )
+    )
+    (out_dir / BACKBONE_DIR).mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"):
+        if (backbone_dir / name).is_file():
+            shutil.copyfile(backbone_dir / name, out_dir / BACKBONE_DIR / name)
+    index = backbone_dir / "model.safetensors.index.json"
+    if index.is_file():
+        for shard in sorted(set(read_json(index)["weight_map"].values())):
+            shutil.copyfile(backbone_dir / shard, out_dir / BACKBONE_DIR / shard)
+    save_predictor(predictor, out_dir / PREDICTOR_DIR)
+    shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
+    shutil.copyfile(tasks_path, out_dir / TASKS_FILE)
+    write_spec(
+        out_dir,
+        [k] * cfg.num_hidden_layers,
+        temperature=0.05,
+        description=f"untrained predictor (seed {seed}) over {backbone_dir.name}; train it before relying on routing",
+    )
+    return load_checkpoint(out_dir)

@@ -1,0 +1,102 @@
+"""The `ifp-export` command line. Bad input: one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from ifp_export.errors import IFPError
+
+DEFAULT_OUTPUT = Path("ifp-artifacts")
+
+
+def bundled_sample() -> Path:
+    """The trained sample checkpoint shipped with the package (samples/checkpoint)."""
+    return Path(str(resources.files("ifp_export.samples").joinpath("checkpoint")))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ifp-export")
+def cli() -> None:
+    """Export Instruction-Following Pruning (IFPruning) models as per-task pruned ONNX / Core ML variants."""
+
+
+@cli.command()
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT, show_default=True, help="Output dir."
+)
+@click.option("--until", metavar="PASS", help="Stop after this pass (e.g. load, predict, group, fold).")
+@click.option("--keep", type=float, help="Override the checkpoint's keep ratio (0 < keep <= 1).")
+@click.option("--variants", type=int, help="Cluster prompts into N variants instead of one per task.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Predictor batch size.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory (only after success).")
+def export(
+    checkpoint: Path | None,
+    output: Path,
+    until: str | None,
+    keep: float | None,
+    variants: int | None,
+    batch_size: int,
+    force: bool,
+) -> None:
+    """Run the export pipeline on CHECKPOINT (default: the bundled trained sample)."""
+    from ifp_export.passes import default_passes
+    from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
+    from ifp_export.staging import staged_directory
+
+    if variants is not None and variants < 1:
+        raise IFPError(f"--variants must be at least 1, got {variants}", None, "pass e.g. --variants 4")
+    if batch_size < 1:
+        raise IFPError(f"--batch-size must be at least 1, got {batch_size}", None, "pass e.g. --batch-size 64")
+    pipeline = Pipeline(default_passes())
+    pipeline.check_until(until)
+    options = ExportOptions(
+        checkpoint=checkpoint or bundled_sample(),
+        output=output,
+        keep=keep,
+        variants=variants,
+        batch_size=batch_size,
+    )
+    with staged_directory(output, force=force) as stage:
+        ctx = pipeline.run(ExportContext(options=options, workdir=stage), until=until)
+    total = sum(seconds for _, seconds in ctx.timings)
+    click.echo(f"wrote {output} ({len(ctx.timings)} passes, {total:.1f}s)")
+
+
+@cli.command("new-checkpoint")
+@click.option("--backbone", required=True, type=click.Path(path_type=Path), help="HF save_pretrained directory.")
+@click.option("--tasks", required=True, type=click.Path(path_type=Path), help="Calibration prompts (JSONL).")
+@click.option("--keep", type=float, default=0.25, show_default=True, help="Fraction of FFN neurons kept per layer.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: BACKBONE/tokenizer.json).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the predictor's initialization.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="New checkpoint directory.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+def new_checkpoint(
+    backbone: Path, tasks: Path, keep: float, tokenizer: Path | None, seed: int, output: Path, force: bool
+) -> None:
+    """Wrap a Hugging Face checkpoint with a fresh, untrained predictor, to try the export pipeline on it."""
+    from ifp_export.checkpoint import create_checkpoint
+    from ifp_export.staging import staged_directory
+
+    with staged_directory(output, force=force) as stage:
+        ckpt = create_checkpoint(backbone, tasks, stage, keep, tokenizer, seed)
+    click.echo(f"wrote {output} (k={ckpt.k_per_layer[0]} of {ckpt.backbone.config.intermediate_size} per layer)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: IFPError -> one line on stderr, exit code 2 (click's own usage errors also exit 2)."""
+    try:
+        cli.main(args=argv, prog_name="ifp-export", standalone_mode=False)
+    except IFPError as err:
+        click.echo(str(err), err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        click.echo(f"error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code)

@@ -1,0 +1,110 @@
+"""The pass pipeline: small pass objects run in order over one typed context, timed and logged.
+
+A pass has a `name` and `run(ctx) -> ctx`. `Pipeline.run(ctx, until=NAME)` stops after that pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from rich.console import Console
+
+from ifp_export.checkpoint import Checkpoint
+from ifp_export.errors import IFPError
+from ifp_export.model.decoder import CausalLM
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    checkpoint: Path
+    output: Path
+    keep: float | None = None
+    variants: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Predictions:
+    """Predictor output for every calibration prompt, in tasks.jsonl order."""
+
+    tasks: list[str]
+    prompts: list[str]
+    scores: torch.Tensor  # [N, L, d_ff] float32
+    masks: torch.Tensor  # [N, L, d_ff] 0/1 hard top-k
+    truncated: int = 0
+
+
+@dataclass
+class Variant:
+    """One statically pruned model: which neurons each layer keeps, and how well that fits its prompts."""
+
+    name: str
+    task: str | None
+    mask: torch.Tensor  # [L, d_ff] 0/1
+    prompt_indices: list[int]
+    coverage: float = 0.0
+    routing_accuracy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept_indices(self) -> torch.Tensor:
+        """[L, k] int64, ascending neuron indices per layer (requires uniform k)."""
+        return torch.stack([row.nonzero().flatten() for row in self.mask])
+
+
+@dataclass
+class ExportContext:
+    options: ExportOptions
+    workdir: Path
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    checkpoint: Checkpoint | None = None
+    k_per_layer: list[int] = field(default_factory=list)
+    predictions: Predictions | None = None
+    variants: list[Variant] = field(default_factory=list)
+    folded: dict[str, CausalLM] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    timings: list[tuple[str, float]] = field(default_factory=list)
+
+    def require(self, attribute: str, by: str) -> Any:
+        value = getattr(self, attribute)
+        if value is None or (isinstance(value, list | dict) and not value):
+            raise RuntimeError(f"pass {by!r} needs {attribute!r}; run the passes that produce it first")
+        return value
+
+
+class Pass(Protocol):
+    name: str
+
+    def run(self, ctx: ExportContext) -> ExportContext: ...
+
+
+class Pipeline:
+    def __init__(self, passes: Sequence[Pass]) -> None:
+        self.passes = list(passes)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def check_until(self, until: str | None) -> None:
+        if until is not None and until not in self.names:
+            raise IFPError(f"unknown pass {until!r} for --until", None, f"use one of: {', '.join(self.names)}")
+
+    def run(self, ctx: ExportContext, until: str | None = None) -> ExportContext:
+        """Run passes in order (stopping after `until`), recording each one's wall time."""
+        self.check_until(until)
+        for p in self.passes:
+            start = time.perf_counter()
+            ctx = p.run(ctx)
+            seconds = time.perf_counter() - start
+            ctx.timings.append((p.name, seconds))
+            ctx.console.log(f"pass [bold]{p.name}[/bold] done in {seconds:.2f}s")
+            if p.name == until:
+                break
+        return ctx

@@ -1,0 +1,10 @@
+"""Export passes, one module each; `default_passes()` is the export pipeline in order."""
+
+from __future__ import annotations
+
+from ifp_export.passes.load import LoadPass
+from ifp_export.pipeline import Pass
+
+
+def default_passes() -> list[Pass]:
+    return [LoadPass()]

@@ -1,0 +1,69 @@
+"""Tiny random IFPruning checkpoints for tests (built with the project's own writers, no hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from ifp_export.checkpoint import create_checkpoint
+from ifp_export.model.config import DecoderConfig
+from ifp_export.model.decoder import CausalLM
+from ifp_export.model.hf_io import save_decoder
+
+ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789 +=()-:")
+TASK_PROMPTS = {
+    "add": ["add 12+7=", "add 3+45=", "add 60+1=", "add 9+9="],
+    "reverse": ["reverse abc:", "reverse hello:", "reverse xy:"],
+    "brackets": ["brackets (()):", "brackets ((:", "brackets ()():"],
+}
+
+
+def char_tokenizer() -> Tokenizer:
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *ALPHABET])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return tokenizer
+
+
+def save_backbone(directory: Path, seed: int = 0, **overrides: object) -> CausalLM:
+    """A random Llama-style backbone (hidden 32, 2 layers, d_ff 48) saved in HF format with a tokenizer."""
+    torch.manual_seed(seed)
+    vocab = char_tokenizer().get_vocab_size()
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    fields.update(overrides)
+    model = CausalLM(DecoderConfig(**fields)).eval()
+    save_decoder(model, directory)
+    char_tokenizer().save(str(directory / "tokenizer.json"))
+    return model
+
+
+def write_tasks(path: Path, prompts: dict[str, list[str]] = TASK_PROMPTS) -> Path:
+    rows = [{"task": task, "prompt": p} for task, items in prompts.items() for p in items]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_checkpoint(root: Path, keep: float = 0.25, seed: int = 0, **backbone_overrides: object) -> Path:
+    """backbone/ + tasks.jsonl under root/src, wrapped into root/ckpt by `create_checkpoint`."""
+    src = root / "src"
+    save_backbone(src / "backbone", seed, **backbone_overrides)
+    write_tasks(src / "tasks.jsonl")
+    out = root / "ckpt"
+    out.mkdir(parents=True)
+    create_checkpoint(src / "backbone", src / "tasks.jsonl", out, keep, seed=seed)
+    return out
