@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ifp_export.errors import IFPError
+from ifp_export.fsutil import canonical_json
 
 DEFAULT_OUTPUT = Path("ifp-artifacts")
 
@@ -32,6 +33,12 @@ def cli() -> None:
 @click.option("--until", metavar="PASS", help="Stop after this pass (e.g. load, predict, group, fold).")
 @click.option("--keep", type=float, help="Override the checkpoint's keep ratio (0 < keep <= 1).")
 @click.option("--variants", type=int, help="Cluster prompts into N variants instead of one per task.")
+@click.option(
+    "--heldout",
+    type=click.Path(path_type=Path),
+    help="Held-out prompts (JSONL, optional 'answer') for routing accuracy; default: the sample's, with the sample.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the variants report as JSON on stdout.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Predictor batch size.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory (only after success).")
 def export(
@@ -40,6 +47,8 @@ def export(
     until: str | None,
     keep: float | None,
     variants: int | None,
+    heldout: Path | None,
+    as_json: bool,
     batch_size: int,
     force: bool,
 ) -> None:
@@ -54,17 +63,23 @@ def export(
         raise IFPError(f"--batch-size must be at least 1, got {batch_size}", None, "pass e.g. --batch-size 64")
     pipeline = Pipeline(default_passes())
     pipeline.check_until(until)
+    if checkpoint is None:
+        checkpoint, heldout = bundled_sample(), heldout or bundled_sample().parent / "heldout.jsonl"
     options = ExportOptions(
-        checkpoint=checkpoint or bundled_sample(),
+        checkpoint=checkpoint,
         output=output,
         keep=keep,
         variants=variants,
+        heldout=heldout,
+        until=until,
         batch_size=batch_size,
     )
     with staged_directory(output, force=force) as stage:
         ctx = pipeline.run(ExportContext(options=options, workdir=stage), until=until)
     total = sum(seconds for _, seconds in ctx.timings)
-    click.echo(f"wrote {output} ({len(ctx.timings)} passes, {total:.1f}s)")
+    if as_json:
+        click.echo(canonical_json(ctx.report), nl=False)
+    click.echo(f"wrote {output} ({len(ctx.timings)} passes, {total:.1f}s)", err=as_json)
 
 
 @cli.command("new-checkpoint")

@@ -6,6 +6,8 @@ same neurons for the same prompts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tokenizers import Tokenizer
 
@@ -31,14 +33,25 @@ def encode_prompts(
 
 @torch.no_grad()
 def predict_scores(
-    predictor: SparsityPredictor, tokenizer: Tokenizer, prompts: list[str], batch_size: int = 64
-) -> torch.Tensor:
-    """Neuron scores [N, L, d_ff] for every prompt (truncated to the predictor's max_length)."""
-    chunks = []
+    predictor: SparsityPredictor,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    batch_size: int = 64,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Neuron scores [N, L, d_ff] for every prompt, and how many prompts were truncated to max_length.
+
+    `on_batch(done, truncated)` is called after each batch (for progress bars).
+    """
+    chunks, truncated = [], 0
     for start in range(0, len(prompts), batch_size):
-        ids, mask, _ = encode_prompts(tokenizer, prompts[start : start + batch_size], predictor.config.max_length)
+        batch = prompts[start : start + batch_size]
+        ids, mask, cut = encode_prompts(tokenizer, batch, predictor.config.max_length)
         chunks.append(predictor(ids, mask))
-    return torch.cat(chunks)
+        truncated += sum(cut)
+        if on_batch is not None:
+            on_batch(len(batch), sum(cut))
+    return torch.cat(chunks), truncated
 
 
 def aggregate_topk(scores: torch.Tensor, k: list[int] | int) -> torch.Tensor:
@@ -57,3 +70,21 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     inter = (a * b).sum(-1)
     union = ((a + b) > 0).to(a.dtype).sum(-1)
     return inter / union.clamp(min=1)
+
+
+def standardize(scores: torch.Tensor) -> torch.Tensor:
+    """Scores z-normalized per layer, so every layer weighs the same in routing."""
+    mean = scores.mean(-1, keepdim=True)
+    std = scores.std(-1, keepdim=True, unbiased=False).clamp(min=1e-6)
+    return (scores - mean) / std
+
+
+def routing_scores(scores: torch.Tensor, variant_masks: torch.Tensor) -> torch.Tensor:
+    """variant_scores [N, V]: mean over layers of the standardized scores of each variant's kept neurons.
+
+    A linear map of the standardized scores (one matmul with the stacked masks / k), so target graphs
+    fold it in; the app routes a prompt to the argmax variant.
+    """
+    z = standardize(scores).flatten(1)  # [N, L*d]
+    weights = variant_masks / variant_masks.sum(-1, keepdim=True).clamp(min=1)  # [V, L, d], rows sum to 1
+    return z @ weights.flatten(1).T / variant_masks.shape[1]

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from rich.console import Console
 
-from ifp_export.checkpoint import Checkpoint
+from ifp_export.checkpoint import Checkpoint, TaskPrompt
 from ifp_export.errors import IFPError
 from ifp_export.model.decoder import CausalLM
 
@@ -25,19 +25,24 @@ class ExportOptions:
     output: Path
     keep: float | None = None
     variants: int | None = None
+    heldout: Path | None = None
+    until: str | None = None
     batch_size: int = 64
     seed: int = 0
 
 
 @dataclass
 class Predictions:
-    """Predictor output for every calibration prompt, in tasks.jsonl order."""
+    """Predictor output for a list of prompts (calibration or held-out), in file order."""
 
-    tasks: list[str]
-    prompts: list[str]
+    prompts: list[TaskPrompt]
     scores: torch.Tensor  # [N, L, d_ff] float32
     masks: torch.Tensor  # [N, L, d_ff] 0/1 hard top-k
     truncated: int = 0
+
+    @property
+    def tasks(self) -> list[str]:
+        return [p.task for p in self.prompts]
 
 
 @dataclass
@@ -50,12 +55,7 @@ class Variant:
     prompt_indices: list[int]
     coverage: float = 0.0
     routing_accuracy: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def kept_indices(self) -> torch.Tensor:
-        """[L, k] int64, ascending neuron indices per layer (requires uniform k)."""
-        return torch.stack([row.nonzero().flatten() for row in self.mask])
+    fold_error: float | None = None
 
 
 @dataclass
@@ -66,6 +66,7 @@ class ExportContext:
     checkpoint: Checkpoint | None = None
     k_per_layer: list[int] = field(default_factory=list)
     predictions: Predictions | None = None
+    heldout: Predictions | None = None
     variants: list[Variant] = field(default_factory=list)
     folded: dict[str, CausalLM] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from ifp_export.passes.fold import FoldPass
+from ifp_export.passes.group import GroupPass
 from ifp_export.passes.load import LoadPass
+from ifp_export.passes.predict import PredictPass
+from ifp_export.passes.report import ReportPass
 from ifp_export.pipeline import Pass
 
 
 def default_passes() -> list[Pass]:
-    return [LoadPass()]
+    return [LoadPass(), PredictPass(), GroupPass(), FoldPass(), ReportPass()]

@@ -81,7 +81,7 @@ class DecoderConfig:
                 max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=bool(raw.get("attention_bias", False)),
-                sliding_window=_sliding_window(raw),
+                sliding_window=_sliding_window(raw, path),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_id=raw.get("eos_token_id"),
                 pad_token_id=raw.get("pad_token_id"),
@@ -122,6 +122,8 @@ class DecoderConfig:
         if self.model_type == "qwen2":
             raw.pop("attention_bias")
             raw["use_sliding_window"] = self.sliding_window is not None
+            if self.sliding_window is not None:
+                raw["max_window_layers"] = 0  # every layer slides, as in our decoder
         if self.model_type == "llama":
             raw.pop("sliding_window")
             raw["mlp_bias"] = False
@@ -137,10 +139,31 @@ def rope_type_of(rope_scaling: dict[str, Any] | None) -> str:
     return str(rope_scaling.get("rope_type", rope_scaling.get("type", "default")))
 
 
-def _sliding_window(raw: dict[str, Any]) -> int | None:
-    if raw.get("model_type") == "qwen2" and not raw.get("use_sliding_window", False):
-        return None
+def _sliding_window(raw: dict[str, Any], path: str | Path = "config.json") -> int | None:
+    """The window every layer uses, or None for full attention everywhere.
+
+    Mistral slides in every layer. Qwen2 slides only when `use_sliding_window` is set, and then only in the
+    layers `layer_types` marks "sliding_attention" (by default layers >= `max_window_layers`, 28): all or none
+    of the layers is exact for our single-window decoder, a mix is refused.
+    """
     window = raw.get("sliding_window")
+    if raw.get("model_type") == "qwen2":
+        if not raw.get("use_sliding_window", False) or window is None:
+            return None
+        first_sliding = int(raw.get("max_window_layers", 28))
+        layers = range(int(raw["num_hidden_layers"]))
+        layer_types = raw.get("layer_types") or [
+            "sliding_attention" if i >= first_sliding else "full_attention" for i in layers
+        ]
+        if "sliding_attention" not in layer_types:
+            return None
+        if any(kind != "sliding_attention" for kind in layer_types):
+            raise IFPError(
+                "Qwen2 config mixes sliding-window and full-attention layers (use_sliding_window with "
+                "max_window_layers/layer_types), which is not supported",
+                path,
+                "use a config whose layers all use full attention or all use the sliding window",
+            )
     return None if window is None else int(window)
 
 

@@ -1,0 +1,103 @@
+"""group: turn per-prompt masks into a few static variants (one per task, or N unlabeled clusters).
+
+Each variant keeps, per layer, the k neurons its prompts vote for most (`aggregate_topk`). Recorded per
+variant: coverage (mean IoU of its prompts' own masks with the variant mask) and routing accuracy (held-out
+prompts of its task routed to it by `routing_scores`, the rule the predictor graph folds in).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+
+from ifp_export.errors import IFPError
+from ifp_export.masks import aggregate_topk, mask_iou, routing_scores
+from ifp_export.pipeline import ExportContext, Predictions, Variant
+
+
+def variant_name(task: str, taken: set[str]) -> str:
+    """A file- and function-name-safe name for a task ([a-z0-9_], unique)."""
+    base = re.sub(r"[^a-z0-9_]+", "_", task.lower()).strip("_") or "task"
+    if base[0].isdigit():
+        base = f"t_{base}"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def cluster_prompts(masks: torch.Tensor, n: int, seed: int, iterations: int = 50) -> list[int]:
+    """Deterministic k-means (k-means++ seeding) of flattened 0/1 masks [N, L, d] into n clusters."""
+    points = masks.flatten(1).double()
+    gen = torch.Generator().manual_seed(seed)
+    centers = [points[int(torch.randint(len(points), (1,), generator=gen))]]
+    for _ in range(1, n):
+        dist = torch.cdist(points, torch.stack(centers)).amin(1).pow(2)
+        if float(dist.sum()) == 0:
+            pick = int(torch.randint(len(points), (1,), generator=gen))
+        else:
+            pick = int(torch.multinomial(dist / dist.sum(), 1, generator=gen))
+        centers.append(points[pick])
+    center = torch.stack(centers)
+    assign = torch.cdist(points, center).argmin(1)
+    for _ in range(iterations):
+        for c in range(n):
+            members = points[assign == c]
+            if len(members):
+                center[c] = members.mean(0)
+        new = torch.cdist(points, center).argmin(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    # Number clusters by their first prompt so names do not depend on seeding order.
+    order = {int(c): i for i, c in enumerate(dict.fromkeys(assign.tolist()))}
+    return [order[int(c)] for c in assign]
+
+
+def routing_accuracy(variants: list[Variant], heldout: Predictions) -> list[float | None]:
+    """Per variant: the fraction of held-out prompts of its task that route to it (None if it has none)."""
+    routed = routing_scores(heldout.scores, torch.stack([v.mask for v in variants])).argmax(-1).tolist()
+    out: list[float | None] = []
+    for index, variant in enumerate(variants):
+        mine = [i for i, task in enumerate(heldout.tasks) if task == variant.task]
+        out.append(sum(routed[i] == index for i in mine) / len(mine) if mine else None)
+    return out
+
+
+class GroupPass:
+    name = "group"
+
+    def run(self, ctx: ExportContext) -> ExportContext:
+        preds: Predictions = ctx.require("predictions", self.name)
+        k = ctx.k_per_layer
+        if ctx.options.variants is None:
+            groups = {task: [i for i, t in enumerate(preds.tasks) if t == task] for task in dict.fromkeys(preds.tasks)}
+        else:
+            n = ctx.options.variants
+            if n > len(preds.prompts):
+                raise IFPError(
+                    f"--variants {n} exceeds the {len(preds.prompts)} calibration prompts",
+                    ctx.options.checkpoint / "tasks.jsonl",
+                    "ask for fewer variants or add prompts",
+                )
+            labels = cluster_prompts(preds.masks, n, ctx.options.seed)
+            groups = {f"cluster_{c}": [i for i, lab in enumerate(labels) if lab == c] for c in range(n)}
+        variants, taken = [], set()
+        for label, indices in groups.items():
+            if not indices:
+                continue
+            name = variant_name(label, taken)
+            taken.add(name)
+            mask = aggregate_topk(preds.scores[indices], k)
+            majority = Counter(preds.tasks[i] for i in indices).most_common(1)[0][0]
+            coverage = float(mask_iou(preds.masks[indices], mask).mean())
+            variants.append(Variant(name, majority, mask, indices, coverage))
+        if ctx.heldout is not None:
+            for variant, accuracy in zip(variants, routing_accuracy(variants, ctx.heldout), strict=True):
+                variant.routing_accuracy = accuracy
+        ctx.variants = variants
+        ctx.console.log(f"grouped {len(preds.prompts)} prompts into {len(variants)} variants")
+        return ctx

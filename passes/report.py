@@ -1,0 +1,113 @@
+"""report: the variants as a rich table, a machine JSON (report.json) and a mask-overlap heatmap PNG."""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from ifp_export.fsutil import write_json
+from ifp_export.masks import mask_iou
+from ifp_export.pipeline import ExportContext, Variant
+
+REPORT_FILE, HEATMAP_FILE = "report.json", "mask_overlap.png"
+
+
+def variant_rows(ctx: ExportContext) -> list[dict[str, Any]]:
+    d_ff = ctx.checkpoint.backbone.config.intermediate_size
+    return [
+        {
+            "name": v.name,
+            "task": v.task,
+            "k": ctx.k_per_layer[0],
+            "keep_ratio": ctx.k_per_layer[0] / d_ff,
+            "prompts": len(v.prompt_indices),
+            "coverage": round(v.coverage, 6),
+            "routing_accuracy": None if v.routing_accuracy is None else round(v.routing_accuracy, 6),
+            "fold_max_abs_diff": v.fold_error,
+        }
+        for v in ctx.variants
+    ]
+
+
+def overlap(variants: list[Variant]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean IoU [V, V] between variant masks, and per-layer IoU [V*(V-1)/2, L] for each pair."""
+    masks = torch.stack([v.mask for v in variants])  # [V, L, d]
+    per_layer = mask_iou(masks[:, None], masks[None])  # [V, V, L]
+    pairs = list(combinations(range(len(variants)), 2))
+    pair_layers = torch.stack([per_layer[i, j] for i, j in pairs]) if pairs else torch.zeros(0, masks.shape[1])
+    return per_layer.mean(-1), pair_layers
+
+
+def write_heatmap(path: Path, variants: list[Variant], mean_iou: torch.Tensor, pair_layers: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [v.name for v in variants]
+    pairs = [f"{a.name}/{b.name}" for a, b in combinations(variants, 2)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.4]}, layout="constrained")
+    image = axes[0].imshow(mean_iou.numpy(), vmin=0, vmax=1, cmap="viridis")
+    axes[0].set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].set_title("variant mask IoU (mean over layers)")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            axes[0].text(j, i, f"{float(mean_iou[i, j]):.2f}", ha="center", va="center", color="w", fontsize=8)
+    if pairs:
+        axes[1].imshow(pair_layers.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        axes[1].set_yticks(range(len(pairs)), pairs, fontsize=7)
+        axes[1].set_xticks(range(pair_layers.shape[1]))
+        axes[1].set_xlabel("layer")
+    axes[1].set_title("IoU per layer, per variant pair")
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+class ReportPass:
+    name = "report"
+
+    def run(self, ctx: ExportContext) -> ExportContext:
+        variants = ctx.require("variants", self.name)
+        mean_iou, pair_layers = overlap(variants)
+        preds = ctx.predictions
+        ctx.report = {
+            "checkpoint": ctx.checkpoint.root.name,
+            "k_per_layer": ctx.k_per_layer,
+            "calibration_prompts": len(preds.prompts),
+            "heldout_prompts": 0 if ctx.heldout is None else len(ctx.heldout.prompts),
+            "truncated_prompts": preds.truncated + (0 if ctx.heldout is None else ctx.heldout.truncated),
+            "variants": variant_rows(ctx),
+            "variant_iou": {
+                "names": [v.name for v in variants],
+                "mean": [[round(float(x), 6) for x in row] for row in mean_iou],
+            },
+        }
+        write_json(ctx.workdir / REPORT_FILE, ctx.report)
+        write_heatmap(ctx.workdir / HEATMAP_FILE, variants, mean_iou, pair_layers)
+        ctx.console.print(variants_table(ctx.report))
+        return ctx
+
+
+def variants_table(report: dict[str, Any]) -> Table:
+    table = Table(title="variants")
+    for column in ("variant", "task", "keep", "prompts", "coverage", "routing acc.", "fold diff"):
+        table.add_column(column, justify="left" if column in ("variant", "task") else "right")
+    for row in report["variants"]:
+        routing = "n/a" if row["routing_accuracy"] is None else f"{row['routing_accuracy']:.1%}"
+        fold = "-" if row["fold_max_abs_diff"] is None else f"{row['fold_max_abs_diff']:.1e}"
+        table.add_row(
+            row["name"],
+            row["task"],
+            f"{row['keep_ratio']:.0%}",
+            str(row["prompts"]),
+            f"{row['coverage']:.3f}",
+            routing,
+            fold,
+        )
+    return table
