@@ -71,7 +71,7 @@ def load_decoder(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> Caus
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.reset_parameters()
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def save_decoder(model: CausalLM, hf_dir: str | Path) -> None:

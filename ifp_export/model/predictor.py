@@ -108,7 +108,7 @@ def load_predictor(directory: str | Path) -> SparsityPredictor:
     check_finite(tensors, weights_path)
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
     model.encoder.rotary_emb.reset_parameters()
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def save_predictor(model: SparsityPredictor, directory: str | Path) -> None:

@@ -1,0 +1,146 @@
+"""Unit tests of the predict / group / fold / report passes on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from tiny import TASK_PROMPTS, make_checkpoint, write_tasks
+from transformers import AutoModelForCausalLM
+
+from ifp_export.errors import IFPError
+from ifp_export.masks import mask_iou
+from ifp_export.model.hf_io import load_decoder
+from ifp_export.passes import default_passes
+from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
+
+
+def run_export(checkpoint: Path, workdir: Path, until: str | None = None, **options: object) -> ExportContext:
+    workdir.mkdir(parents=True, exist_ok=True)
+    opts = ExportOptions(checkpoint=checkpoint, output=workdir, until=until, **options)
+    ctx = ExportContext(options=opts, workdir=workdir, console=Console(file=io.StringIO(), width=200))
+    return Pipeline(default_passes()).run(ctx, until=until)
+
+
+def console_text(ctx: ExportContext) -> str:
+    return ctx.console.file.getvalue()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def test_predict_keeps_k_per_layer(checkpoint: Path, tmp_path: Path) -> None:
+    ctx = run_export(checkpoint, tmp_path, until="predict")
+    n = sum(len(v) for v in TASK_PROMPTS.values())
+    assert ctx.predictions.scores.shape == (n, 2, 48)
+    assert torch.equal(ctx.predictions.masks.sum(-1), torch.full((n, 2), 12.0))
+    top = ctx.predictions.scores.topk(12, dim=-1).indices
+    assert bool(ctx.predictions.masks.gather(-1, top).all())
+
+
+def test_long_prompt_is_truncated_with_warning(tmp_path: Path) -> None:
+    prompts = {**TASK_PROMPTS, "add": ["add " + "1+" * 200 + "1="]}
+    ckpt = make_checkpoint(tmp_path / "c")
+    write_tasks(ckpt / "tasks.jsonl", prompts)
+    ctx = run_export(ckpt, tmp_path / "out", until="group")
+    assert ctx.predictions.truncated == 1
+    assert "truncated" in console_text(ctx)
+    assert [v.name for v in ctx.variants] == ["add", "reverse", "brackets"]
+
+
+def test_group_per_task_coverage_and_routing(checkpoint: Path, tmp_path: Path) -> None:
+    ctx = run_export(checkpoint, tmp_path, until="group", heldout=checkpoint / "tasks.jsonl")
+    preds = ctx.predictions
+    for variant in ctx.variants:
+        assert variant.mask.sum(-1).tolist() == [12.0, 12.0]
+        assert {preds.tasks[i] for i in variant.prompt_indices} == {variant.task}
+        own = mask_iou(preds.masks[variant.prompt_indices], variant.mask).mean()
+        assert variant.coverage == pytest.approx(float(own))
+        assert 0.0 <= variant.routing_accuracy <= 1.0
+
+
+def test_one_task_with_one_prompt_covers_it_exactly(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "c")
+    write_tasks(ckpt / "tasks.jsonl", {"only": ["add 1+1="]})
+    ctx = run_export(ckpt, tmp_path / "out", until="fold")
+    (variant,) = ctx.variants
+    assert variant.name == "only"
+    assert variant.coverage == 1.0
+    assert torch.equal(variant.mask, ctx.predictions.masks[0])
+
+
+def test_clustering_is_deterministic(checkpoint: Path, tmp_path: Path) -> None:
+    a = run_export(checkpoint, tmp_path / "a", until="group", variants=2)
+    b = run_export(checkpoint, tmp_path / "b", until="group", variants=2)
+    assert [v.name for v in a.variants] == ["cluster_0", "cluster_1"]
+    assert [v.prompt_indices for v in a.variants] == [v.prompt_indices for v in b.variants]
+    assert all(torch.equal(x.mask, y.mask) for x, y in zip(a.variants, b.variants, strict=True))
+    assert sorted(i for v in a.variants for i in v.prompt_indices) == list(range(10))
+
+
+def test_too_many_variants_is_a_user_error(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(IFPError, match="exceeds the 10 calibration prompts"):
+        run_export(checkpoint, tmp_path, until="group", variants=11)
+
+
+def test_unknown_heldout_task_is_a_user_error(checkpoint: Path, tmp_path: Path) -> None:
+    heldout = write_tasks(tmp_path / "heldout.jsonl", {"translate": ["translate x:"]})
+    with pytest.raises(IFPError, match="'translate' has no calibration prompts"):
+        run_export(checkpoint, tmp_path / "out", until="predict", heldout=heldout)
+
+
+def test_keep_all_folds_to_the_dense_model_exactly(checkpoint: Path, tmp_path: Path) -> None:
+    ctx = run_export(checkpoint, tmp_path, until="fold", keep=1.0)
+    ids = torch.tensor([[1, 4, 7, 7, 40, 31, 32]])
+    dense, _ = ctx.checkpoint.backbone(ids)
+    for folded in ctx.folded.values():
+        assert folded.config.intermediate_size == 48
+        assert torch.equal(folded(ids)[0], dense)
+
+
+def test_keep_one_neuron_folds_within_tolerance(checkpoint: Path, tmp_path: Path) -> None:
+    ctx = run_export(checkpoint, tmp_path, until="fold", keep=1 / 48)
+    assert ctx.k_per_layer == [1, 1]
+    for variant in ctx.variants:
+        assert ctx.folded[variant.name].config.intermediate_size == 1
+        assert variant.fold_error <= 1e-5
+
+
+def test_non_uniform_k_cannot_fold(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path)
+    spec = json.loads((ckpt / "ifp.json").read_text())
+    (ckpt / "ifp.json").write_text(json.dumps({**spec, "k_per_layer": [12, 6]}))
+    with pytest.raises(IFPError, match="same k in every layer"):
+        run_export(ckpt, tmp_path / "out", until="fold")
+
+
+def test_until_fold_saves_hf_checkpoints_that_transformers_loads(checkpoint: Path, tmp_path: Path) -> None:
+    ctx = run_export(checkpoint, tmp_path, until="fold")
+    ids = torch.tensor([[1, 4, 7, 7, 40, 31, 32, 41]])
+    for variant in ctx.variants:
+        directory = tmp_path / "variants" / variant.name
+        hf = AutoModelForCausalLM.from_pretrained(directory).eval()
+        assert hf.config.intermediate_size == 12
+        with torch.no_grad():
+            theirs = hf(ids).logits
+        masked, _ = ctx.checkpoint.backbone(ids, ffn_masks=variant.mask)
+        assert float((theirs - masked).abs().max()) <= 1e-5
+        assert torch.equal(load_decoder(directory)(ids)[0], ctx.folded[variant.name](ids)[0])
+
+
+def test_report_writes_json_and_heatmap(checkpoint: Path, tmp_path: Path) -> None:
+    ctx = run_export(checkpoint, tmp_path, heldout=checkpoint / "tasks.jsonl")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["add", "reverse", "brackets"]
+    assert report["variants"][0]["keep_ratio"] == 0.25
+    mean = torch.tensor(report["variant_iou"]["mean"])
+    assert torch.allclose(mean.diagonal(), torch.ones(3))
+    assert torch.allclose(mean, mean.T)
+    assert (tmp_path / "mask_overlap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "coverage" in console_text(ctx)
