@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ifp_export.errors import IFPError
+from ifp_export.errors import IFPError, ValidationFailed
 from ifp_export.fsutil import canonical_json
 
 DEFAULT_OUTPUT = Path("ifp-artifacts")
@@ -82,6 +82,21 @@ def export(
     click.echo(f"wrote {output} ({len(ctx.timings)} passes, {total:.1f}s)", err=as_json)
 
 
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="The checkpoint OUTPUT was exported from (default: the bundled sample).",
+)
+def validate(output: Path, checkpoint: Path | None) -> None:
+    """Re-run the validation of an export in OUTPUT against its checkpoint (ONNX Runtime vs PyTorch)."""
+    from ifp_export.validation import validate_output
+
+    validate_output(output, checkpoint or bundled_sample())
+    click.echo(f"{output}: all checks passed")
+
+
 @cli.command("new-checkpoint")
 @click.option("--backbone", required=True, type=click.Path(path_type=Path), help="HF save_pretrained directory.")
 @click.option("--tasks", required=True, type=click.Path(path_type=Path), help="Calibration prompts (JSONL).")
@@ -108,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="ifp-export", standalone_mode=False)
     except IFPError as err:
         click.echo(str(err), err=True)
+        sys.exit(err.exit_code)
+    except ValidationFailed as err:
+        click.echo(f"error: validation failed: {err}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("error: aborted.", err=True)

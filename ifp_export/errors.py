@@ -20,3 +20,9 @@ class IFPError(Exception):
         where = f"{self.path}: " if self.path else ""
         fix = f" Fix: {self.fix}" if self.fix else ""
         return " ".join(f"error: {where}{self.what}.{fix}".split())
+
+
+class ValidationFailed(Exception):
+    """An emitted artifact does not match PyTorch: a bug in the export, not in the input. Exit code 1."""
+
+    exit_code = 1

@@ -6,8 +6,14 @@ Row j of gate_proj/up_proj and column j of down_proj go with neuron j, so keepin
 
 from __future__ import annotations
 
-import torch
+import json
+from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
+from ifp_export.errors import IFPError
+from ifp_export.fsutil import read_safetensors, write_safetensors
 from ifp_export.model.decoder import CausalLM
 
 
@@ -45,3 +51,25 @@ def fold_error(full: CausalLM, folded: CausalLM, mask: torch.Tensor, input_ids: 
     reference, _ = full(input_ids, ffn_masks=mask)
     logits, _ = folded(input_ids)
     return float((reference - logits).abs().max())
+
+
+def write_kept_indices(path: Path, kept: dict[str, torch.Tensor], tasks: dict[str, str | None]) -> None:
+    """[L, k] int32 indices per variant; the metadata keeps the variants' order (routing index) and tasks."""
+    order = json.dumps([{"name": name, "task": tasks[name]} for name in kept])
+    tensors = {name: idx.to(torch.int32) for name, idx in kept.items()}
+    write_safetensors(path, tensors, {"format": "ifp-kept-indices", "variants": order})
+
+
+def read_kept_indices(path: Path) -> list[tuple[str, str | None, torch.Tensor]]:
+    """(name, task, [L, k] int64 kept neuron indices) per variant, in routing order."""
+    tensors = read_safetensors(path, "re-run ifp-export export")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            order = json.loads((f.metadata() or {})["variants"])
+        return [(v["name"], v["task"], tensors[v["name"]].long()) for v in order]
+    except (KeyError, TypeError, ValueError):
+        raise IFPError("kept-indices file has no valid variant list", path, "re-run ifp-export export") from None
+
+
+def mask_from_indices(kept: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+    return torch.zeros(kept.shape[0], intermediate_size).scatter_(1, kept, 1.0)

@@ -69,6 +69,7 @@ class ExportContext:
     heldout: Predictions | None = None
     variants: list[Variant] = field(default_factory=list)
     folded: dict[str, CausalLM] = field(default_factory=dict)
+    emitted: dict[str, Any] = field(default_factory=dict)  # target name -> what its emit pass wrote
     report: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
 

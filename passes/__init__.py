@@ -7,8 +7,10 @@ from ifp_export.passes.group import GroupPass
 from ifp_export.passes.load import LoadPass
 from ifp_export.passes.predict import PredictPass
 from ifp_export.passes.report import ReportPass
+from ifp_export.passes.validate import ValidatePass
 from ifp_export.pipeline import Pass
+from ifp_export.targets.onnx import EmitOnnxPass
 
 
 def default_passes() -> list[Pass]:
-    return [LoadPass(), PredictPass(), GroupPass(), FoldPass(), ReportPass()]
+    return [LoadPass(), PredictPass(), GroupPass(), FoldPass(), EmitOnnxPass(), ValidatePass(), ReportPass()]

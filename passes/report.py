@@ -76,18 +76,20 @@ class ReportPass:
         variants = ctx.require("variants", self.name)
         mean_iou, pair_layers = overlap(variants)
         preds = ctx.predictions
-        ctx.report = {
-            "checkpoint": ctx.checkpoint.root.name,
-            "k_per_layer": ctx.k_per_layer,
-            "calibration_prompts": len(preds.prompts),
-            "heldout_prompts": 0 if ctx.heldout is None else len(ctx.heldout.prompts),
-            "truncated_prompts": preds.truncated + (0 if ctx.heldout is None else ctx.heldout.truncated),
-            "variants": variant_rows(ctx),
-            "variant_iou": {
-                "names": [v.name for v in variants],
-                "mean": [[round(float(x), 6) for x in row] for row in mean_iou],
-            },
-        }
+        ctx.report.update(
+            {
+                "checkpoint": ctx.checkpoint.root.name,
+                "k_per_layer": ctx.k_per_layer,
+                "calibration_prompts": len(preds.prompts),
+                "heldout_prompts": 0 if ctx.heldout is None else len(ctx.heldout.prompts),
+                "truncated_prompts": preds.truncated + (0 if ctx.heldout is None else ctx.heldout.truncated),
+                "variants": variant_rows(ctx),
+                "variant_iou": {
+                    "names": [v.name for v in variants],
+                    "mean": [[round(float(x), 6) for x in row] for row in mean_iou],
+                },
+            }
+        )
         write_json(ctx.workdir / REPORT_FILE, ctx.report)
         write_heatmap(ctx.workdir / HEATMAP_FILE, variants, mean_iou, pair_layers)
         ctx.console.print(variants_table(ctx.report))

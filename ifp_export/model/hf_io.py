@@ -28,7 +28,10 @@ def read_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Tensors of `model.safetensors` or of a sharded `model.safetensors.index.json`."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index, "safetensors index").get("weight_map", {})
+        raw = read_json(index, "safetensors index")
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict):
+            raise IFPError("safetensors index has no weight_map object", index, "re-save with save_pretrained")
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = (hf_dir / shard).resolve()
@@ -39,11 +42,17 @@ def read_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     return read_safetensors(hf_dir / "model.safetensors")
 
 
+def weights_file(hf_dir: Path) -> Path:
+    """The file errors about the weights should name: the shard index if there is one."""
+    index = hf_dir / "model.safetensors.index.json"
+    return index if index.is_file() else hf_dir / "model.safetensors"
+
+
 def load_decoder(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     """Build our decoder from a HF directory, checking names, shapes and finiteness of every tensor."""
     hf_dir = Path(hf_dir)
     cfg = read_config(hf_dir)
-    weights_path = hf_dir / "model.safetensors"
+    weights_path = weights_file(hf_dir)
     tensors = {k: v for k, v in read_state_dict(hf_dir).items() if not k.endswith(IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)

@@ -53,4 +53,6 @@ class SoftTopK(nn.Module):
         if not self.training:
             return self.hard(scores)
         soft = self.soft(scores)
-        return self.hard(scores.detach()) + soft - soft.detach()
+        # (soft - soft.detach()) is exactly 0, so the forward value is exactly the hard mask ((hard + soft) - soft
+        # is not: it rounds to 1 +- 1 ulp); the gradient is the soft mask's.
+        return self.hard(scores.detach()) + (soft - soft.detach())

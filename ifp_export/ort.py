@@ -1,0 +1,58 @@
+"""ONNX Runtime helpers shared by validation, the runtime and benchmarks: sessions and KV-cache decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def session(path: Path, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.intra_op_num_threads = threads
+    if threads == 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OrtDecoder:
+    """Runs a decoder graph in Optimum's layout with an explicit numpy KV cache."""
+
+    def __init__(self, sess: ort.InferenceSession) -> None:
+        self.session = sess
+        self.past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+        first = next(i for i in sess.get_inputs() if i.name == "past_key_values.0.key")
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.output_names = [o.name for o in sess.get_outputs()]
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
+
+    def __call__(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds.update(zip(self.past_names, past, strict=True))
+        logits, *present = self.session.run(self.output_names, feeds)
+        return logits, present
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+        """Greedy continuation of one prompt (stops after `eos_id`, which is kept)."""
+        ids = np.asarray([prompt], np.int64)
+        mask = np.ones_like(ids)
+        logits, past = self(ids, mask, np.arange(len(prompt), dtype=np.int64)[None], self.empty_cache(1))
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            if token == eos_id or len(out) == max_new_tokens:
+                break
+            mask = np.ones((1, mask.shape[1] + 1), np.int64)
+            position = np.asarray([[mask.shape[1] - 1]], np.int64)
+            logits, past = self(np.asarray([[token]], np.int64), mask, position, past)
+        return out

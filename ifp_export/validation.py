@@ -1,0 +1,41 @@
+"""`ifp-export validate OUT`: rebuild the variants from the checkpoint and OUT's kept indices, then rerun the
+validate pass over what OUT holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from ifp_export.checkpoint import load_checkpoint
+from ifp_export.errors import IFPError
+from ifp_export.fold import fold_decoder, mask_from_indices, read_kept_indices
+from ifp_export.passes.fold import KEPT_INDICES_FILE
+from ifp_export.passes.validate import ValidatePass
+from ifp_export.pipeline import ExportContext, ExportOptions, Variant
+from ifp_export.targets import onnx
+
+
+def validate_output(output: Path, checkpoint: Path) -> ExportContext:
+    if not output.is_dir():
+        raise IFPError("export directory not found", output, "pass the -o directory of ifp-export export")
+    ckpt = load_checkpoint(checkpoint)
+    d_ff = ckpt.backbone.config.intermediate_size
+    kept = read_kept_indices(output / KEPT_INDICES_FILE)
+    for name, _, idx in kept:
+        if idx.dim() != 2 or idx.shape[0] != ckpt.backbone.config.num_hidden_layers or int(idx.max()) >= d_ff:
+            raise IFPError(
+                f"kept indices of {name!r} do not fit this checkpoint's backbone",
+                output / KEPT_INDICES_FILE,
+                "pass the --checkpoint this output was exported from",
+            )
+    options = ExportOptions(checkpoint=checkpoint, output=output)
+    ctx = ExportContext(options, workdir=output, console=Console(stderr=True))
+    ctx.checkpoint, ctx.k_per_layer = ckpt, ckpt.k_per_layer
+    for name, task, idx in kept:
+        prompts = [i for i, t in enumerate(ckpt.tasks) if t.task == task] or list(range(len(ckpt.tasks)))
+        ctx.variants.append(Variant(name, task, mask_from_indices(idx, d_ff), prompts))
+        ctx.folded[name] = fold_decoder(ckpt.backbone, idx)
+    names = [name for name, _, _ in kept]
+    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, ctx.folded)
+    return ValidatePass().run(ctx)
