@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
-from tiny import TASK_PROMPTS, make_checkpoint, write_tasks
+from tiny import TASK_PROMPTS, console_text, make_checkpoint, run_export, write_tasks
 from transformers import AutoModelForCausalLM
 
 from ifp_export.errors import IFPError
 from ifp_export.masks import mask_iou
 from ifp_export.model.hf_io import load_decoder
-from ifp_export.passes import default_passes
-from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
-
-
-def run_export(checkpoint: Path, workdir: Path, until: str | None = None, **options: object) -> ExportContext:
-    workdir.mkdir(parents=True, exist_ok=True)
-    opts = ExportOptions(checkpoint=checkpoint, output=workdir, until=until, **options)
-    ctx = ExportContext(options=opts, workdir=workdir, console=Console(file=io.StringIO(), width=200))
-    return Pipeline(default_passes()).run(ctx, until=until)
-
-
-def console_text(ctx: ExportContext) -> str:
-    return ctx.console.file.getvalue()
 
 
 @pytest.fixture(scope="module")

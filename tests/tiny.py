@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ifp_export.checkpoint import create_checkpoint
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import save_decoder
+from ifp_export.passes import default_passes
+from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
 
 ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789 +=()-:")
 TASK_PROMPTS = {
@@ -67,3 +71,15 @@ def make_checkpoint(root: Path, keep: float = 0.25, seed: int = 0, **backbone_ov
     out.mkdir(parents=True)
     create_checkpoint(src / "backbone", src / "tasks.jsonl", out, keep, seed=seed)
     return out
+
+
+def run_export(checkpoint: Path, workdir: Path, until: str | None = None, **options: object) -> ExportContext:
+    """Run the export pipeline in-process into `workdir`, with the console captured in a string."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    opts = ExportOptions(checkpoint=checkpoint, output=workdir, until=until, **options)
+    ctx = ExportContext(options=opts, workdir=workdir, console=Console(file=io.StringIO(), width=200))
+    return Pipeline(default_passes()).run(ctx, until=until)
+
+
+def console_text(ctx: ExportContext) -> str:
+    return ctx.console.file.getvalue()

@@ -1,0 +1,125 @@
+"""ONNX target end to end: the bundled sample and a tiny Qwen2-style model (q/k/v bias) exported, validated,
+loaded by Optimum, and checked against Hugging Face transformers running the original checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from optimum.onnxruntime import ORTModelForCausalLM
+from tiny import make_checkpoint, run_export
+from transformers import AutoModelForCausalLM
+
+from ifp_export.cli import bundled_sample, main
+from ifp_export.generate import greedy_generate
+from ifp_export.masks import encode_prompts, routing_scores
+from ifp_export.ort import OrtDecoder, session
+from ifp_export.pipeline import ExportContext
+from ifp_export.targets.onnx import DENSE_NAME, ONNX_DIR, SHARED_DATA
+
+
+@pytest.fixture(scope="module", params=["sample", "qwen2"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
+    root = tmp_path_factory.mktemp(request.param)
+    if request.param == "sample":
+        return run_export(bundled_sample(), root / "out", heldout=bundled_sample().parent / "heldout.jsonl")
+    checkpoint = make_checkpoint(root, keep=0.25, model_type="qwen2", tie_word_embeddings=False)
+    return run_export(checkpoint, root / "out", heldout=checkpoint / "tasks.jsonl")
+
+
+def onnx_dir(ctx: ExportContext) -> Path:
+    return ctx.workdir / ONNX_DIR
+
+
+def prompt_ids(ctx: ExportContext, variant_index: int) -> list[int]:
+    variant = ctx.variants[variant_index]
+    return ctx.checkpoint.tokenizer.encode(ctx.checkpoint.tasks[variant.prompt_indices[0]].prompt).ids
+
+
+def test_every_model_passes_validation(exported: ExportContext) -> None:
+    report = exported.report["onnx_validation"]
+    names = [Path(row["model"]).stem for row in report["models"]]
+    assert names == [*(v.name for v in exported.variants), DENSE_NAME]
+    for row in report["models"]:
+        assert row["ok"], row
+        assert row["prefill_diff"] <= 1e-4 and row["decode_diff"] <= 1e-4
+        assert row["decode_steps"] >= 8 and row["greedy_tokens"] == 32 and row["greedy_match"]
+    assert report["predictor_routing_agreement"] == 1.0
+
+
+def test_optimum_generates_what_pytorch_generates(exported: ExportContext) -> None:
+    for index, variant in enumerate(exported.variants):
+        model = ORTModelForCausalLM.from_pretrained(onnx_dir(exported), file_name=f"{variant.name}.onnx")
+        prompt = prompt_ids(exported, index)
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+        expected = greedy_generate(exported.folded[variant.name], [prompt], 12)[0]
+        assert out[0, len(prompt) :].tolist() == expected, variant.name
+
+
+def test_variants_match_transformers_with_pruned_neurons_zeroed(exported: ExportContext) -> None:
+    """Independent reference: HF runs the original checkpoint with the variant's other neurons zeroed."""
+    for index, variant in enumerate(exported.variants):
+        hf = AutoModelForCausalLM.from_pretrained(exported.checkpoint.root / "backbone").eval()
+        with torch.no_grad():
+            for layer, keep in zip(hf.model.layers, variant.mask, strict=True):
+                off = keep == 0
+                layer.mlp.gate_proj.weight[off] = 0
+                layer.mlp.up_proj.weight[off] = 0
+                layer.mlp.down_proj.weight[:, off] = 0
+            ids = torch.tensor([prompt_ids(exported, index)])
+            expected = hf(ids).logits.numpy()
+        decoder = OrtDecoder(session(onnx_dir(exported) / f"{variant.name}.onnx", threads=1))
+        got, _ = decoder(ids.numpy(), np.ones_like(ids.numpy()), np.arange(ids.shape[1])[None], decoder.empty_cache(1))
+        assert float(np.abs(got - expected).max()) <= 1e-4, variant.name
+
+
+def test_predictor_graph_routes_like_pytorch_on_heldout(exported: ExportContext) -> None:
+    ckpt = exported.checkpoint
+    prompts = [p.prompt for p in exported.heldout.prompts]
+    ids, mask, _ = encode_prompts(ckpt.tokenizer, prompts, ckpt.predictor.config.max_length)
+    scores, routes = session(onnx_dir(exported) / "predictor.onnx").run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    )
+    with torch.no_grad():
+        expected_scores = ckpt.predictor(ids, mask)
+        expected = routing_scores(expected_scores, torch.stack([v.mask for v in exported.variants]))
+    assert float(np.abs(scores - expected_scores.numpy()).max()) <= 1e-4
+    assert routes.shape == (len(prompts), len(exported.variants))
+    assert np.array_equal(routes.argmax(-1), expected.argmax(-1).numpy())
+    assert float(np.abs(routes - expected.numpy()).max()) <= 1e-4
+
+
+def test_weights_are_stored_once(exported: ExportContext) -> None:
+    artifacts = exported.emitted["onnx"]
+    if exported.checkpoint.root == bundled_sample():
+        assert artifacts.dedup_ratio <= 1.02, artifacts.dedup_ratio
+    for name, path in artifacts.models.items():
+        model = onnx.load(str(path), load_external_data=False)
+        locations = {
+            entry.value for init in model.graph.initializer for entry in init.external_data if entry.key == "location"
+        }
+        assert locations == {SHARED_DATA, f"{name}.onnx_data"}, (name, locations)
+    files = list(onnx_dir(exported).iterdir())
+    assert not [p for p in files if p.is_symlink()]
+    assert all(p.stat().st_nlink == 1 for p in files)
+
+
+def test_validate_command_passes_then_catches_tampering(
+    exported: ExportContext, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(exported.workdir, out)
+    main(["validate", str(out), "--checkpoint", str(exported.checkpoint.root)])
+    assert "all checks passed" in capsys.readouterr().out
+    ffn = out / ONNX_DIR / f"{exported.variants[0].name}.onnx_data"
+    data = np.fromfile(ffn, dtype=np.float32)
+    data[: len(data) // 2] *= 1.5
+    data.tofile(ffn)
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(out), "--checkpoint", str(exported.checkpoint.root)])
+    assert exit_.value.code == 1
+    assert "validation failed" in capsys.readouterr().err
