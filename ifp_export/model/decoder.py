@@ -68,8 +68,7 @@ def attention_bias(
 ) -> torch.Tensor:
     """Additive mask [B, 1, T, S] from a 0/1 key mask [B, S] whose last T keys are the queries.
 
-    Blocked entries get the dtype's most negative finite value (not -inf), so rows that see no key at all
-    (left padding) stay finite.
+    Blocked entries get the dtype's most negative finite value (not -inf).
     """
     key_length = attention_mask.shape[-1]
     key_pos = torch.arange(key_length, device=attention_mask.device)[None, :]
@@ -79,6 +78,9 @@ def attention_bias(
         allowed = allowed & (key_pos <= query_pos)
     if sliding_window is not None:
         allowed = allowed & (query_pos - key_pos < sliding_window)
+    # Every query sees at least its own key, so fully padded rows stay finite even where the blocked value
+    # rounds to -inf (fp16 conversion); real rows are unchanged since their diagonal is already allowed.
+    allowed = torch.logical_or(allowed, key_pos == query_pos)
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
     blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
     return torch.where(allowed, zero, blocked)

@@ -1,0 +1,165 @@
+"""Shared test helpers: tiny random Hugging Face models, padded batches, reference decoding loops."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from ifp_export.errors import IFPError
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+TINY = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+
+def make_hf_model(arch: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A tiny random fp32 HF causal LM in eval mode.
+
+    Every parameter (including norm weights and biases, which HF initialises to 1 / 0) is randomised so that
+    biases, norms and tied embeddings all influence the logits.
+    """
+    config_cls, model_cls = ARCHITECTURES[arch]
+    config = config_cls(**{**TINY, **overrides})
+    config._attn_implementation = "eager"  # an implementation independent of ours (we use SDPA)
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.15)
+    return model
+
+
+def save_hf_model(model: PreTrainedModel, directory: Path) -> Path:
+    model.save_pretrained(directory, safe_serialization=True)
+    assert (directory / "model.safetensors").is_file()
+    return directory
+
+
+def edit_config(directory: Path, **changes: Any) -> None:
+    """Rewrite keys of `directory/config.json` (a value of `None` deletes the key)."""
+    path = directory / "config.json"
+    raw = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    path.write_text(json.dumps(raw))
+
+
+def assert_one_line_ifp_error(call: Callable[[], object], *expected: str) -> IFPError:
+    """`call()` must raise an IFPError whose message is one line containing each of `expected`."""
+    with pytest.raises(IFPError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("error: ")
+    for text in expected:
+        assert text in message, (text, message)
+    return info.value
+
+
+def left_padded_batch(
+    lengths: list[int], vocab_size: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (input_ids, attention_mask, position_ids), rows right-aligned, pad id 0, HF-style positions."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, vocab_size, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return ids, mask, positions_from_mask(mask)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def assert_close_on_mask(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, atol: float) -> float:
+    """Max |actual - expected| over positions where mask ([B, T]) is 1; fails above `atol`."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    keep = mask.bool()
+    assert keep.any()
+    diff = (actual - expected).abs()[keep].max().item()
+    assert diff <= atol, f"max abs diff {diff:.3g} > {atol:g}"
+    return diff
+
+
+@torch.no_grad()
+def hf_greedy_logits(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, steps: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Prefill + `steps` cached greedy decode steps with HF (explicit position ids).
+
+    Returns per-call logits, per-call attention masks (for the new positions) and the fed tokens [B, steps].
+    """
+    positions = positions_from_mask(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    logits, masks, tokens = [out.logits], [mask], []
+    cache = out.past_key_values
+    for _ in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+        mask = torch.cat((mask, torch.ones_like(token)), dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+        masks.append(mask[:, -1:])
+    return logits, masks, torch.cat(tokens, dim=1)
+
+
+@torch.no_grad()
+def ours_logits_for_tokens(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: torch.Tensor,
+    ffn_masks: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Our decoder fed the same prompt + token stream as `hf_greedy_logits` (prefill, then one token a step)."""
+    positions = positions_from_mask(mask)
+    logits, past = model(ids, mask, positions, None, ffn_masks)
+    out = [logits]
+    for step in range(tokens.shape[1]):
+        token = tokens[:, step : step + 1]
+        mask = torch.cat((mask, torch.ones_like(token)), dim=1)
+        positions = positions[:, -1:] + 1
+        logits, past = model(token, mask, positions, past, ffn_masks)
+        out.append(logits)
+    return out
