@@ -97,6 +97,69 @@ def validate(output: Path, checkpoint: Path | None) -> None:
     click.echo(f"{output}: all checks passed")
 
 
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="The prompt to route and continue.")
+@click.option("--variant", help="Run this variant instead of the one the predictor picks ('dense' for the full model).")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+def run(output: Path, prompt: str, variant: str | None, max_new_tokens: int, temperature: float, seed: int) -> None:
+    """Route PROMPT with the predictor graph and generate with the chosen variant on ONNX Runtime."""
+    from ifp_export.runtime import Runtime
+
+    runtime = Runtime(output)
+    if variant is None:
+        route = runtime.route(prompt)
+        variant = route.variant
+        scores = ", ".join(f"{name} {score:+.3f}" for name, score in route.scores.items())
+        click.echo(f"routed to {variant} (variant_scores: {scores})", err=True)
+    elif variant != "dense":
+        runtime.output.variant(variant)
+    tokens = runtime.generate(prompt, variant, max_new_tokens, temperature, seed)
+    for piece in runtime.stream_text(tokens):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest's variants and files as JSON.")
+def inspect(output: Path, as_json: bool) -> None:
+    """Verify OUTPUT (schema, paths, sha256 of every file) and show its variants and files."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ifp_export.artifacts import open_output
+
+    out = open_output(output)
+    manifest = out.manifest
+    if as_json:
+        click.echo(canonical_json({k: manifest[k] for k in ("model", "variants", "dense", "predictor", "files")}))
+        return
+    sizes = {f["path"]: f["size"] for f in manifest["files"]}
+    m = manifest["model"]
+    table = Table(
+        title=f"{output}: {m['model_type']}, {m['num_hidden_layers']} layers, keep {m['k']}/{m['intermediate_size']}"
+    )
+    for column in ("variant", "task", "coverage", "routing acc.", "ONNX model + own data", "Core ML function"):
+        table.add_column(column)
+    for v in manifest["variants"]:
+        onnx_files = v["files"].get("onnx", {})
+        own = [onnx_files["model"], *(d for d in onnx_files.get("data", []) if v["name"] in d)] if onnx_files else []
+        routing = v.get("routing_accuracy")
+        table.add_row(
+            v["name"],
+            str(v["task"]),
+            f"{v['coverage']:.3f}",
+            "n/a" if routing is None else f"{routing:.1%}",
+            f"{sum(sizes[p] for p in own):,} B" if own else "-",
+            v["files"].get("coreml", {}).get("function", "-"),
+        )
+    table.caption = f"{len(sizes)} files, {sum(sizes.values()):,} bytes, all sha256 verified"
+    Console().print(table)
+
+
 @cli.command("new-checkpoint")
 @click.option("--backbone", required=True, type=click.Path(path_type=Path), help="HF save_pretrained directory.")
 @click.option("--tasks", required=True, type=click.Path(path_type=Path), help="Calibration prompts (JSONL).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +44,35 @@ class OrtDecoder:
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
         """Greedy continuation of one prompt (stops after `eos_id`, which is kept)."""
-        ids = np.asarray([prompt], np.int64)
-        mask = np.ones_like(ids)
-        logits, past = self(ids, mask, np.arange(len(prompt), dtype=np.int64)[None], self.empty_cache(1))
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if token == eos_id or len(out) == max_new_tokens:
-                break
-            mask = np.ones((1, mask.shape[1] + 1), np.int64)
-            position = np.asarray([[mask.shape[1] - 1]], np.int64)
-            logits, past = self(np.asarray([[token]], np.int64), mask, position, past)
-        return out
+        return list(decode_tokens(self, prompt, max_new_tokens, set() if eos_id is None else {eos_id}))
+
+
+def decode_tokens(
+    decoder: OrtDecoder,
+    prompt: list[int],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    temperature: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> Iterator[int]:
+    """Yield new tokens one at a time with the KV cache (greedy at temperature 0, else sampled with `rng`)."""
+    rng = rng or np.random.default_rng(0)
+    ids = np.asarray([prompt], np.int64)
+    mask = np.ones_like(ids)
+    logits, past = decoder(ids, mask, np.arange(len(prompt), dtype=np.int64)[None], decoder.empty_cache(1))
+    for step in range(max_new_tokens):
+        token = pick(logits[0, -1], temperature, rng)
+        yield token
+        if token in eos_ids or step == max_new_tokens - 1:
+            return
+        mask = np.ones((1, mask.shape[1] + 1), np.int64)
+        position = np.asarray([[mask.shape[1] - 1]], np.int64)
+        logits, past = decoder(np.asarray([[token]], np.int64), mask, position, past)
+
+
+def pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))

@@ -1,5 +1,5 @@
-"""`ifp-export validate OUT`: rebuild the variants from the checkpoint and OUT's kept indices, then rerun the
-validate pass over what OUT holds."""
+"""`ifp-export validate OUT`: verify OUT (hashes, paths), rebuild the variants from the checkpoint and OUT's
+kept indices, then rerun the validate pass over what OUT holds."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ifp_export.artifacts import open_output
 from ifp_export.checkpoint import load_checkpoint
 from ifp_export.errors import IFPError
 from ifp_export.fold import fold_decoder, mask_from_indices, read_kept_indices
@@ -17,8 +18,7 @@ from ifp_export.targets import onnx
 
 
 def validate_output(output: Path, checkpoint: Path) -> ExportContext:
-    if not output.is_dir():
-        raise IFPError("export directory not found", output, "pass the -o directory of ifp-export export")
+    open_output(output)  # schema, containment, sha256 of every file
     ckpt = load_checkpoint(checkpoint)
     d_ff = ckpt.backbone.config.intermediate_size
     kept = read_kept_indices(output / KEPT_INDICES_FILE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ifp_export.passes.fold import FoldPass
 from ifp_export.passes.group import GroupPass
 from ifp_export.passes.load import LoadPass
+from ifp_export.passes.manifest import ManifestPass
 from ifp_export.passes.predict import PredictPass
 from ifp_export.passes.report import ReportPass
 from ifp_export.passes.validate import ValidatePass
@@ -13,4 +14,13 @@ from ifp_export.targets.onnx import EmitOnnxPass
 
 
 def default_passes() -> list[Pass]:
-    return [LoadPass(), PredictPass(), GroupPass(), FoldPass(), EmitOnnxPass(), ValidatePass(), ReportPass()]
+    return [
+        LoadPass(),
+        PredictPass(),
+        GroupPass(),
+        FoldPass(),
+        EmitOnnxPass(),
+        ValidatePass(),
+        ReportPass(),
+        ManifestPass(),
+    ]

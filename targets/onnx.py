@@ -488,3 +488,26 @@ def validate_export(ctx: ExportContext) -> None:
     bad = [r.model for r in rows if not r.ok]
     if bad or routing[1] < 1.0 or routing[0] > PARITY_TOLERANCE:
         raise ValidationFailed(f"ONNX models {bad or ['predictor.onnx']} differ from PyTorch (see table)")
+
+
+def external_data_files(path: Path) -> list[str]:
+    """The external data locations an .onnx file references, as written (relative to its directory)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted(
+        {entry.value for init in model.graph.initializer for entry in init.external_data if entry.key == "location"}
+    )
+
+
+def manifest_entries(artifacts: OnnxArtifacts, root: Path) -> tuple[dict[str, dict], dict]:
+    """Per model name {"model", "data"} paths relative to `root`, and the predictor's entry."""
+
+    def entry(path: Path) -> dict:
+        data = [(path.parent / location).relative_to(root).as_posix() for location in external_data_files(path)]
+        return {"model": path.relative_to(root).as_posix(), "data": data}
+
+    predictor = {
+        **entry(artifacts.predictor),
+        "inputs": {"input_ids": "int64 [batch, sequence]", "attention_mask": "int64 [batch, sequence], right-padded"},
+        "outputs": {"scores": "float32 [batch, layers, d_ff]", "variant_scores": "float32 [batch, variants]"},
+    }
+    return {name: entry(path) for name, path in artifacts.models.items()}, predictor
