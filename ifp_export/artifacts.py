@@ -35,9 +35,12 @@ def check_manifest(data: Any, path: Path) -> None:
             path,
             "export again with this version of ifp-export",
         )
+    manifest_schema = schema("manifest.schema.json")
     try:
-        jsonschema.validate(data, schema("manifest.schema.json"))
+        jsonschema.validate(data, manifest_schema)
     except jsonschema.ValidationError as err:
+        if err.schema == manifest_schema["$defs"]["relpath"]:
+            raise IFPError(f"path {err.instance!r} leaves the output directory", path, FIX) from None
         where = "/".join(str(p) for p in err.absolute_path) or "top level"
         raise IFPError(f"invalid manifest at {where}: {err.message}", path, FIX) from None
 

@@ -3,6 +3,8 @@ loaded by Optimum, and checked against Hugging Face transformers running the ori
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -113,13 +115,23 @@ def test_validate_command_passes_then_catches_tampering(
 ) -> None:
     out = tmp_path / "copy"
     shutil.copytree(exported.workdir, out)
-    main(["validate", str(out), "--checkpoint", str(exported.checkpoint.root)])
+    args = ["validate", str(out), "--checkpoint", str(exported.checkpoint.root)]
+    main(args)
     assert "all checks passed" in capsys.readouterr().out
-    ffn = out / ONNX_DIR / f"{exported.variants[0].name}.onnx_data"
-    data = np.fromfile(ffn, dtype=np.float32)
+    relative = f"{ONNX_DIR}/{exported.variants[0].name}.onnx_data"
+    data = np.fromfile(out / relative, dtype=np.float32)
     data[: len(data) // 2] *= 1.5
-    data.tofile(ffn)
+    data.tofile(out / relative)
     with pytest.raises(SystemExit) as exit_:
-        main(["validate", str(out), "--checkpoint", str(exported.checkpoint.root)])
+        main(args)
+    assert exit_.value.code == 2 and "sha256" in capsys.readouterr().err
+    # Same damage with a manifest that vouches for it: the numeric check still catches it.
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == relative:
+            entry["sha256"] = hashlib.sha256((out / relative).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
     assert exit_.value.code == 1
     assert "validation failed" in capsys.readouterr().err
