@@ -5,6 +5,8 @@ An export killed at any point leaves the previous output untouched; a failed one
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -39,13 +41,32 @@ def staged_directory(target: Path, force: bool = False) -> Iterator[Path]:
     try:
         yield stage
         os.chmod(stage, 0o755)
-        if target.exists():
+        if not target.exists():
+            os.replace(stage, target)
+        elif exchange(stage, target):
+            shutil.rmtree(stage, ignore_errors=True)  # now holds the previous output
+        else:  # no atomic exchange here: the old output is out of the way only between two renames
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, retired / "previous")
             os.replace(stage, target)
             shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(stage, target)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False where unsupported.
+
+    With it, the target name always points at a complete output, old or new, even under SIGKILL.
+    """
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

@@ -14,7 +14,7 @@ from ifp_export.fold import fold_decoder, mask_from_indices, read_kept_indices
 from ifp_export.passes.fold import KEPT_INDICES_FILE
 from ifp_export.passes.validate import ValidatePass
 from ifp_export.pipeline import ExportContext, ExportOptions, Variant
-from ifp_export.targets import onnx
+from ifp_export.targets import coreml, onnx
 
 
 def validate_output(output: Path, checkpoint: Path) -> ExportContext:
@@ -38,4 +38,6 @@ def validate_output(output: Path, checkpoint: Path) -> ExportContext:
         ctx.folded[name] = fold_decoder(ckpt.backbone, idx)
     names = [name for name, _, _ in kept]
     ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, ctx.folded)
+    if (output / coreml.COREML_DIR).is_dir():
+        ctx.emitted["coreml"] = coreml.open_artifacts(output / coreml.COREML_DIR, ckpt.backbone, ctx.folded)
     return ValidatePass().run(ctx)

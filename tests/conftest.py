@@ -1,7 +1,37 @@
-"""Suite-wide settings."""
+"""Suite-wide settings and the shared full-export fixtures."""
 
+import pytest
 import torch
+from tiny import make_checkpoint, run_export
+
+from ifp_export.cli import bundled_sample
+from ifp_export.pipeline import ExportContext
 
 # The test models are tiny: one intra-op thread is as fast as two when the machine is idle, and keeps the suite
 # from slowing down ~10x (OpenMP threads spinning against each other) when another process is using the cores.
 torch.set_num_threads(1)
+
+
+# Full exports are the slow part of the suite; each is made once per session and shared (read-only: tests
+# that damage an output copy it first).
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
+    """A tiny random Llama-style checkpoint exported with every pass; held-out = its calibration prompts."""
+    root = tmp_path_factory.mktemp("tiny_export")
+    checkpoint = make_checkpoint(root)
+    return run_export(checkpoint, root / "out", heldout=checkpoint / "tasks.jsonl")
+
+
+@pytest.fixture(scope="session")
+def qwen2_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
+    """A tiny random Qwen2-style checkpoint (q/k/v bias) exported with every pass."""
+    root = tmp_path_factory.mktemp("qwen2_export")
+    checkpoint = make_checkpoint(root, model_type="qwen2")
+    return run_export(checkpoint, root / "out", heldout=checkpoint / "tasks.jsonl")
+
+
+@pytest.fixture(scope="session")
+def sample_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
+    """The bundled trained sample exported with every pass, with its held-out prompts."""
+    root = tmp_path_factory.mktemp("sample_export")
+    return run_export(bundled_sample(), root / "out", heldout=bundled_sample().parent / "heldout.jsonl")

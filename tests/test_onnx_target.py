@@ -13,7 +13,6 @@ import onnx
 import pytest
 import torch
 from optimum.onnxruntime import ORTModelForCausalLM
-from tiny import make_checkpoint, run_export
 from transformers import AutoModelForCausalLM
 
 from ifp_export.cli import bundled_sample, main
@@ -24,13 +23,9 @@ from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx import DENSE_NAME, ONNX_DIR, SHARED_DATA
 
 
-@pytest.fixture(scope="module", params=["sample", "qwen2"])
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
-    root = tmp_path_factory.mktemp(request.param)
-    if request.param == "sample":
-        return run_export(bundled_sample(), root / "out", heldout=bundled_sample().parent / "heldout.jsonl")
-    checkpoint = make_checkpoint(root, keep=0.25, model_type="qwen2", tie_word_embeddings=False)
-    return run_export(checkpoint, root / "out", heldout=checkpoint / "tasks.jsonl")
+@pytest.fixture(params=["sample_export", "qwen2_export"])
+def exported(request: pytest.FixtureRequest) -> ExportContext:
+    return request.getfixturevalue(request.param)
 
 
 def onnx_dir(ctx: ExportContext) -> Path:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from ifp_export.errors import IFPError
 from ifp_export.masks import mask_iou
 from ifp_export.model.hf_io import load_decoder
+from ifp_export.pipeline import ExportContext
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +120,13 @@ def test_until_fold_saves_hf_checkpoints_that_transformers_loads(checkpoint: Pat
         assert torch.equal(load_decoder(directory)(ids)[0], ctx.folded[variant.name](ids)[0])
 
 
-def test_report_writes_json_and_heatmap(checkpoint: Path, tmp_path: Path) -> None:
-    ctx = run_export(checkpoint, tmp_path, heldout=checkpoint / "tasks.jsonl")
-    report = json.loads((tmp_path / "report.json").read_text())
+def test_report_writes_json_and_heatmap(tiny_export: ExportContext) -> None:
+    out = tiny_export.workdir
+    report = json.loads((out / "report.json").read_text())
     assert [v["name"] for v in report["variants"]] == ["add", "reverse", "brackets"]
     assert report["variants"][0]["keep_ratio"] == 0.25
     mean = torch.tensor(report["variant_iou"]["mean"])
     assert torch.allclose(mean.diagonal(), torch.ones(3))
     assert torch.allclose(mean, mean.T)
-    assert (tmp_path / "mask_overlap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "coverage" in console_text(ctx)
+    assert (out / "mask_overlap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "coverage" in console_text(tiny_export)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_checkpoint, run_export
+from tiny import run_export
 
 from ifp_export.artifacts import MANIFEST_FILE, open_output
 from ifp_export.cli import bundled_sample, main
@@ -23,11 +23,9 @@ from ifp_export.runtime import Runtime
 from ifp_export.targets.onnx import SHARED_DATA
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
-    root = tmp_path_factory.mktemp("rt")
-    checkpoint = make_checkpoint(root)
-    return run_export(checkpoint, root / "out", heldout=checkpoint / "tasks.jsonl")
+@pytest.fixture
+def exported(tiny_export: ExportContext) -> ExportContext:
+    return tiny_export
 
 
 @pytest.fixture
