@@ -47,6 +47,8 @@ def check_manifest(data: Any, path: Path) -> None:
 
 def contained_path(root: Path, relative: str, manifest: Path) -> Path:
     """`root/relative`, refusing absolute paths, `..`, and symlinks anywhere below `root`."""
+    if "\x00" in relative:
+        raise IFPError(f"path {relative!r} holds a NUL byte", manifest, FIX)
     parts = PurePosixPath(relative).parts
     if not parts or PurePosixPath(relative).is_absolute() or ".." in parts or "\\" in relative:
         raise IFPError(f"path {relative!r} leaves the output directory", manifest, FIX)
@@ -57,6 +59,8 @@ def contained_path(root: Path, relative: str, manifest: Path) -> Path:
             mode = os.lstat(current).st_mode
         except FileNotFoundError:
             raise IFPError(f"listed file {relative!r} is missing", manifest, FIX) from None
+        except OSError as err:  # e.g. a name too long, or a file where a directory is expected
+            raise IFPError(f"listed file {relative!r} cannot be read ({err.strerror})", manifest, FIX) from None
         if stat.S_ISLNK(mode):
             raise IFPError(f"{relative!r} is (or passes through) a symlink, which is never followed", manifest, FIX)
     real_root, real = os.path.realpath(root), os.path.realpath(current)
@@ -66,7 +70,10 @@ def contained_path(root: Path, relative: str, manifest: Path) -> Path:
 
 
 def verify_file(path: Path, size: int, sha256: str, manifest: Path, relative: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:  # a symlink swapped in after the checks (ELOOP), no permission, ...
+        raise IFPError(f"{relative!r} cannot be opened ({err.strerror})", manifest, FIX) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -118,6 +125,8 @@ def open_output(root: str | Path, verify_hashes: bool = True) -> OutputDir:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise IFPError("manifest.json not found", manifest_path, FIX) from None
+    except OSError as err:  # e.g. a directory named manifest.json
+        raise IFPError(f"manifest cannot be read ({err.strerror})", manifest_path, FIX) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise IFPError(f"manifest is not valid JSON ({err})", manifest_path, FIX) from None
     check_manifest(data, manifest_path)

@@ -89,8 +89,14 @@ def read_tasks(path: Path) -> list[TaskPrompt]:
     """Calibration prompts; every line a JSON object with non-empty string `task` and `prompt`."""
     if not path.is_file():
         raise IFPError("tasks file not found", path, 'write one {"task": ..., "prompt": ...} JSON object per line')
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as err:
+        raise IFPError(
+            f"tasks file is not UTF-8 ({err.reason} at byte {err.start})", path, "save it as UTF-8"
+        ) from None
     rows: list[TaskPrompt] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -38,6 +38,21 @@ def cli() -> None:
     type=click.Path(path_type=Path),
     help="Held-out prompts (JSONL, optional 'answer') for routing accuracy; default: the sample's, with the sample.",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8", "int4"]),
+    default="none",
+    show_default=True,
+    help="Weight-only quantization (ONNX: ORT dynamic int8 / MatMulNBits int4; Core ML decoder: coremltools "
+    "int8 per channel / int4 block 32).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["static", "dynamic"]),
+    default="static",
+    show_default=True,
+    help="dynamic: also emit onnx/dynamic.onnx, pruned per prompt from the predictor's own top-k (fp32 only).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the variants report as JSON on stdout.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Predictor batch size.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory (only after success).")
@@ -48,6 +63,8 @@ def export(
     keep: float | None,
     variants: int | None,
     heldout: Path | None,
+    quantize: str,
+    mode: str,
     as_json: bool,
     batch_size: int,
     force: bool,
@@ -59,6 +76,10 @@ def export(
 
     if variants is not None and variants < 1:
         raise IFPError(f"--variants must be at least 1, got {variants}", None, "pass e.g. --variants 4")
+    if mode == "dynamic" and quantize != "none":
+        raise IFPError(
+            "--mode dynamic gathers fp32 FFN weights per prompt", None, "drop --quantize or use --mode static"
+        )
     if batch_size < 1:
         raise IFPError(f"--batch-size must be at least 1, got {batch_size}", None, "pass e.g. --batch-size 64")
     pipeline = Pipeline(default_passes())
@@ -73,6 +94,8 @@ def export(
         heldout=heldout,
         until=until,
         batch_size=batch_size,
+        quantize=quantize,
+        mode=mode,
     )
     with staged_directory(output, force=force) as stage:
         ctx = pipeline.run(ExportContext(options=options, workdir=stage), until=until)
@@ -104,19 +127,30 @@ def validate(output: Path, checkpoint: Path | None) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-def run(output: Path, prompt: str, variant: str | None, max_new_tokens: int, temperature: float, seed: int) -> None:
+@click.option("--dynamic", is_flag=True, help="Prune per prompt with the predictor's own top-k (needs --mode dynamic).")
+def run(
+    output: Path,
+    prompt: str,
+    variant: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    dynamic: bool,
+) -> None:
     """Route PROMPT with the predictor graph and generate with the chosen variant on ONNX Runtime."""
     from ifp_export.runtime import Runtime
 
     runtime = Runtime(output)
-    if variant is None:
+    if dynamic:
+        click.echo("dynamic mode: FFN neurons pruned for this prompt", err=True)
+    elif variant is None:
         route = runtime.route(prompt)
         variant = route.variant
         scores = ", ".join(f"{name} {score:+.3f}" for name, score in route.scores.items())
         click.echo(f"routed to {variant} (variant_scores: {scores})", err=True)
     elif variant != "dense":
         runtime.output.variant(variant)
-    tokens = runtime.generate(prompt, variant, max_new_tokens, temperature, seed)
+    tokens = runtime.generate(prompt, None if dynamic else variant, max_new_tokens, temperature, seed, dynamic)
     for piece in runtime.stream_text(tokens):
         click.echo(piece, nl=False)
     click.echo()

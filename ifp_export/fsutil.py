@@ -42,9 +42,19 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Contiguous CPU tensors in sorted-name order, so equal tensors give equal bytes."""
+    """Contiguous CPU tensors in sorted-name order, header with sorted keys, so equal tensors give equal bytes."""
     ordered = {name: tensors[name].detach().cpu().contiguous() for name in sorted(tensors)}
-    atomic_write_bytes(path, safetensors_bytes(ordered, metadata=metadata or {"format": "pt"}))
+    atomic_write_bytes(path, canonical_safetensors(safetensors_bytes(ordered, metadata=metadata or {"format": "pt"})))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """Re-serialize a safetensors header with sorted keys (the Rust writer emits `__metadata__` in hash-map order,
+    which changes from process to process); data offsets are relative to the data section, so they still hold."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def read_json(path: Path, what: str = "JSON file") -> Any:

@@ -30,6 +30,7 @@ class OrtDecoder:
         first = next(i for i in sess.get_inputs() if i.name == "past_key_values.0.key")
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.output_names = [o.name for o in sess.get_outputs()]
+        self.extra_feeds: dict[str, np.ndarray] = {}  # e.g. the per-prompt FFN weights of a dynamic decoder
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
@@ -39,6 +40,7 @@ class OrtDecoder:
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         feeds.update(zip(self.past_names, past, strict=True))
+        feeds.update(self.extra_feeds)
         logits, *present = self.session.run(self.output_names, feeds)
         return logits, present
 

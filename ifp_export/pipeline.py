@@ -29,6 +29,8 @@ class ExportOptions:
     until: str | None = None
     batch_size: int = 64
     seed: int = 0
+    quantize: str = "none"  # none | int8 | int4 (weight-only, per target)
+    mode: str = "static"  # static | dynamic (also emit the per-prompt pruned decoder)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class ExportContext:
     checkpoint: Checkpoint | None = None
     k_per_layer: list[int] = field(default_factory=list)
     predictions: Predictions | None = None
+    heldout_prompts: list[TaskPrompt] = field(default_factory=list)  # read and checked by the load pass
     heldout: Predictions | None = None
     variants: list[Variant] = field(default_factory=list)
     folded: dict[str, CausalLM] = field(default_factory=dict)

@@ -16,11 +16,12 @@ import onnx
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from ifp_export.artifacts import OutputDir, open_output
+from ifp_export.artifacts import MANIFEST_FILE, OutputDir, open_output
 from ifp_export.checkpoint import read_tokenizer
+from ifp_export.errors import IFPError
 from ifp_export.masks import encode_prompts
 from ifp_export.ort import OrtDecoder, decode_tokens
-from ifp_export.targets.onnx import DENSE_NAME, SHARED_DATA
+from ifp_export.targets.onnx import DENSE_NAME, DYNAMIC_NAME, SHARED_DATA, gather_dynamic_feeds
 
 ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
@@ -46,6 +47,7 @@ class Runtime:
         )
         self.shared: dict[tuple[int, int], ort.OrtValue] = {}  # (offset, length) in the shared file -> value
         self.sessions: dict[str, OrtDecoder] = {}
+        self.sources: dict[tuple[str, int], np.memmap] = {}
 
     def options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -53,12 +55,18 @@ class Runtime:
         options.log_severity_level = 3
         return options
 
+    def predict(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """The predictor graph on one prompt: neuron scores [L, d_ff] and variant_scores [V]."""
+        ids, mask, _ = encode_prompts(self.tokenizer, [prompt], self.output.manifest["predictor"]["max_length"])
+        scores, variant_scores = self.predictor.run(
+            ["scores", "variant_scores"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        )
+        return scores[0], variant_scores[0]
+
     def route(self, prompt: str) -> Route:
         """Run the predictor graph once and pick the argmax variant."""
-        ids, mask, _ = encode_prompts(self.tokenizer, [prompt], self.output.manifest["predictor"]["max_length"])
-        (variant_scores,) = self.predictor.run(
-            ["variant_scores"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        )
+        _, variant_scores = self.predict(prompt)
+        variant_scores = variant_scores[None]
         order = self.output.manifest["predictor"]["routing"]["variant_order"]
         scores = {name: float(s) for name, s in zip(order, variant_scores[0], strict=True)}
         return Route(order[int(variant_scores[0].argmax())], scores)
@@ -77,6 +85,41 @@ class Runtime:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self.sessions[name] = OrtDecoder(session)
         return self.sessions[name]
+
+    def dynamic_decoder(self, prompt: str) -> OrtDecoder:
+        """The dynamic-mode decoder bound to this prompt's own FFN neurons (the predictor's top-k per layer).
+
+        The kept rows/columns are gathered from the dense model's FFN tensors, memory-mapped from disk.
+        """
+        spec = self.output.manifest.get("dynamic")
+        if spec is None:
+            raise IFPError(
+                "this export has no dynamic-mode decoder",
+                self.output.root / MANIFEST_FILE,
+                "export with --mode dynamic",
+            )
+        if DYNAMIC_NAME not in self.sessions:
+            path = self.output.path(spec["model"])
+            options = self.options()
+            for init_name, value in self.shared_initializers(path):
+                options.add_initializer(init_name, value)
+            self.sessions[DYNAMIC_NAME] = OrtDecoder(
+                ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            )
+        decoder = self.sessions[DYNAMIC_NAME]
+        scores, _ = self.predict(prompt)
+        kept = top_k_indices(scores, self.output.manifest["model"]["k"])
+        decoder.extra_feeds = gather_dynamic_feeds(spec["ffn_inputs"], kept, self.source)
+        return decoder
+
+    def source(self, source: dict) -> np.memmap:
+        """A dense FFN tensor, memory-mapped from the data file the manifest names."""
+        key = (source["file"], source["offset"])
+        if key not in self.sources:
+            self.sources[key] = np.memmap(
+                self.output.path(source["file"]), np.float32, "r", source["offset"], tuple(source["shape"])
+            )
+        return self.sources[key]
 
     def unload(self, name: str) -> None:
         """Drop a variant's session (its FFN weights); the shared weights stay resident."""
@@ -103,13 +146,19 @@ class Runtime:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         seed: int = 0,
+        dynamic: bool = False,
     ) -> Iterator[int]:
-        """Yield new token ids one at a time (greedy when temperature is 0, else seeded sampling)."""
-        name = variant or self.route(prompt).variant
+        """Yield new token ids one at a time (greedy when temperature is 0, else seeded sampling).
+
+        The model is `variant`, else the dynamic decoder pruned for this prompt if `dynamic`, else the variant
+        the predictor routes the prompt to.
+        """
+        if dynamic and variant is None:
+            decoder = self.dynamic_decoder(prompt)
+        else:
+            decoder = self.decoder(variant or self.route(prompt).variant)
         ids = self.tokenizer.encode(prompt).ids
-        yield from decode_tokens(
-            self.decoder(name), ids, max_new_tokens, self.eos_ids, temperature, np.random.default_rng(seed)
-        )
+        yield from decode_tokens(decoder, ids, max_new_tokens, self.eos_ids, temperature, np.random.default_rng(seed))
 
     def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
         """Decoded text pieces as tokens arrive (decoding the whole prefix keeps multi-token characters right)."""
@@ -122,3 +171,8 @@ class Runtime:
             text = self.tokenizer.decode(ids)
             yield text[len(shown) :]
             shown = text
+
+
+def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """[L, k] ascending indices of each layer's k highest scores, ties to the lower index (as hard_topk_mask)."""
+    return np.sort(np.argsort(-scores, axis=-1, kind="stable")[:, :k], axis=-1)

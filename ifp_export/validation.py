@@ -18,7 +18,7 @@ from ifp_export.targets import coreml, onnx
 
 
 def validate_output(output: Path, checkpoint: Path) -> ExportContext:
-    open_output(output)  # schema, containment, sha256 of every file
+    manifest = open_output(output).manifest  # schema, containment, sha256 of every file
     ckpt = load_checkpoint(checkpoint)
     d_ff = ckpt.backbone.config.intermediate_size
     kept = read_kept_indices(output / KEPT_INDICES_FILE)
@@ -37,7 +37,8 @@ def validate_output(output: Path, checkpoint: Path) -> ExportContext:
         ctx.variants.append(Variant(name, task, mask_from_indices(idx, d_ff), prompts))
         ctx.folded[name] = fold_decoder(ckpt.backbone, idx)
     names = [name for name, _, _ in kept]
-    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, ctx.folded)
+    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, ctx.folded, manifest)
     if (output / coreml.COREML_DIR).is_dir():
-        ctx.emitted["coreml"] = coreml.open_artifacts(output / coreml.COREML_DIR, ckpt.backbone, ctx.folded)
+        quantize = manifest.get("quantization", {}).get("coreml", "none")
+        ctx.emitted["coreml"] = coreml.open_artifacts(output / coreml.COREML_DIR, ckpt.backbone, ctx.folded, quantize)
     return ValidatePass().run(ctx)

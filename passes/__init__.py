@@ -10,6 +10,7 @@ from ifp_export.passes.predict import PredictPass
 from ifp_export.passes.report import ReportPass
 from ifp_export.passes.validate import ValidatePass
 from ifp_export.pipeline import Pass
+from ifp_export.targets.coreml import EmitCoreMLPass
 from ifp_export.targets.onnx import EmitOnnxPass
 
 
@@ -20,6 +21,7 @@ def default_passes() -> list[Pass]:
         GroupPass(),
         FoldPass(),
         EmitOnnxPass(),
+        EmitCoreMLPass(),
         ValidatePass(),
         ReportPass(),
         ManifestPass(),

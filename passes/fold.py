@@ -10,7 +10,6 @@ which any tool can rebuild or check a variant.
 from __future__ import annotations
 
 from ifp_export.checkpoint import Checkpoint
-from ifp_export.errors import IFPError
 from ifp_export.fold import fold_decoder, fold_error, kept_indices, write_kept_indices
 from ifp_export.generate import left_pad
 from ifp_export.model.hf_io import save_decoder
@@ -27,12 +26,6 @@ class FoldPass:
     def run(self, ctx: ExportContext) -> ExportContext:
         ckpt: Checkpoint = ctx.require("checkpoint", self.name)
         variants = ctx.require("variants", self.name)
-        if len(set(ctx.k_per_layer)) != 1:
-            raise IFPError(
-                f"folding needs the same k in every layer, the checkpoint has {sorted(set(ctx.k_per_layer))}",
-                ckpt.root / "ifp.json",
-                "pass --keep to use one keep ratio for all layers",
-            )
         for variant in variants:
             folded = fold_decoder(ckpt.backbone, kept_indices(variant.mask))
             prompts = [ckpt.tasks[i].prompt for i in variant.prompt_indices[:CHECK_PROMPTS]]

@@ -12,7 +12,6 @@ from collections import Counter
 
 import torch
 
-from ifp_export.errors import IFPError
 from ifp_export.masks import aggregate_topk, mask_iou, routing_scores
 from ifp_export.pipeline import ExportContext, Predictions, Variant
 
@@ -76,13 +75,7 @@ class GroupPass:
         if ctx.options.variants is None:
             groups = {task: [i for i, t in enumerate(preds.tasks) if t == task] for task in dict.fromkeys(preds.tasks)}
         else:
-            n = ctx.options.variants
-            if n > len(preds.prompts):
-                raise IFPError(
-                    f"--variants {n} exceeds the {len(preds.prompts)} calibration prompts",
-                    ctx.options.checkpoint / "tasks.jsonl",
-                    "ask for fewer variants or add prompts",
-                )
+            n = ctx.options.variants  # at most the number of prompts (checked by the load pass)
             labels = cluster_prompts(preds.masks, n, ctx.options.seed)
             groups = {f"cluster_{c}": [i for i, lab in enumerate(labels) if lab == c] for c in range(n)}
         variants, taken = [], set()

@@ -116,6 +116,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
             "first_step": "past tensors with sequence length 0",
         },
         "predictor": predictor,
+        "quantization": {target: getattr(a, "quantize", "none") for target, a in ctx.emitted.items()},
         "variants": [
             {
                 "name": v.name,
@@ -129,6 +130,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
             for v in ctx.variants
         ],
         "dense": {"files": per_model.get(onnx.DENSE_NAME, {})},
+        **({"dynamic": per_model[onnx.DYNAMIC_NAME]["onnx"]} if onnx.DYNAMIC_NAME in per_model else {}),
         "files": file_entries(root),
         "report": REPORT_FILE,
         "versions": tool_versions(),

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from rich.progress import Progress
 
-from ifp_export.checkpoint import Checkpoint, TaskPrompt, read_tasks
-from ifp_export.errors import IFPError
+from ifp_export.checkpoint import Checkpoint, TaskPrompt
 from ifp_export.masks import predict_scores
 from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.pipeline import ExportContext, Predictions
@@ -17,15 +16,7 @@ class PredictPass:
 
     def run(self, ctx: ExportContext) -> ExportContext:
         ckpt: Checkpoint = ctx.require("checkpoint", self.name)
-        heldout = read_tasks(ctx.options.heldout) if ctx.options.heldout else []
-        if heldout:
-            unknown = sorted({p.task for p in heldout} - {p.task for p in ckpt.tasks})
-            if unknown:
-                raise IFPError(
-                    f"held-out task {unknown[0]!r} has no calibration prompts",
-                    ctx.options.heldout,
-                    "use task names that appear in the checkpoint's tasks.jsonl",
-                )
+        heldout = ctx.heldout_prompts  # read and checked by the load pass
         with Progress(console=ctx.console, transient=True) as progress:
             ctx.predictions = self.score(ctx, ckpt, ckpt.tasks, progress, "calibration")
             if heldout:

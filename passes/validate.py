@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ifp_export.pipeline import ExportContext
-from ifp_export.targets import onnx
+from ifp_export.targets import coreml, onnx
 
-VALIDATORS = {"onnx": onnx.validate_export}
+VALIDATORS = {"onnx": onnx.validate_export, "coreml": coreml.validate_export}
 
 
 class ValidatePass:

@@ -1,28 +1,40 @@
 """Core ML target: every variant (and the dense model) as one function of a multifunction `.mlpackage` with a
 stateful KV cache, plus the shared predictor (routing head folded in) as its own `.mlpackage`.
 
-Each model is traced with `torch.jit.trace` through `StatefulDecoder` — the folded decoder's own modules with the
-KV cache held in two fp16 buffers (`keyCache`, `valueCache`, [L, 1, KVH, MAX_CONTEXT, D]) that Core ML turns into
-states (`ct.StateType`, iOS 18) — and converted to an fp16 `mlprogram`. The per-model packages are then merged
-with `ct.utils.save_multifunction`, whose constant deduplication stores a tensor shared by several functions
-(embeddings, attention, norms, lm_head) once in `weights/weight.bin`; only the FFN slices differ per function.
+The decoder is traced with `torch.jit.trace` through `StatefulDecoder` — the folded decoder's own modules with the
+KV cache held in two fp16 buffers (`keyCache`, `valueCache`, [L, 1, KVH, C, D]) that Core ML turns into states
+(`ct.StateType`, iOS 18) — and converted to an fp16 `mlprogram`. Every variant has the same graph (uniform k), so
+only the first is converted; the others are copies with their FFN blobs rewritten in `weight.bin`. The dense model
+(wider FFN) is converted itself. The per-model packages are then merged with `ct.utils.save_multifunction`, whose
+constant deduplication stores a tensor shared by several functions (embeddings, attention, norms, lm_head) once
+in `weights/weight.bin`; only the FFN slices differ per function.
 
 Inputs follow Apple's stateful Llama example: `inputIds` [1, T] int32 and `causalMask` [1, 1, T, P + T] fp16
 (0 where a query may attend, -inf elsewhere; P = tokens already in the cache), both with flexible sizes
 (`ct.RangeDim`), so one function serves prefill (T = prompt length) and decode (T = 1). Output: `logits`
 [1, T, V] fp16. Core ML cannot predict on Linux, so validation here is structural (spec IO, states, dtypes) plus
-the FFN weights read back from `weight.bin` by the blob offsets in the spec.
+every weight read back from `weight.bin` by the blob offsets in the spec; on macOS it also compares predictions.
+
+`--quantize int8|int4` quantizes the decoder's weights with `coremltools.optimize` (weight-only, on the converted
+fp16 mlprogram, before the functions are merged): int8 symmetric per output channel, int4 symmetric block-wise
+(32 input channels per scale, iOS 18; per output channel where the input width is not a multiple of 32). Every
+function is quantized on its own; the quantizer is deterministic, so a weight shared by all functions gives the
+same int8/int4 + scale blobs everywhere and `save_multifunction` still stores it once. Validation then reads the
+quantized blobs back, dequantizes them (`constexpr_blockwise_shift_scale`: data * scale) and bounds the error
+against the fp32 PyTorch weights by half a quantization step. The predictor stays fp32 (routing exactness).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import uuid
 import warnings
@@ -34,11 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.table import Table
 from torch import nn
 
+from ifp_export.errors import IFPError, ValidationFailed
 from ifp_export.masks import standardize
 from ifp_export.model.decoder import CausalLM, apply_rope, repeat_kv
 from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx import DENSE_NAME, FFN_PARAMS, PredictorRouter, weight_bytes
 
 COREML_DIR = "coreml"
@@ -50,14 +65,18 @@ DECODER_STATES = ("keyCache", "valueCache")
 PREDICTOR_INPUTS = ("input_ids", "attention_mask")
 PREDICTOR_OUTPUTS = ("scores", "variant_scores")
 BLOB_SENTINEL = 0xDEADBEEF
-FP16_BLOB_DTYPE = 1  # MIL blob storage dtype code of float16
+BLOB_DTYPES = {1: "<f2", 2: "<f4", 4: "i1"}  # MIL blob storage dtype codes: float16, float32, int8
+BLOB_INT4 = 8  # MIL blob storage dtype code of int4 (two per byte, low nibble first)
+QUANTIZE_MODES = ("none", "int8", "int4")
+INT4_BLOCK_SIZE = 32  # input channels per int4 scale (as ONNX MatMulNBits)
+QUANTIZED_SUFFIX = "_quantized"  # coremltools names the constexpr op replacing const `w` as `w_quantized`
 
 
 @contextlib.contextmanager
 def quiet_coremltools() -> Iterator[None]:
     """coremltools warns on import (no native runtime on Linux, untested torch version) and logs each pass with
     progress bars; keep the CLI output ours."""
-    loggers = [logging.getLogger(n) for n in ("coremltools", "root")]
+    loggers = [logging.getLogger("coremltools")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -181,7 +200,7 @@ CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
 
 
 def ffn_const_name(param: str) -> str:
-    """The const name coremltools gives an FFN weight of the traced `StatefulDecoder`."""
+    """The const name coremltools gives a weight of the traced `StatefulDecoder` (fp16 cast of `model.<param>`)."""
     return "model_" + param.replace(".", "_") + "_to_fp16"
 
 
@@ -232,10 +251,96 @@ def blob_data_range(weights: bytes | bytearray, offset: int) -> tuple[int, int, 
 
 
 def read_blob(weights: bytes | bytearray, ref: BlobRef) -> np.ndarray:
+    """The value of a blob-backed const (fp16, fp32, int8 or int4) as a numpy array of its shape."""
     dtype, start, size = blob_data_range(weights, ref.offset)
-    if dtype != FP16_BLOB_DTYPE:
-        raise ValueError(f"blob {ref.name} is not fp16 (dtype code {dtype})")
-    return np.frombuffer(bytes(weights[start : start + size]), dtype="<f2").reshape(ref.shape)
+    raw = bytes(weights[start : start + size])
+    if dtype == BLOB_INT4:  # packed, low nibble first; sign-extend
+        packed = np.frombuffer(raw, dtype=np.uint8)
+        nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1).astype(np.int8)
+        values = np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
+        return values[: int(np.prod(ref.shape))].reshape(ref.shape)
+    if dtype not in BLOB_DTYPES:
+        raise ValueError(f"blob {ref.name} has an unexpected dtype code {dtype}")
+    return np.frombuffer(raw, dtype=BLOB_DTYPES[dtype]).reshape(ref.shape)
+
+
+@dataclass(frozen=True)
+class QuantizedRef:
+    """A `constexpr_blockwise_shift_scale` weight: weight = (data - offset) * scale, with one scale per block
+    (block size along each axis = data dim / scale dim). Values as blob references or inline arrays."""
+
+    name: str
+    shape: tuple[int, ...]
+    data: BlobRef | np.ndarray
+    scale: BlobRef | np.ndarray
+    offset: BlobRef | np.ndarray | None
+
+
+MIL_IMMEDIATE_DTYPES = {10: np.float16, 11: np.float32, 21: np.int8}  # MIL DataType: FLOAT16, FLOAT32, INT8
+
+
+def mil_value(value: Any, name: str) -> BlobRef | np.ndarray:
+    """A MIL tensor value: a BlobRef when it lives in weight.bin, else the inline array."""
+    tensor_type = value.type.tensorType
+    shape = tuple(int(d.constant.size) for d in tensor_type.dimensions)
+    if value.HasField("blobFileValue"):
+        return BlobRef(name, shape, int(value.blobFileValue.offset))
+    tensor = value.immediateValue.tensor
+    kind = tensor.WhichOneof("value")
+    if kind == "bytes" and tensor_type.dataType in MIL_IMMEDIATE_DTYPES:
+        array = np.frombuffer(tensor.bytes.values, dtype=MIL_IMMEDIATE_DTYPES[tensor_type.dataType])
+    elif kind in ("floats", "ints"):
+        array = np.asarray(getattr(tensor, kind).values, dtype=np.float32 if kind == "floats" else np.int32)
+    else:
+        raise ValueError(f"inline value of {name} has an unsupported encoding ({kind}, type {tensor_type.dataType})")
+    return array.reshape(shape)
+
+
+def function_quantized(spec: Any, function: str) -> dict[str, QuantizedRef]:
+    """Output name -> QuantizedRef for every `constexpr_blockwise_shift_scale` of one mlprogram function."""
+    fn = spec.mlProgram.functions[function]
+    operations = fn.block_specializations[fn.opset].operations
+    consts = {
+        op.outputs[0].name: op.attributes["val"] for op in operations if op.type == "const" and "val" in op.attributes
+    }
+    refs: dict[str, QuantizedRef] = {}
+    for op in operations:
+        if op.type != "constexpr_blockwise_shift_scale":
+            continue
+        name = op.outputs[0].name
+        values: dict[str, BlobRef | np.ndarray] = {}
+        for key in ("data", "scale", "offset"):
+            if key not in op.inputs:
+                continue
+            argument = op.inputs[key].arguments[0]
+            value = argument.value if argument.WhichOneof("binding") == "value" else consts[argument.name]
+            values[key] = mil_value(value, f"{name}.{key}")
+        shape = tuple(int(d.constant.size) for d in op.outputs[0].type.tensorType.dimensions)
+        refs[name] = QuantizedRef(name, shape, values["data"], values["scale"], values.get("offset"))
+    return refs
+
+
+def dequantize(weights: bytes | bytearray, ref: QuantizedRef) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, per-element scale) of a quantized weight, in fp32."""
+
+    def array(value: BlobRef | np.ndarray | None) -> np.ndarray | None:
+        return read_blob(weights, value) if isinstance(value, BlobRef) else value
+
+    data, scale, offset = array(ref.data), array(ref.scale), array(ref.offset)
+    if data is None or scale is None or data.ndim != scale.ndim or data.shape != ref.shape:
+        raise ValueError(f"quantized weight {ref.name} has inconsistent data/scale shapes")
+
+    def per_element(blocks: np.ndarray) -> np.ndarray:
+        out = blocks.astype(np.float32)
+        for axis, (full, part) in enumerate(zip(data.shape, blocks.shape, strict=True)):
+            if full % part:
+                raise ValueError(f"quantized weight {ref.name}: scale dim {part} does not divide {full}")
+            out = np.repeat(out, full // part, axis=axis)
+        return out
+
+    scales = per_element(scale)
+    shifted = data.astype(np.float32) - (per_element(offset) if offset is not None else 0.0)
+    return shifted * scales, scales
 
 
 def rebind_ffn(package: Path, source: CausalLM, target: CausalLM) -> None:
@@ -262,12 +367,95 @@ def rebind_ffn(package: Path, source: CausalLM, target: CausalLM) -> None:
     path.write_bytes(bytes(weights))
 
 
+# --- quantization -------------------------------------------------------------------------------------------
+
+
+def quantization_config(package: Path, mode: str) -> Any:
+    """`coremltools.optimize` config for one single-function decoder package: one op config per 2-D model weight
+    (embeddings, attention, FFN, untied lm_head; named explicitly, so no size threshold applies). int8: symmetric,
+    one scale per output channel. int4: symmetric, one scale per `INT4_BLOCK_SIZE` input channels of an output
+    channel (iOS 18 block-wise), or per output channel where the input width is not a multiple of the block size
+    (a pruned FFN's `down_proj` with k % 32 != 0), which coremltools would otherwise skip. Norm weights and the
+    converter's zero biases stay fp16."""
+    from coremltools.optimize import coreml as cto
+
+    spec = coremltools().utils.load_spec(str(package))
+    configs = {}
+    for name, ref in function_blobs(spec, "main").items():
+        if not (name.startswith("model_") and name.endswith("_weight_to_fp16")) or len(ref.shape) != 2:
+            continue
+        if mode == "int8":
+            configs[name] = cto.OpLinearQuantizerConfig(
+                mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
+            )
+        elif ref.shape[1] % INT4_BLOCK_SIZE == 0:
+            configs[name] = cto.OpLinearQuantizerConfig(
+                mode="linear_symmetric",
+                dtype="int4",
+                granularity="per_block",
+                block_size=INT4_BLOCK_SIZE,
+                weight_threshold=0,
+            )
+        else:
+            configs[name] = cto.OpLinearQuantizerConfig(
+                mode="linear_symmetric", dtype="int4", granularity="per_channel", weight_threshold=0
+            )
+    return cto.OptimizationConfig(op_name_configs=configs)
+
+
+def quantize_package(source: Path, destination: Path, mode: str) -> Path:
+    """Weight-only quantization (`linear_quantize_weights`) of a single-function fp16 package, saved at
+    `destination`. Deterministic: the same fp16 weight always gives the same data and scale blobs."""
+    from coremltools.optimize import coreml as cto
+
+    ct = coremltools()
+    config = quantization_config(source, mode)
+    with quiet_coremltools(), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        mlmodel = ct.models.MLModel(str(source), skip_model_load=True)
+        quantized = cto.linear_quantize_weights(mlmodel, config)
+    save_model(quantized, destination)
+    return destination
+
+
+def blob_offsets(spec: Any) -> set[int]:
+    """Metadata offsets of every weight.bin blob any op of any function of `spec` refers to (const values and
+    inline operands of constexpr ops)."""
+    offsets = set()
+    for fn in spec.mlProgram.functions.values():
+        for op in fn.block_specializations[fn.opset].operations:
+            values = [*op.attributes.values()]
+            values += [a.value for i in op.inputs.values() for a in i.arguments if a.WhichOneof("binding") == "value"]
+            offsets.update(int(v.blobFileValue.offset) for v in values if v.HasField("blobFileValue"))
+    return offsets
+
+
+def distinct_blob_bytes(packages: list[Path]) -> int:
+    """Bytes of every distinct weight blob (dtype + content) across `packages`, each counted once: the ideal
+    size of a quantized multifunction package, whose tensors have no PyTorch twin to count from."""
+    ct = coremltools()
+    seen: dict[tuple[int, str], int] = {}
+    for package in packages:
+        weights = package_weights_path(package).read_bytes()
+        for offset in blob_offsets(ct.utils.load_spec(str(package))):
+            dtype, start, size = blob_data_range(weights, offset)
+            seen[(dtype, hashlib.sha256(weights[start : start + size]).hexdigest())] = size
+    return sum(seen.values())
+
+
 # --- packages -----------------------------------------------------------------------------------------------
 
 
 def normalize_package(package: Path) -> None:
     """Make a saved .mlpackage byte-reproducible: Manifest.json item identifiers are random UUIDs, so derive
-    them from the item paths; fix file modes (coremltools writes model.mlmodel 0600)."""
+    them from the item paths; the spec's protobuf maps (op attributes) are serialized in dict order, which
+    follows Python's per-process string hashing, so re-serialize deterministically (sorted map keys); fix file
+    modes (coremltools writes model.mlmodel 0600)."""
+    from coremltools.proto import Model_pb2
+
+    spec_path = package_spec_path(package)
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
     manifest_path = package / "Manifest.json"
     manifest = json.loads(manifest_path.read_text())
     renamed: dict[str, str] = {}
@@ -365,13 +553,44 @@ class CoreMLArtifacts:
     predictor: Path
     functions: list[str]  # variant names, then "dense"
     default_function: str
-    ideal_bytes: int  # fp16: shared weights once + every function's FFN slices
+    ideal_bytes: int  # fp16: shared weights once + every function's FFN slices; quantized: distinct blobs once
     disk_bytes: int  # every file of the decoder package
     max_context: int
+    quantize: str = "none"  # decoder weights: none (fp16) | int8 | int4; the predictor is always fp32
 
     @property
     def dedup_ratio(self) -> float:
         return self.disk_bytes / self.ideal_bytes
+
+    @property
+    def weights_bytes(self) -> int:
+        """Size of the decoder's weights/weight.bin."""
+        return package_weights_path(self.decoder).stat().st_size
+
+    def manifest_entries(self, root: Path) -> tuple[dict[str, dict], dict]:
+        """Per model name {"package", "function"} (relative to `root`), and the predictor's entry (read by the
+        manifest pass)."""
+        package = self.decoder.relative_to(root).as_posix()
+        models = {name: {"package": package, "function": name} for name in self.functions}
+        predictor = {
+            "package": self.predictor.relative_to(root).as_posix(),
+            "inputs": {
+                "input_ids": "int32 [1, T], T in 1..max_length",
+                "attention_mask": "int32 [1, T], ones (batch 1 needs no padding)",
+            },
+            "outputs": {"scores": "float32 [1, layers, d_ff]", "variant_scores": "float32 [1, variants]"},
+            "decoder": {
+                "package": package,
+                "default_function": self.default_function,
+                "inputs": {
+                    "inputIds": f"int32 [1, T], T in 1..{self.max_context}",
+                    "causalMask": "float16 [1, 1, T, P+T]: 0 = attend, -inf = blocked; P = tokens already cached",
+                },
+                "outputs": {"logits": "float16 [1, T, vocab]"},
+                "states": {n: f"float16 [layers, 1, kv_heads, {self.max_context}, head_dim]" for n in DECODER_STATES},
+            },
+        }
+        return models, predictor
 
 
 def ideal_fp16_bytes(dense: CausalLM, folded: dict[str, CausalLM]) -> int:
@@ -387,9 +606,14 @@ def emit(
     predictor: SparsityPredictor,
     variant_masks: torch.Tensor,
     default_function: str | None = None,
+    quantize: str = "none",
 ) -> CoreMLArtifacts:
     """Write `decoder.mlpackage` (one function per variant + "dense") and `predictor.mlpackage` under
-    `directory` (created, must be new). Variants are converted once and re-bound; dense is converted itself."""
+    `directory` (created, must be new). Variants are converted once and re-bound; dense is converted itself.
+    `quantize` int8/int4: every function's package is quantized on its own before the merge (deterministic, so
+    shared weights stay identical and are stored once); the ideal size is then every distinct blob once."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     directory.mkdir(parents=True)
     names = list(folded)
     first = folded[names[0]]
@@ -400,6 +624,14 @@ def emit(
             shutil.copytree(packages[names[0]], packages[name])
             rebind_ffn(packages[name], first, folded[name])
         convert_decoder(dense, packages[DENSE_NAME])
+        if quantize == "none":
+            ideal = ideal_fp16_bytes(dense, folded)
+        else:
+            packages = {
+                name: quantize_package(path, path.with_name(f"{name}.{quantize}.mlpackage"), quantize)
+                for name, path in packages.items()
+            }
+            ideal = distinct_blob_bytes(list(packages.values()))
         decoder = directory / DECODER_PACKAGE
         save_multifunction(packages, default_function or names[0], decoder)
     normalize_package(decoder)
@@ -411,9 +643,10 @@ def emit(
         predictor_path,
         [*names, DENSE_NAME],
         default_function or names[0],
-        ideal_fp16_bytes(dense, folded),
+        ideal,
         package_bytes(decoder),
         context_length(dense),
+        quantize,
     )
 
 
@@ -424,10 +657,12 @@ def feature_signature(feature: Any) -> tuple[str, str, str]:
     """(name, kind, "dtype[shape ranges]") of a spec input/output/state, for the table and the checks."""
     kind = feature.type.WhichOneof("Type")
     array = feature.type.stateType.arrayType if kind == "stateType" else feature.type.multiArrayType
-    dtype = array.DataType.Name(array.dataType)
+    dtype = type(array).ArrayDataType.Name(array.dataType)
     ranges = array.shapeRange.sizeRanges
     if ranges:
-        dims = [str(r.lowerBound) if r.lowerBound == r.upperBound else f"{r.lowerBound}..{r.upperBound}" for r in ranges]
+        dims = [
+            str(r.lowerBound) if r.lowerBound == r.upperBound else f"{r.lowerBound}..{r.upperBound}" for r in ranges
+        ]
     else:
         dims = [str(d) for d in array.shape] or ["?"]
     return feature.name, kind, f"{dtype}[{', '.join(dims)}]"
@@ -456,29 +691,77 @@ class FunctionCheck:
     io_ok: bool
     tensors_checked: int
     ffn_tensors_checked: int
-    max_abs_diff: float  # max |weight.bin fp16 - PyTorch fp32| over the function's weights
-    fp16_exact: bool  # every blob equals the fp16 rounding of its PyTorch tensor
-    missing: list[str]
+    max_abs_diff: float  # max |weight read back (dequantized if quantized) - PyTorch fp32| over the weights
+    fp16_exact: bool  # fp16 blobs equal the fp16 rounding of their tensor; quantized ones within their bound
+    missing: list[str]  # tensors not found, of the wrong shape, or (quantized mode) left unquantized
+    expect_ffn: bool = True  # decoder functions must have had their FFN weights found and checked
+    quantize: str = "none"
+    quantized_tensors: int = 0  # tensors read back through a constexpr_blockwise_shift_scale op
+    bound_ratio: float = 0.0  # max over quantized elements of |dequantized - fp32| / its bound (ok <= 1)
 
     @property
     def ok(self) -> bool:
-        return self.io_ok and self.fp16_exact and not self.missing and self.ffn_tensors_checked > 0
+        found = self.tensors_checked > 0 and (self.ffn_tensors_checked > 0 or not self.expect_ffn)
+        quantized = self.quantize == "none" or self.quantized_tensors > 0
+        return self.io_ok and self.fp16_exact and not self.missing and found and quantized
+
+
+def quantization_bound(expected: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Allowed |dequantized - fp32| per element: half a quantization step (round to nearest), plus the fp16
+    rounding of the weight before quantization and of the stored scale (2^-11 relative each, doubled)."""
+    return 0.5 * scales + 2.0**-10 * (np.abs(expected) + scales) + 2.0**-24
+
+
+def tolerance_text(quantize: str) -> str:
+    if quantize == "none":
+        return "fp16 weights: every blob == fp16 rounding of the PyTorch weight"
+    granularity = "per output channel" if quantize == "int8" else f"blocks of {INT4_BLOCK_SIZE} input channels"
+    return (
+        f"{quantize} weights (symmetric, {granularity}): every 2-D weight quantized, dequantized (data x scale) "
+        "within scale/2 (+ fp16 rounding) of the PyTorch weight; norms/biases fp16-exact"
+    )
 
 
 def check_weights(
-    weights: bytes, refs: dict[str, BlobRef], model: nn.Module, const_name: Any, skip: set[str]
-) -> tuple[int, int, float, bool, list[str]]:
+    weights: bytes,
+    refs: dict[str, BlobRef],
+    model: nn.Module,
+    const_name: Any,
+    skip: set[str],
+    quantized: dict[str, QuantizedRef] | None = None,
+) -> tuple[int, int, float, bool, list[str], int, float]:
     """Read every tensor of `model` back from weight.bin by its const name; (checked, FFN checked, max |diff|,
-    all equal to the tensor's fp16 rounding, names not found)."""
-    checked = ffn = 0
-    worst, exact, missing = 0.0, True, []
+    all equal to the tensor's fp16 rounding / within the quantization bound, names not found, quantized checked,
+    max |diff| / bound over quantized elements). With `quantized` (the function's constexpr weights), every 2-D
+    tensor must be one of them."""
+    checked = ffn = nquantized = 0
+    worst, exact, missing, ratio = 0.0, True, [], 0.0
     for name, tensor in model.state_dict().items():
         ref = refs.get(const_name(name))
+        qref = None if quantized is None else quantized.get(const_name(name) + QUANTIZED_SUFFIX)
+        if qref is not None:
+            expected = tensor.detach().float().numpy()
+            if qref.shape != expected.shape:
+                missing.append(name)
+                continue
+            stored, scales = dequantize(weights, qref)
+            error = np.abs(stored - expected)
+            worst = max(worst, float(error.max(initial=0.0)))
+            ratio = max(ratio, float((error / quantization_bound(expected, scales)).max(initial=0.0)))
+            checked += 1
+            nquantized += 1
+            ffn += name.rsplit(".", 2)[-2] in FFN_PARAMS
+            continue
+        if quantized is not None and tensor.dim() == 2 and name not in skip:
+            missing.append(f"{name} (not quantized)")
+            continue
         if ref is None:
-            if name not in skip and tensor.numel() >= 2:  # tied or tiny (inlined) tensors have no blob
+            # no blob: tied (lm_head), tiny (inlined), or an identity the converter removed (x * ones, x + zeros)
+            identity = bool((tensor == 1).all() or (tensor == 0).all())
+            if name not in skip and tensor.numel() >= 2 and not identity:
                 missing.append(name)
             continue
-        stored = read_blob(weights, ref) if const_name is ffn_const_name else read_fp32_blob(weights, ref)
+        stored = read_blob(weights, ref)
         expected = tensor.detach().float().numpy()
         if stored.shape != expected.shape:
             missing.append(name)
@@ -487,20 +770,13 @@ def check_weights(
         exact &= bool(np.array_equal(stored, expected.astype(stored.dtype)))
         checked += 1
         ffn += name.rsplit(".", 2)[-2] in FFN_PARAMS
-    return checked, ffn, worst, exact, missing
-
-
-def read_fp32_blob(weights: bytes | bytearray, ref: BlobRef) -> np.ndarray:
-    dtype, start, size = blob_data_range(weights, ref.offset)
-    itemsize = size // max(int(np.prod(ref.shape)), 1)
-    return np.frombuffer(bytes(weights[start : start + size]), dtype="<f2" if itemsize == 2 else "<f4").reshape(
-        ref.shape
-    )
+    return checked, ffn, worst, exact and ratio <= 1.0, missing, nquantized, ratio
 
 
 def check_decoder_package(artifacts: CoreMLArtifacts, references: dict[str, CausalLM]) -> list[FunctionCheck]:
     """Per function: IO/states/dtypes from the spec, and every weight read back from weight.bin by the blob
-    offsets in the spec, against the folded PyTorch model (equal to its fp16 rounding)."""
+    offsets in the spec, against the folded PyTorch model (equal to its fp16 rounding; quantized: dequantized,
+    within half a quantization step)."""
     ct = coremltools()
     with quiet_coremltools():
         ct.models.MLModel(str(artifacts.decoder), skip_model_load=True)  # coremltools parses the package
@@ -521,11 +797,28 @@ def check_decoder_package(artifacts: CoreMLArtifacts, references: dict[str, Caus
             "states": [feature_signature(f) for f in desc.state],
         }
         skip = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-        checked, ffn, worst, exact, missing = check_weights(
-            weights, function_blobs(spec, name), model, ffn_const_name, skip
+        quantized = None if artifacts.quantize == "none" else function_quantized(spec, name)
+        checked, ffn, worst, exact, missing, nquantized, ratio = check_weights(
+            weights, function_blobs(spec, name), model, ffn_const_name, skip, quantized
         )
         io_ok = io == expected_decoder_io(model, artifacts.max_context)
-        rows.append(FunctionCheck(name, io["inputs"], io["outputs"], io["states"], io_ok, checked, ffn, worst, exact, missing))
+        rows.append(
+            FunctionCheck(
+                name,
+                io["inputs"],
+                io["outputs"],
+                io["states"],
+                io_ok,
+                checked,
+                ffn,
+                worst,
+                exact,
+                missing,
+                quantize=artifacts.quantize,
+                quantized_tensors=nquantized,
+                bound_ratio=ratio,
+            )
+        )
     return rows
 
 
@@ -553,21 +846,34 @@ def check_predictor_package(
     }
     weights = package_weights_path(artifacts.predictor).read_bytes()
     refs = function_blobs(spec, "main")
-    checked, _, worst, exact, missing = check_weights(
+    checked, _, worst, exact, missing, _, _ = check_weights(
         weights, refs, predictor, lambda n: "predictor_" + n.replace(".", "_"), set()
     )
     routing = CoreMLPredictorRouter(predictor, variant_masks).routing.numpy()
-    stored = [read_fp32_blob(weights, r) for r in refs.values() if r.shape in (routing.shape, routing.T.shape)]
+    stored = [read_blob(weights, r) for r in refs.values() if r.shape in (routing.shape, routing.T.shape)]
     if not any(np.array_equal(s, routing) or np.array_equal(s, routing.T) for s in stored):
         missing.append("routing")
     return FunctionCheck(
-        PREDICTOR_PACKAGE, io["inputs"], io["outputs"], io["states"], io == expected, checked, 0, worst, exact, missing
+        PREDICTOR_PACKAGE,
+        io["inputs"],
+        io["outputs"],
+        io["states"],
+        io == expected,
+        checked,
+        0,
+        worst,
+        exact,
+        missing,
+        expect_ffn=False,
     )
 
 
 def validation_table(rows: list[FunctionCheck], predictor: FunctionCheck, artifacts: CoreMLArtifacts) -> Table:
-    table = Table(title="Core ML validation (structure + weights read back from weight.bin; no prediction on Linux)")
-    for column in ("function", "inputs", "outputs", "states", "tensors (FFN)", "max|Δ| vs fp32", "=fp16", "ok"):
+    table = Table(
+        title="Core ML validation (structure + weights read back from weight.bin; no prediction on Linux)\n"
+        f"decoder: {tolerance_text(artifacts.quantize)}; {PREDICTOR_PACKAGE}: fp32, == PyTorch"
+    )
+    for column in ("function", "inputs", "outputs", "states", "tensors (FFN)", "max|Δ| vs fp32", "weights", "ok"):
         table.add_column(column, justify="left" if column in ("function", "inputs", "outputs", "states") else "right")
 
     def fmt(features: list[tuple[str, str, str]]) -> str:
@@ -582,14 +888,106 @@ def validation_table(rows: list[FunctionCheck], predictor: FunctionCheck, artifa
             fmt(r.states),
             f"{r.tensors_checked} ({r.ffn_tensors_checked})",
             f"{r.max_abs_diff:.1e}",
-            "yes" if r.fp16_exact else "NO",
+            weights_cell(r),
             "yes" if r.ok else f"NO {r.missing[:2] if r.missing else ''}",
         )
+    ideal = "ideal fp16" if artifacts.quantize == "none" else f"ideal ({artifacts.quantize}: distinct blobs once)"
     table.caption = (
-        f"{DECODER_PACKAGE}: {artifacts.disk_bytes:,} bytes on disk / {artifacts.ideal_bytes:,} ideal fp16 "
-        f"= dedup ratio {artifacts.dedup_ratio:.4f}; KV cache {artifacts.max_context} tokens"
+        f"{DECODER_PACKAGE}: {artifacts.disk_bytes:,} bytes on disk / {artifacts.ideal_bytes:,} {ideal} "
+        f"= dedup ratio {artifacts.dedup_ratio:.4f}; weight.bin {artifacts.weights_bytes:,} bytes; "
+        f"KV cache {artifacts.max_context} tokens"
     )
     return table
+
+
+def weights_cell(row: FunctionCheck) -> str:
+    if row.quantize == "none":
+        exact = "=fp16" if row.expect_ffn else "=fp32"  # decoder functions are fp16, the predictor fp32
+        return exact if row.fp16_exact else "NO"
+    verdict = "ok" if row.fp16_exact else "NO"
+    return f"{row.quantized_tensors} {row.quantize}, {row.bound_ratio:.3f}x bound {verdict}"
+
+
+PARITY_TOLERANCE = 2e-2  # fp16 compute: max |Δ logits| / max(1, max |logits|)
+# quantized weights (macOS prediction check): as the ONNX target's relative tolerances
+QUANTIZED_PARITY_TOLERANCE = {"int8": 0.05, "int4": 0.25}
+
+
+def parity_tolerance(quantize: str) -> float:
+    return PARITY_TOLERANCE if quantize == "none" else QUANTIZED_PARITY_TOLERANCE[quantize]
+
+
+def run_cached(step: Any, prompt: list[int], decode_steps: int) -> tuple[list[np.ndarray], list[int]]:
+    """Prefill `prompt`, then greedy-decode `decode_steps` tokens through `step(input_ids, causal_mask)` (a
+    stateful callable); the logits of every call (fp32) and the tokens chosen."""
+    logits = [np.asarray(step(np.array([prompt], dtype=np.int32), causal_mask(0, len(prompt)).numpy()), np.float32)]
+    tokens: list[int] = []
+    for _ in range(decode_steps):
+        tokens.append(int(logits[-1][0, -1].argmax()))
+        past = len(prompt) + len(tokens) - 1
+        mask = causal_mask(past, 1).numpy()
+        logits.append(np.asarray(step(np.array([[tokens[-1]]], dtype=np.int32), mask), np.float32))
+    return logits, tokens
+
+
+@torch.no_grad()
+def reference_cached(model: CausalLM, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """The PyTorch decoder's logits (fp32, explicit cache) for the same prefill + decode sequence."""
+    logits, past = model(torch.tensor([prompt]))
+    out = [logits.numpy()]
+    for token in tokens:
+        logits, past = model(torch.tensor([[token]]), past_key_values=past)
+        out.append(logits.numpy())
+    return out
+
+
+def relative_diff(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    scale = max(1.0, max(float(np.abs(e).max()) for e in expected))
+    return max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True)) / scale
+
+
+def coreml_parity(
+    artifacts: CoreMLArtifacts, references: dict[str, CausalLM], prompt: list[int], decode_steps: int = 8
+) -> dict[str, float]:
+    """macOS only: per function, Core ML (stateful, fp16) vs PyTorch logits over prefill + `decode_steps` cached
+    greedy steps, as max |Δ| relative to the largest logit."""
+    ct = coremltools()
+    result = {}
+    for name in artifacts.functions:
+        with quiet_coremltools():
+            model = ct.models.MLModel(str(artifacts.decoder), function_name=name, compute_units=ct.ComputeUnit.CPU_ONLY)
+        state = model.make_state()
+
+        def step(ids: np.ndarray, mask: np.ndarray, model: Any = model, state: Any = state) -> np.ndarray:
+            inputs = {"inputIds": ids, "causalMask": mask.astype(np.float16)}
+            return model.predict(inputs, state=state)["logits"]
+
+        got, tokens = run_cached(step, prompt, decode_steps)
+        result[name] = relative_diff(got, reference_cached(references[name], prompt, tokens))
+    return result
+
+
+def open_artifacts(
+    directory: Path, dense: CausalLM, folded: dict[str, CausalLM], quantize: str = "none"
+) -> CoreMLArtifacts:
+    """The CoreMLArtifacts of an existing output directory (for `ifp-export validate`; `quantize` as recorded in
+    the manifest)."""
+    decoder, predictor = directory / DECODER_PACKAGE, directory / PREDICTOR_PACKAGE
+    for path in (decoder, predictor):
+        if not package_spec_path(path).is_file() or not package_weights_path(path).is_file():
+            raise IFPError("Core ML package missing or incomplete", path, "re-run ifp-export export")
+    default = coremltools().utils.load_spec(str(decoder)).description.defaultFunctionName
+    return CoreMLArtifacts(
+        directory,
+        decoder,
+        predictor,
+        [*folded, DENSE_NAME],
+        default,
+        ideal_fp16_bytes(dense, folded) if quantize == "none" else distinct_blob_bytes([decoder]),
+        package_bytes(decoder),
+        context_length(dense),
+        quantize,
+    )
 
 
 class EmitCoreMLPass:
@@ -608,12 +1006,14 @@ class EmitCoreMLPass:
             ckpt.predictor,
             masks,
             most_general(names, masks, prompt_masks),
+            ctx.options.quantize,
         )
         ctx.emitted[self.name] = artifacts
+        weights = "fp16" if artifacts.quantize == "none" else f"{artifacts.quantize} weights"
         ctx.console.log(
-            f"Core ML: {DECODER_PACKAGE} with functions {', '.join(artifacts.functions)} (default "
-            f"{artifacts.default_function}) + {PREDICTOR_PACKAGE}; bytes on disk {artifacts.disk_bytes:,} / ideal "
-            f"{artifacts.ideal_bytes:,} = dedup ratio {artifacts.dedup_ratio:.4f}"
+            f"Core ML: {DECODER_PACKAGE} ({weights}) with functions {', '.join(artifacts.functions)} (default "
+            f"{artifacts.default_function}) + {PREDICTOR_PACKAGE} (fp32); bytes on disk {artifacts.disk_bytes:,} / "
+            f"ideal {artifacts.ideal_bytes:,} = dedup ratio {artifacts.dedup_ratio:.4f}"
         )
         return ctx
 
@@ -628,15 +1028,32 @@ def validate_export(ctx: ExportContext) -> None:
     ctx.console.print(validation_table(rows, predictor, artifacts))
     ctx.report["coreml_validation"] = {
         "functions": [
-            {"function": r.function, "ok": r.ok, "tensors": r.tensors_checked, "max_abs_diff": r.max_abs_diff}
+            {
+                "function": r.function,
+                "ok": r.ok,
+                "tensors": r.tensors_checked,
+                "quantized_tensors": r.quantized_tensors,
+                "max_abs_diff": r.max_abs_diff,
+                "bound_ratio": r.bound_ratio,
+            }
             for r in [*rows, predictor]
         ],
+        "quantize": artifacts.quantize,
+        "tolerance": tolerance_text(artifacts.quantize),
+        "weights_bytes": artifacts.weights_bytes,
         "default_function": artifacts.default_function,
         "dedup_ratio": artifacts.dedup_ratio,
         "decoder_bytes": artifacts.disk_bytes,
-        "ideal_fp16_bytes": artifacts.ideal_bytes,
+        "ideal_bytes": artifacts.ideal_bytes,
         "max_context": artifacts.max_context,
     }
     bad = [r.function for r in [*rows, predictor] if not r.ok]
+    if sys.platform == "darwin":  # Core ML can predict only on macOS
+        first = ctx.variants[0].prompt_indices[0]
+        prompt = ckpt.tokenizer.encode(ckpt.tasks[first].prompt).ids
+        parity = coreml_parity(artifacts, {**ctx.folded, DENSE_NAME: ckpt.backbone}, prompt)
+        ctx.report["coreml_validation"]["parity_relative_max_abs_diff"] = parity
+        ctx.console.log(f"Core ML vs PyTorch logits (prefill + 8 decode steps), relative max|Δ|: {parity}")
+        bad += [name for name, diff in parity.items() if diff > parity_tolerance(artifacts.quantize)]
     if bad:
         raise ValidationFailed(f"Core ML functions {bad} do not match the folded PyTorch models (see table)")

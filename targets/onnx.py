@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ import onnx
 import onnx_ir as ir
 import torch
 from onnx_ir.passes.common import ClearMetadataAndDocStringPass
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from rich.table import Table
 from tokenizers import Tokenizer
 from torch import nn
@@ -35,6 +38,7 @@ from ifp_export.generate import greedy_generate, left_pad
 from ifp_export.masks import encode_prompts, standardize
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.ort import OrtDecoder, session
 from ifp_export.pipeline import ExportContext
 
@@ -43,6 +47,7 @@ DENSE_NAME = "dense"
 PREDICTOR_NAME = "predictor"
 EXTERNAL_THRESHOLD = 1024  # bytes; smaller tensors stay inside the .onnx file
 ALIGNMENT = 64
+INT4_BLOCK_SIZE = 32
 FFN_PARAMS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -84,22 +89,20 @@ class PredictorRouter(nn.Module):
 
 
 @contextmanager
-def quiet_export() -> Iterator[None]:
-    """torch.onnx prints progress and warns about unused axis names and torchvision; keep the CLI output ours."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def quiet() -> Iterator[None]:
+    """torch.onnx and ORT's quantizers log progress, unused axis names and advice; keep the CLI output ours."""
+    logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 def trace(module: nn.Module, args: tuple, dynamic_shapes: dict, inputs: list[str], outputs: list[str]) -> ir.Model:
     """Export with the dynamo exporter; drop debug metadata (stack traces, node names) and value_info."""
-    with quiet_export(), torch.no_grad():
+    with quiet(), torch.no_grad():
         program = torch.onnx.export(
             module.eval(),
             args,
@@ -206,20 +209,28 @@ class ExternalDataStore:
         return location
 
 
+def set_initializers(graph: ir.Model, arrays: dict[str, np.ndarray]) -> None:
+    for name, array in arrays.items():
+        graph.graph.initializers[name].const_value = ir.tensor(array, name=name)
+
+
 def bind_external(
-    graph: ir.Model, store: ExternalDataStore, own_file: str, overrides: dict[str, np.ndarray], share_new: bool
+    graph: ir.Model, store: ExternalDataStore, own_file: str, is_shared: Callable[[str, np.ndarray], bool]
 ) -> None:
     """Point every large initializer of `graph` at the store.
 
-    `overrides` (a variant's FFN slices) go to `own_file`; any other tensor already in the shared file is
-    referenced there; a new one goes to the shared file if `share_new`, else to `own_file`.
+    A tensor already in the shared file is referenced there; otherwise it is written to the shared file if
+    `is_shared(name, array)`, else to `own_file`. Tensors already bound to the shared file are left as they are.
     """
     for name, value in graph.graph.initializers.items():
-        array = overrides[name] if name in overrides else value.const_value.numpy()
+        current = value.const_value
+        if isinstance(current, ir.ExternalTensor) and current.location == store.shared:
+            continue
+        array = current.numpy()
         if array.nbytes < EXTERNAL_THRESHOLD:
             value.const_value = ir.tensor(array, name=name)
             continue
-        target = own_file if name in overrides or not share_new else store.shared
+        target = store.shared if is_shared(name, array) else own_file
         location, offset, length = store.put(target, array)
         value.const_value = ir.ExternalTensor(
             location,
@@ -230,6 +241,27 @@ def bind_external(
             name=name,
             base_dir=store.root,
         )
+
+
+def quantize_graph(graph: ir.Model, mode: str) -> ir.Model:
+    """Weight-only quantization of every MatMul with ONNX Runtime's own tools (int8 dynamic, int4 MatMulNBits)."""
+    proto = ir.to_proto(graph)
+    with quiet():
+        if mode == "int4":
+            quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True)
+            quantizer.process()
+            return ir.from_proto(quantizer.model.model)
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize_dynamic(proto, Path(tmp) / "q.onnx", op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+            return ir.load(Path(tmp) / "q.onnx")
+
+
+def initializer_keys(graph: ir.Model) -> set[str]:
+    return {
+        tensor_key(v.const_value.numpy())
+        for v in graph.graph.initializers.values()
+        if v.const_value.nbytes >= EXTERNAL_THRESHOLD
+    }
 
 
 def ffn_arrays(binding: dict[str, tuple[str, bool]], folded: CausalLM) -> dict[str, np.ndarray]:
@@ -247,6 +279,8 @@ class OnnxArtifacts:
     predictor: Path
     ideal_bytes: int  # shared weights once + every model's FFN slices
     disk_bytes: int  # every decoder file on disk (graphs + data)
+    quantize: str = "none"
+    dynamic_inputs: list[dict] | None = None  # per FFN input of dynamic.onnx: where to gather it from
 
     @property
     def dedup_ratio(self) -> float:
@@ -284,39 +318,163 @@ def emit(
     folded: dict[str, CausalLM],
     predictor: SparsityPredictor,
     variant_masks: torch.Tensor,
+    quantize: str = "none",
+    dynamic: bool = False,
 ) -> OnnxArtifacts:
-    """Write every variant, the dense model and the predictor under `directory` (created, must be new)."""
+    """Write every variant, the dense model and the predictor under `directory` (created, must be new).
+
+    fp32: one trace, FFN initializers re-bound per variant, everything else in the shared file. Quantized: each
+    variant is quantized on its own (deterministic, so shared weights quantize to the same bytes) and a tensor is
+    shared when every variant has it.
+    """
     directory.mkdir(parents=True)
     store = ExternalDataStore(directory)
     names = list(folded)
     graph = trace_decoder(folded[names[0]])
     binding = locate_ffn_initializers(graph, folded[names[0]])
-    models: dict[str, Path] = {}
-    for name in names:
-        bind_external(graph, store, f"{name}.onnx_data", ffn_arrays(binding, folded[name]), share_new=True)
-        models[name] = directory / f"{name}.onnx"
-        ir.save(graph, models[name])
     dense_graph = trace_decoder(dense)
-    bind_external(dense_graph, store, f"{DENSE_NAME}.onnx_data", {}, share_new=False)
-    models[DENSE_NAME] = directory / f"{DENSE_NAME}.onnx"
-    ir.save(dense_graph, models[DENSE_NAME])
+    graphs: dict[str, ir.Model] = {}
+    if quantize == "none":
+        for name in names:
+            set_initializers(graph, ffn_arrays(binding, folded[name]))
+            bind_external(graph, store, f"{name}.onnx_data", lambda n, _: n not in binding)
+            ir.save(graph, directory / f"{name}.onnx")
+    else:
+        for name in names:
+            set_initializers(graph, ffn_arrays(binding, folded[name]))
+            graphs[name] = quantize_graph(graph, quantize)
+        dense_graph = quantize_graph(dense_graph, quantize)
+        common = set.intersection(*(initializer_keys(g) for g in graphs.values()))
+        for name, quantized in graphs.items():
+            bind_external(quantized, store, f"{name}.onnx_data", lambda _, a: tensor_key(a) in common)
+            ir.save(quantized, directory / f"{name}.onnx")
+    bind_external(dense_graph, store, f"{DENSE_NAME}.onnx_data", lambda n, a: False)
+    ir.save(dense_graph, directory / f"{DENSE_NAME}.onnx")
+    models = {name: directory / f"{name}.onnx" for name in [*names, DENSE_NAME]}
+    dynamic_inputs = emit_dynamic(directory, graph, binding, dense_graph, dense) if dynamic else None
 
     predictor_graph = trace_predictor(predictor, variant_masks)
     predictor_store = ExternalDataStore(directory, shared=f"{PREDICTOR_NAME}.onnx_data")
-    bind_external(predictor_graph, predictor_store, predictor_store.shared, {}, share_new=True)
+    bind_external(predictor_graph, predictor_store, predictor_store.shared, lambda n, a: True)
     predictor_path = directory / f"{PREDICTOR_NAME}.onnx"
     ir.save(predictor_graph, predictor_path)
 
     write_json(directory / "config.json", hf_config(folded[names[0]]))
     write_json(directory / "generation_config.json", generation_config(dense))
 
-    shared, dense_ffn = weight_bytes(dense)
-    ideal = shared + dense_ffn + sum(weight_bytes(m)[1] for m in folded.values())
+    if quantize == "none":
+        shared, dense_ffn = weight_bytes(dense)
+        ideal = shared + dense_ffn + sum(weight_bytes(m)[1] for m in folded.values())
+    else:  # quantized weights have no PyTorch twin: the ideal is every distinct weight tensor once
+        ideal = sum(length for _, _, length in store.index.values()) + sum(
+            v.const_value.nbytes
+            for g in [*graphs.values(), dense_graph]
+            for v in g.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.location != store.shared
+        )
     decoder_files = [*models.values(), *(directory / f for f in store.sizes)]
-    return OnnxArtifacts(directory, models, predictor_path, ideal, sum(p.stat().st_size for p in decoder_files))
+    return OnnxArtifacts(
+        directory,
+        models,
+        predictor_path,
+        ideal,
+        sum(p.stat().st_size for p in decoder_files),
+        quantize,
+        dynamic_inputs,
+    )
+
+
+DYNAMIC_NAME = "dynamic"
+
+
+def emit_dynamic(
+    directory: Path, graph: ir.Model, binding: dict[str, tuple[str, bool]], dense_graph: ir.Model, dense: CausalLM
+) -> list[dict]:
+    """`dynamic.onnx`: the pruned graph with its FFN weights turned into inputs `ffn.{layer}.{proj}`.
+
+    Per prompt, a runtime gathers the predicted neurons' rows/columns from the dense model's FFN tensors (already
+    on disk in `dense.onnx_data`) and feeds them; every other weight comes from the shared file. Returns, per
+    FFN input, its source tensor in the dense data file and the axis that indexes neurons.
+    """
+    dense_sources = {param: (name, t) for name, (param, t) in locate_ffn_initializers(dense_graph, dense).items()}
+    inputs = []
+    for init_name, (param, transposed) in sorted(binding.items(), key=lambda item: item[1][0]):
+        layer, proj = int(param.split(".")[2]), param.split(".")[4]
+        value = graph.graph.initializers.pop(init_name)
+        value.const_value = None
+        value.name = f"ffn.{layer}.{proj}"
+        graph.graph.inputs.append(value)
+        source_name, source_transposed = dense_sources[param]
+        if source_transposed != transposed:
+            raise RuntimeError(f"dense and pruned graphs store {param} in different layouts")
+        source = dense_graph.graph.initializers[source_name].const_value
+        neuron_axis = int(proj == "down_proj") ^ int(transposed)  # gate/up: rows of W; down: columns of W
+        inputs.append(
+            {
+                "name": value.name,
+                "layer": layer,
+                "neuron_axis": neuron_axis,
+                "source": {
+                    "file": source.location,
+                    "offset": source.offset or 0,
+                    "length": source.length,
+                    "shape": list(source.shape),
+                    "dtype": "float32",
+                },
+            }
+        )
+    ir.save(graph, directory / f"{DYNAMIC_NAME}.onnx")
+    return inputs
+
+
+def gather_dynamic_feeds(
+    ffn_inputs: list[dict], kept: np.ndarray, source: Callable[[dict], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The dynamic decoder's FFN inputs for one prompt: kept neurons [L, k] gathered from the dense tensors."""
+    return {
+        ffn["name"]: np.ascontiguousarray(np.take(source(ffn["source"]), kept[ffn["layer"]], axis=ffn["neuron_axis"]))
+        for ffn in ffn_inputs
+    }
+
+
+DYNAMIC_TOLERANCE = 1e-5
+
+
+@torch.no_grad()
+def check_dynamic(
+    artifacts: OnnxArtifacts,
+    dense: CausalLM,
+    predictor: SparsityPredictor,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    k: int,
+) -> float:
+    """Max |Δlogits| of dynamic.onnx (bound to each prompt's predicted neurons) vs the masked dense model."""
+
+    def source(spec: dict) -> np.ndarray:
+        path = artifacts.directory / spec["file"]
+        return np.memmap(path, np.float32, "r", spec["offset"], tuple(spec["shape"]))
+
+    decoder = OrtDecoder(session(artifacts.directory / f"{DYNAMIC_NAME}.onnx", threads=1))
+    worst = 0.0
+    for prompt in prompts:
+        ids, mask, _ = encode_prompts(tokenizer, [prompt], predictor.config.max_length)
+        neuron_mask = hard_topk_mask(predictor(ids, mask)[0], k)
+        kept = torch.stack([row.nonzero().flatten() for row in neuron_mask]).numpy()
+        decoder.extra_feeds = gather_dynamic_feeds(artifacts.dynamic_inputs, kept, source)
+        tokens = torch.tensor([tokenizer.encode(prompt).ids])
+        expected, _ = dense(tokens, ffn_masks=neuron_mask)
+        got, _ = decoder(
+            tokens.numpy(), np.ones_like(tokens.numpy()), np.arange(tokens.shape[1])[None], decoder.empty_cache(1)
+        )
+        worst = max(worst, float(np.abs(got - expected.numpy()).max()))
+    return worst
 
 
 PARITY_TOLERANCE = 1e-4
+# Quantized graphs are compared with the fp32 PyTorch model: max |Δlogits| relative to max |logits|, and greedy
+# generation may diverge (reported, not required).
+RELATIVE_TOLERANCE = {"int8": 0.05, "int4": 0.25}
 
 
 @dataclass
@@ -328,18 +486,28 @@ class ValidationRow:
     decode_steps: int
     greedy_tokens: int
     greedy_match: bool
+    logits_scale: float
+    quantize: str = "none"
 
     @property
     def ok(self) -> bool:
-        return max(self.prefill_diff, self.decode_diff) <= PARITY_TOLERANCE and self.greedy_match
+        worst = max(self.prefill_diff, self.decode_diff)
+        if self.quantize == "none":
+            return worst <= PARITY_TOLERANCE and self.greedy_match
+        return worst <= RELATIVE_TOLERANCE[self.quantize] * self.logits_scale
 
 
 @torch.no_grad()
 def check_decoder(
-    path: Path, reference: CausalLM, prompts: list[list[int]], decode_steps: int = 8, greedy_tokens: int = 32
+    path: Path,
+    reference: CausalLM,
+    prompts: list[list[int]],
+    quantize: str = "none",
+    decode_steps: int = 8,
+    greedy_tokens: int = 32,
 ) -> ValidationRow:
     """ONNX checker, ORT load (all graph optimizations), prefill + cached decode parity on a left-padded
-    batch, and greedy generation of `greedy_tokens` tokens (no EOS stop) against PyTorch."""
+    batch, and greedy generation of `greedy_tokens` tokens (no EOS stop) against the fp32 PyTorch model."""
     onnx.checker.check_model(str(path))
     start = time.perf_counter()
     decoder = OrtDecoder(session(path, threads=1))
@@ -350,6 +518,7 @@ def check_decoder(
     got, past = decoder(ids.numpy(), mask.numpy(), positions.numpy(), decoder.empty_cache(len(prompts)))
     valid = mask.bool().numpy()
     prefill_diff = float(np.abs(got - ref.numpy())[valid].max())
+    scale = float(ref.abs().max())
     decode_diff = 0.0
     for _ in range(decode_steps):
         token = ref[:, -1].argmax(-1, keepdim=True)
@@ -358,10 +527,19 @@ def check_decoder(
         ref, ref_past = reference(token, mask, positions, ref_past)
         got, past = decoder(token.numpy(), mask.numpy(), positions.numpy(), past)
         decode_diff = max(decode_diff, float(np.abs(got - ref.numpy()).max()))
+        scale = max(scale, float(ref.abs().max()))
     expected = greedy_generate(reference, prompts[:1], greedy_tokens)[0]
     produced = decoder.greedy(prompts[0], greedy_tokens)
     return ValidationRow(
-        path.name, load_seconds, prefill_diff, decode_diff, decode_steps, greedy_tokens, produced == expected
+        path.name,
+        load_seconds,
+        prefill_diff,
+        decode_diff,
+        decode_steps,
+        greedy_tokens,
+        produced == expected,
+        scale,
+        quantize,
     )
 
 
@@ -390,13 +568,22 @@ def validate(
     routing_prompts: list[str],
 ) -> tuple[list[ValidationRow], tuple[float, float]]:
     """Check every decoder model against its PyTorch reference and the predictor graph's routing."""
-    rows = [check_decoder(path, references[name], prompts[name]) for name, path in artifacts.models.items()]
+    rows = [
+        check_decoder(path, references[name], prompts[name], artifacts.quantize)
+        for name, path in artifacts.models.items()
+    ]
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
 
 
+def tolerance_text(quantize: str) -> str:
+    if quantize == "none":
+        return f"fp32: max|Δlogits| <= {PARITY_TOLERANCE:g} and greedy tokens identical"
+    return f"{quantize} weights: max|Δlogits| <= {RELATIVE_TOLERANCE[quantize]:g} x max|logits|, greedy reported only"
+
+
 def validation_table(rows: list[ValidationRow], routing: tuple[float, float]) -> Table:
-    table = Table(title=f"ONNX validation (ORT vs PyTorch, fp32, tolerance {PARITY_TOLERANCE:g})")
+    table = Table(title=f"ONNX validation vs PyTorch fp32 ({tolerance_text(rows[0].quantize)})")
     for column in ("model", "load s", "prefill max|Δ|", "decode max|Δ|", "steps", "greedy", "ok"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in rows:
@@ -418,8 +605,19 @@ def validation_table(rows: list[ValidationRow], routing: tuple[float, float]) ->
 ONNX_DIR = "onnx"
 
 
-def open_artifacts(directory: Path, names: list[str], dense: CausalLM, folded: dict[str, CausalLM]) -> OnnxArtifacts:
-    """The OnnxArtifacts of an existing output directory (for `ifp-export validate`)."""
+def open_artifacts(
+    directory: Path, names: list[str], dense: CausalLM, folded: dict[str, CausalLM], manifest: dict
+) -> OnnxArtifacts:
+    """The OnnxArtifacts of an existing, verified output directory (for `ifp-export validate`)."""
+    quantize = manifest.get("quantization", {}).get("onnx", "none")
+    dynamic = manifest.get("dynamic")
+    dynamic_inputs = None
+    if dynamic is not None:
+        prefix = f"{directory.name}/"
+        dynamic_inputs = [
+            {**f, "source": {**f["source"], "file": f["source"]["file"].removeprefix(prefix)}}
+            for f in dynamic["ffn_inputs"]
+        ]
     models = {name: directory / f"{name}.onnx" for name in [*names, DENSE_NAME]}
     missing = [p for p in [*models.values(), directory / f"{PREDICTOR_NAME}.onnx"] if not p.is_file()]
     if missing:
@@ -428,7 +626,7 @@ def open_artifacts(directory: Path, names: list[str], dense: CausalLM, folded: d
     shared, dense_ffn = weight_bytes(dense)
     ideal = shared + dense_ffn + sum(weight_bytes(m)[1] for m in folded.values())
     disk = sum(p.stat().st_size for p in [*models.values(), *data])
-    return OnnxArtifacts(directory, models, directory / f"{PREDICTOR_NAME}.onnx", ideal, disk)
+    return OnnxArtifacts(directory, models, directory / f"{PREDICTOR_NAME}.onnx", ideal, disk, quantize, dynamic_inputs)
 
 
 def validation_inputs(ctx: ExportContext) -> dict:
@@ -465,6 +663,8 @@ class EmitOnnxPass:
             ctx.require("folded", self.name),
             ckpt.predictor,
             torch.stack([v.mask for v in variants]),
+            ctx.options.quantize,
+            ctx.options.mode == "dynamic",
         )
         ctx.emitted[self.name] = artifacts
         ctx.console.log(
@@ -479,12 +679,33 @@ def validate_export(ctx: ExportContext) -> None:
     artifacts: OnnxArtifacts = ctx.emitted["onnx"]
     rows, routing = validate(artifacts, **validation_inputs(ctx))
     ctx.console.print(validation_table(rows, routing))
+    for row in (models := [dataclasses.asdict(r) | {"ok": r.ok} for r in rows]):
+        del row["load_seconds"]  # wall-clock: kept out of report.json so the same inputs give the same bytes
     ctx.report["onnx_validation"] = {
-        "models": [dataclasses.asdict(r) | {"ok": r.ok} for r in rows],
+        "models": models,
         "predictor_scores_max_abs_diff": routing[0],
         "predictor_routing_agreement": routing[1],
         "dedup_ratio": artifacts.dedup_ratio,
+        "quantize": artifacts.quantize,
+        "tolerance": tolerance_text(artifacts.quantize),
     }
+    if artifacts.dynamic_inputs is not None:
+        inputs = validation_inputs(ctx)
+        dynamic_diff = check_dynamic(
+            artifacts,
+            ctx.checkpoint.backbone,
+            ctx.checkpoint.predictor,
+            ctx.checkpoint.tokenizer,
+            inputs["routing_prompts"][: VALIDATION_PROMPTS * 2],
+            ctx.k_per_layer[0],
+        )
+        ctx.report["onnx_validation"]["dynamic_max_abs_diff"] = dynamic_diff
+        ctx.console.log(
+            f"dynamic.onnx vs masked dense model (per-prompt masks): max|Δlogits| {dynamic_diff:.1e} "
+            f"(tolerance {DYNAMIC_TOLERANCE:g})"
+        )
+        if dynamic_diff > DYNAMIC_TOLERANCE:
+            raise ValidationFailed(f"dynamic.onnx differs from the masked dense model by {dynamic_diff:.2e}")
     bad = [r.model for r in rows if not r.ok]
     if bad or routing[1] < 1.0 or routing[0] > PARITY_TOLERANCE:
         raise ValidationFailed(f"ONNX models {bad or ['predictor.onnx']} differ from PyTorch (see table)")
@@ -510,4 +731,13 @@ def manifest_entries(artifacts: OnnxArtifacts, root: Path) -> tuple[dict[str, di
         "inputs": {"input_ids": "int64 [batch, sequence]", "attention_mask": "int64 [batch, sequence], right-padded"},
         "outputs": {"scores": "float32 [batch, layers, d_ff]", "variant_scores": "float32 [batch, variants]"},
     }
-    return {name: entry(path) for name, path in artifacts.models.items()}, predictor
+    models = {name: entry(path) for name, path in artifacts.models.items()}
+    if artifacts.dynamic_inputs is not None:
+        models[DYNAMIC_NAME] = {
+            **entry(artifacts.directory / f"{DYNAMIC_NAME}.onnx"),
+            "ffn_inputs": [
+                {**i, "source": {**i["source"], "file": f"{artifacts.directory.name}/{i['source']['file']}"}}
+                for i in artifacts.dynamic_inputs
+            ],
+        }
+    return models, predictor

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from ifp_export.cli import main
 from ifp_export.errors import IFPError
 
 ARCHITECTURES = {
@@ -163,3 +167,50 @@ def ours_logits_for_tokens(
         logits, past = model(token, mask, positions, past, ffn_masks)
         out.append(logits)
     return out
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`ifp-export ARGS` in-process: (exit code, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 (or 'dir', or 'symlink -> target') of everything under root.
+
+    Walks by directory file descriptor (os.fwalk) and never follows symlinks, so a directory renamed or swapped
+    while it is read still yields the consistent content of one directory.
+    """
+    if not root.exists():
+        return {}
+    entries: dict[str, str] = {}
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(root):
+        relative = Path(dirpath).relative_to(root)
+        for name in dirnames + filenames:
+            key = (relative / name).as_posix()
+            mode = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                entries[key] = f"symlink -> {os.readlink(name, dir_fd=dirfd)}"
+            elif stat.S_ISDIR(mode):
+                entries[key] = "dir"
+            else:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dirfd)
+                with os.fdopen(fd, "rb") as f:
+                    entries[key] = hashlib.sha256(f.read()).hexdigest()
+    return dict(sorted(entries.items()))
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit code 2 and exactly one stderr line, `error: ...`, containing each of `needles`, no traceback."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]

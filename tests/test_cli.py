@@ -2,45 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_line_error, run_cli, snapshot
 from tiny import make_checkpoint, save_backbone, write_tasks
-
-from ifp_export.cli import main
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 (or 'dir') of everything under root."""
-    if not root.exists():
-        return {}
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(root.rglob("*"))
-    }
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_console_script_lists_commands() -> None:
@@ -53,7 +21,7 @@ def test_console_script_lists_commands() -> None:
 
 @pytest.mark.parametrize("command", ["export", "new-checkpoint"])
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
-    code, out, _ = run(capsys, command, "--help")
+    code, out, _ = run_cli(capsys, command, "--help")
     assert code == 0
     assert out.startswith(f"Usage: ifp-export {command}")
 
@@ -70,7 +38,7 @@ def test_new_checkpoint_then_export_until_load(
     capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path
 ) -> None:
     ckpt = tmp_path / "ckpt"
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "new-checkpoint", "--backbone", str(source / "backbone"), "--tasks", str(source / "tasks.jsonl"),
         "--keep", "0.5", "-o", str(ckpt),
     )  # fmt: skip
@@ -81,7 +49,7 @@ def test_new_checkpoint_then_export_until_load(
         source / "backbone" / "model.safetensors"
     ).read_bytes()
     out_dir = tmp_path / "out"
-    code, out, err = run(capsys, "export", str(ckpt), "-o", str(out_dir), "--until", "load")
+    code, out, err = run_cli(capsys, "export", str(ckpt), "-o", str(out_dir), "--until", "load")
     assert code == 0, err
     assert out_dir.is_dir()
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name], "staging dir left behind"
@@ -91,7 +59,7 @@ def test_new_checkpoint_is_reproducible(capsys: pytest.CaptureFixture[str], sour
     outs = []
     for name in ("a", "b"):
         args = ["--backbone", str(source / "backbone"), "--tasks", str(source / "tasks.jsonl"), "-o"]
-        code, _, err = run(capsys, "new-checkpoint", *args, str(tmp_path / name))
+        code, _, err = run_cli(capsys, "new-checkpoint", *args, str(tmp_path / name))
         assert code == 0, err
         outs.append(snapshot(tmp_path / name))
     assert outs[0] == outs[1]
@@ -129,7 +97,7 @@ def test_new_checkpoint_bad_input(
         out.write_text("a file")
     before = snapshot(tmp_path)
     args = ["--backbone", str(backbone), "--tasks", str(tasks), "--keep", keep, "-o", str(out)]
-    code, _, err = run(capsys, "new-checkpoint", *args)
+    code, _, err = run_cli(capsys, "new-checkpoint", *args)
     assert_one_line_error(code, err, *needles)
     assert snapshot(tmp_path) == before
 
@@ -150,12 +118,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_export_bad_options(
     capsys: pytest.CaptureFixture[str], checkpoint: Path, tmp_path: Path, args: list[str], needles: tuple[str, ...]
 ) -> None:
-    code, _, err = run(capsys, "export", str(checkpoint), "-o", str(tmp_path / "out"), *args)
+    code, _, err = run_cli(capsys, "export", str(checkpoint), "-o", str(tmp_path / "out"), *args)
     assert_one_line_error(code, err, *needles)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_missing_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, _, err = run(capsys, "export", str(tmp_path / "missing"), "-o", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "missing"), "-o", str(tmp_path / "out"))
     assert_one_line_error(code, err, "checkpoint directory not found", str(tmp_path / "missing"))
     assert list(tmp_path.iterdir()) == []

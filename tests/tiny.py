@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -84,3 +87,14 @@ def run_export(checkpoint: Path, workdir: Path, until: str | None = None, **opti
 
 def console_text(ctx: ExportContext) -> str:
     return ctx.console.file.getvalue()
+
+
+def export_process(
+    checkpoint: Path, out: Path, *args: str, hash_seed: str = "0", stderr: object = subprocess.PIPE
+) -> subprocess.Popen:
+    """`python -m ifp_export export CHECKPOINT -o OUT --heldout CHECKPOINT/tasks.jsonl ARGS` as a subprocess,
+    with the options and the single intra-op thread of the in-process `tiny_export` fixture (conftest.py)."""
+    argv = [sys.executable, "-m", "ifp_export", "export", str(checkpoint), "-o", str(out)]
+    argv += ["--heldout", str(checkpoint / "tasks.jsonl"), *args]
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)

@@ -56,7 +56,7 @@ class DecoderConfig:
     def from_hf_dict(cls, raw: dict[str, Any], path: str | Path = "config.json") -> DecoderConfig:
         """Validate a HF config dict; refuse what the decoder cannot run exactly."""
         model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
             raise IFPError(
                 f"unsupported architecture model_type={model_type!r}",
@@ -87,7 +87,7 @@ class DecoderConfig:
                 pad_token_id=raw.get("pad_token_id"),
                 extra={k: raw[k] for k in ("torch_dtype",) if k in raw},
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as err:  # wrong types, 0 heads, inf
             raise IFPError(f"bad or missing field in config ({err})", path, "re-save it with save_pretrained") from None
         cfg.validate(path)
         if raw.get("mlp_bias"):
@@ -136,6 +136,8 @@ class DecoderConfig:
 def rope_type_of(rope_scaling: dict[str, Any] | None) -> str:
     if not rope_scaling:
         return "default"
+    if not isinstance(rope_scaling, dict):
+        return repr(rope_scaling)  # not a rope_scaling object: refused as an unsupported type
     return str(rope_scaling.get("rope_type", rope_scaling.get("type", "default")))
 
 

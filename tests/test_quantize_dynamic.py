@@ -1,0 +1,117 @@
+"""Weight-only quantization of the ONNX target and the per-prompt dynamic mode."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny import make_checkpoint, run_export
+
+from ifp_export.errors import IFPError
+from ifp_export.generate import greedy_generate
+from ifp_export.masks import encode_prompts
+from ifp_export.model.softtopk import hard_topk_mask
+from ifp_export.pipeline import ExportContext
+from ifp_export.runtime import Runtime, top_k_indices
+from ifp_export.targets.onnx import SHARED_DATA, emit, external_data_files, validate, validation_inputs
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized(request: pytest.FixtureRequest, tiny_export: ExportContext, tmp_path_factory: pytest.TempPathFactory):
+    ctx = tiny_export
+    directory = tmp_path_factory.mktemp(request.param) / "onnx"
+    masks = torch.stack([v.mask for v in ctx.variants])
+    artifacts = emit(
+        directory, ctx.checkpoint.backbone, ctx.folded, ctx.checkpoint.predictor, masks, quantize=request.param
+    )
+    return request.param, artifacts
+
+
+def test_quantized_models_pass_their_tolerance(quantized, tiny_export: ExportContext) -> None:
+    mode, artifacts = quantized
+    rows, routing = validate(artifacts, **validation_inputs(tiny_export))
+    for row in rows:
+        assert row.quantize == mode
+        assert row.ok, row
+        assert row.prefill_diff > 0  # really quantized: not bit-equal to fp32
+    assert routing[1] == 1.0
+
+
+def test_quantized_graphs_use_the_runtime_kernels(quantized) -> None:
+    mode, artifacts = quantized
+    ops = Counter(n.op_type for n in onnx.load(str(artifacts.models["add"]), load_external_data=False).graph.node)
+    if mode == "int4":
+        assert ops["MatMulNBits"] > 0
+    else:
+        assert ops["MatMulInteger"] + ops["DynamicQuantizeLinear"] > 0
+
+
+def test_quantized_shared_weights_are_stored_once(quantized, tiny_export: ExportContext) -> None:
+    mode, artifacts = quantized
+    fp32 = tiny_export.emitted["onnx"]
+    assert data_bytes(artifacts.directory) < (0.45 if mode == "int8" else 0.35) * data_bytes(fp32.directory)
+    for name, path in artifacts.models.items():  # tiny int8 FFN slices are below the external-data threshold
+        assert SHARED_DATA in external_data_files(path), name
+        assert set(external_data_files(path)) <= {SHARED_DATA, f"{name}.onnx_data"}, name
+    shared = (artifacts.directory / SHARED_DATA).stat().st_size
+    own = [
+        p.stat().st_size for v in tiny_export.variants if (p := artifacts.directory / f"{v.name}.onnx_data").exists()
+    ]
+    assert shared > max(own, default=0)  # attention, embeddings, lm_head live in the shared file
+
+
+def data_bytes(directory: Path) -> int:
+    """Decoder weight bytes (graphs excluded: at this tiny size they outweigh the weights)."""
+    return sum(p.stat().st_size for p in directory.glob("*.onnx_data") if not p.name.startswith("predictor"))
+
+
+@pytest.fixture(scope="module")
+def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
+    root = tmp_path_factory.mktemp("dynamic")
+    checkpoint = make_checkpoint(root)
+    return run_export(checkpoint, root / "out", mode="dynamic")
+
+
+def test_dynamic_logits_equal_masked_full_model(dynamic_export: ExportContext) -> None:
+    ctx = dynamic_export
+    ckpt = ctx.checkpoint
+    runtime = Runtime(ctx.workdir, threads=1)
+    assert ctx.report["onnx_validation"]["dynamic_max_abs_diff"] <= 1e-5
+    for task_prompt in ckpt.tasks:
+        prompt = task_prompt.prompt
+        ids, mask, _ = encode_prompts(ckpt.tokenizer, [prompt], ckpt.predictor.config.max_length)
+        with torch.no_grad():
+            neuron_mask = hard_topk_mask(ckpt.predictor(ids, mask)[0], ctx.k_per_layer[0])
+        scores, _ = runtime.predict(prompt)
+        kept = top_k_indices(scores, ctx.k_per_layer[0])
+        assert np.array_equal(kept, torch.stack([r.nonzero().flatten() for r in neuron_mask]).numpy())
+        decoder = runtime.dynamic_decoder(prompt)
+        tokens = torch.tensor([ckpt.tokenizer.encode(prompt).ids])
+        with torch.no_grad():
+            expected, _ = ckpt.backbone(tokens, ffn_masks=neuron_mask)
+        got, _ = decoder(
+            tokens.numpy(), np.ones_like(tokens.numpy()), np.arange(tokens.shape[1])[None], decoder.empty_cache(1)
+        )
+        assert float(np.abs(got - expected.numpy()).max()) <= 1e-5, prompt
+
+
+def test_dynamic_generation_matches_pytorch(dynamic_export: ExportContext) -> None:
+    ctx = dynamic_export
+    ckpt = ctx.checkpoint
+    runtime = Runtime(ctx.workdir, threads=1)
+    prompt = ckpt.tasks[0].prompt
+    ids, mask, _ = encode_prompts(ckpt.tokenizer, [prompt], ckpt.predictor.config.max_length)
+    with torch.no_grad():
+        neuron_mask = hard_topk_mask(ckpt.predictor(ids, mask)[0], ctx.k_per_layer[0])
+    expected = greedy_generate(ckpt.backbone, [ckpt.tokenizer.encode(prompt).ids], 12, 2, neuron_mask)[0]
+    assert list(runtime.generate(prompt, max_new_tokens=12, dynamic=True)) == expected
+
+
+def test_static_export_has_no_dynamic_decoder(tiny_export: ExportContext) -> None:
+    with pytest.raises(IFPError, match="export with --mode dynamic"):
+        Runtime(tiny_export.workdir, threads=1).dynamic_decoder("add 1+1=")
+    assert not Path(tiny_export.workdir / "onnx" / "dynamic.onnx").exists()
