@@ -1,4 +1,5 @@
-"""report: the variants as a rich table, a machine JSON (report.json) and a mask-overlap heatmap PNG."""
+"""report: the variants as a rich table, a machine JSON (report.json) and a mask-overlap heatmap PNG; with
+held-out answers (the bundled sample), exact-match accuracy of each variant vs dense vs one static mask."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 from rich.table import Table
 
 from ifp_export.fsutil import write_json
-from ifp_export.masks import mask_iou
+from ifp_export.masks import aggregate_topk, mask_iou, routing_scores
 from ifp_export.pipeline import ExportContext, Variant
+from ifp_export.samples.evaluate import exact_match
 
 REPORT_FILE, HEATMAP_FILE = "report.json", "mask_overlap.png"
 
@@ -90,10 +92,52 @@ class ReportPass:
                 },
             }
         )
+        accuracy = heldout_accuracy(ctx)
+        if accuracy is not None:
+            ctx.report["heldout_accuracy"] = accuracy
         write_json(ctx.workdir / REPORT_FILE, ctx.report)
         write_heatmap(ctx.workdir / HEATMAP_FILE, variants, mean_iou, pair_layers)
         ctx.console.print(variants_table(ctx.report))
+        if accuracy is not None:
+            ctx.console.print(accuracy_table(accuracy))
         return ctx
+
+
+def heldout_accuracy(ctx: ExportContext) -> dict[str, dict[str, float]] | None:
+    """Exact match per task on held-out prompts that carry an "answer": each variant on its task, the routed
+    variant, the dense model and one static mask for all (samples/evaluate.py's logic); None without answers.
+    """
+    heldout = ctx.heldout
+    if heldout is None or not all("answer" in p.extra for p in heldout.prompts):
+        return None
+    ckpt, variants = ctx.checkpoint, ctx.variants
+    masks = torch.stack([v.mask for v in variants])
+    routed = routing_scores(heldout.scores, masks).argmax(-1)
+    static = aggregate_topk(ctx.predictions.scores, ctx.k_per_layer)
+    accuracy = {
+        "dense": exact_match(ckpt, heldout.prompts, None),
+        "routed variant": exact_match(ckpt, heldout.prompts, masks[routed]),
+        "static mask": exact_match(ckpt, heldout.prompts, static),
+        "own variant": {},
+    }
+    for variant in variants:
+        mine = [p for p in heldout.prompts if p.task == variant.task]
+        if mine:
+            accuracy["own variant"][variant.task] = exact_match(ckpt, mine, variant.mask)[variant.task]
+    return {setting: {task: round(acc, 4) for task, acc in by_task.items()} for setting, by_task in accuracy.items()}
+
+
+def accuracy_table(accuracy: dict[str, dict[str, float]]) -> Table:
+    tasks = list(accuracy["dense"])
+    table = Table(title="held-out exact match per task")
+    table.add_column("setting")
+    for task in [*tasks, "mean"]:
+        table.add_column(task, justify="right")
+    for setting, by_task in accuracy.items():
+        cells = [f"{by_task[t]:.0%}" if t in by_task else "-" for t in tasks]
+        mean = sum(by_task.values()) / len(by_task) if by_task else 0.0
+        table.add_row(setting, *cells, f"{mean:.1%}")
+    return table
 
 
 def variants_table(report: dict[str, Any]) -> Table:

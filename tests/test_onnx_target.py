@@ -130,3 +130,12 @@ def test_validate_command_passes_then_catches_tampering(
         main(args)
     assert exit_.value.code == 1
     assert "validation failed" in capsys.readouterr().err
+
+
+def test_sample_report_compares_variants_with_dense_and_static(sample_export: ExportContext) -> None:
+    accuracy = sample_export.report["heldout_accuracy"]
+    tasks = [v.task for v in sample_export.variants]
+    assert set(accuracy) == {"dense", "routed variant", "static mask", "own variant"}
+    for setting in ("dense", "routed variant", "static mask", "own variant"):
+        assert sorted(accuracy[setting]) == sorted(tasks)
+        assert all(0.0 <= a <= 1.0 for a in accuracy[setting].values())
