@@ -1,0 +1,132 @@
+"""One export in its own process, instrumented for the benchmarks (P1 timings, P2 dedup ratios, P7 peak RSS).
+
+    python -m benchmarks.export_child CKPT OUT RESULT.json [--until PASS] [--skip PASS] [--save-variants DIR]
+
+Runs the default pipeline like `ifp-export export` (without the staging rename) and writes to RESULT.json:
+per-pass seconds, peak RSS after each pass (VmHWM), the ONNX emit broken down into the first variant (trace +
+bind + save) and each further variant (re-bind + save), and the ONNX / Core ML bytes-on-disk ratios. With
+--save-variants, the folded variants are then saved as HF checkpoints with the same `save_decoder` call
+`--until fold` makes (same bytes), after the measurements, so they do not count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+START = time.perf_counter()
+
+
+def vm_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmHWM = peak RSS, VmRSS = current)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("result", type=Path)
+    parser.add_argument("--until")
+    parser.add_argument("--skip", action="append", default=[], help="leave this pass out (e.g. coreml)")
+    parser.add_argument("--save-variants", type=Path, help="after the export, save each folded variant here (untimed)")
+    args = parser.parse_args()
+
+    import onnx_ir
+    from rich.console import Console
+
+    import ifp_export.targets.onnx as onnx_target
+    from ifp_export.passes import default_passes
+    from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
+
+    imported = time.perf_counter() - START
+    calls: list[tuple[str, str, float, float]] = []  # (function, detail, start, end) inside the ONNX emit
+
+    def timed(name: str, fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                detail = Path(str(a[1])).stem if name == "save" and len(a) > 1 else ""
+                calls.append((name, detail, start, time.perf_counter()))
+
+        return wrapper
+
+    # emit() looks these up as module globals (ir.save as an attribute of onnx_ir): each variant's loop iteration
+    # starts with ffn_arrays and ends when its .onnx file is saved; the first variant also pays the trace.
+    onnx_target.emit = timed("emit", onnx_target.emit)
+    onnx_target.trace_decoder = timed("trace", onnx_target.trace_decoder)
+    onnx_target.locate_ffn_initializers = timed("locate", onnx_target.locate_ffn_initializers)
+    onnx_target.ffn_arrays = timed("variant", onnx_target.ffn_arrays)
+    onnx_ir.save = timed("save", onnx_ir.save)
+
+    passes = [p for p in default_passes() if p.name not in args.skip]
+    rss: dict[str, float] = {}
+    for p in passes:  # peak RSS so far after each pass
+        run = p.run
+
+        def measured(ctx, run=run, name=p.name):
+            out = run(ctx)
+            rss[name] = vm_kib("VmHWM") * 1024
+            return out
+
+        p.run = measured
+    args.output.mkdir(parents=True)
+    options = ExportOptions(checkpoint=args.checkpoint, output=args.output, until=args.until)
+    ctx = ExportContext(options=options, workdir=args.output, console=Console(file=io.StringIO(), width=160))
+    ctx = Pipeline(passes).run(ctx, until=args.until)
+
+    result: dict = {
+        "import_seconds": imported,
+        "wall_seconds": time.perf_counter() - START,
+        "passes": dict(ctx.timings),
+        "peak_rss_after_pass": rss,
+        # VmHWM belongs to this process's own address space (reset at exec). ru_maxrss is not used: Linux carries
+        # the pre-exec high-water mark over exec, so it would include the forking (benchmark) process's RSS.
+        "peak_rss_bytes": vm_kib("VmHWM") * 1024,
+        "variants": [v.name for v in ctx.variants],
+        "skipped_passes": args.skip,
+        "log": ctx.console.file.getvalue(),
+    }
+    if "onnx" in ctx.emitted:
+        art = ctx.emitted["onnx"]
+        names = result["variants"]
+        starts = [start for fn, _, start, _ in calls if fn == "variant"]
+        saved = {detail: end for fn, detail, _, end in calls if fn == "save"}
+        iterations = [saved[name] - begin for name, begin in zip(names, starts, strict=True)]
+        trace = next(end - start for fn, _, start, end in calls if fn == "trace")  # the first: a variant's graph
+        locate = next(end - start for fn, _, start, end in calls if fn == "locate")
+        result["onnx"] = {
+            "emit_seconds": dict(ctx.timings)["onnx"],
+            "first_variant_seconds": trace + locate + iterations[0],  # trace + find FFN initializers + bind + save
+            "extra_variant_seconds": iterations[1:],  # re-bind FFN initializers + save
+            "disk_bytes": art.disk_bytes,
+            "ideal_bytes": art.ideal_bytes,
+            "dedup_ratio": art.dedup_ratio,
+            "calls": [(fn, detail, round(end - start, 4)) for fn, detail, start, end in calls],
+        }
+    if "coreml" in ctx.emitted:
+        art = ctx.emitted["coreml"]
+        result["coreml"] = {
+            "emit_seconds": dict(ctx.timings)["coreml"],
+            "disk_bytes": art.disk_bytes,
+            "ideal_bytes": art.ideal_bytes,
+            "dedup_ratio": art.dedup_ratio,
+        }
+    args.result.write_text(json.dumps(result, indent=2))
+    if args.save_variants:  # what `ifp-export export --until fold` writes to OUT/variants/<name>/, same call
+        from ifp_export.model.hf_io import save_decoder
+
+        for name, model in ctx.folded.items():
+            save_decoder(model, args.save_variants / name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,700 @@
+"""P1–P7 of DESIGN.md section 9, each a ratio measured in one run on this machine.
+
+    python -m benchmarks.run [--size bench|tiny] [--out benchmarks/results] [--repeats 5] [--optimum-runs 8]
+
+Builds the benchmark model (benchmarks/model.py) as an IFPruning checkpoint, exports it in a child process
+(benchmarks/export_child.py: P1 timings, P2 dedup ratios, P7 peak RSS), exports the same folded variants and
+the dense model with `optimum-cli export onnx` (P1, P4), then times ONNX Runtime sessions side by side
+(P3–P6). Prints a rich table and writes results.json + ratios.png into --out; with --readme (default for the
+bench size) also the table into benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.model import SIZES, build_checkpoint, synthetic_prompt
+from ifp_export.model.hf_io import load_decoder
+from ifp_export.ort import OrtDecoder, session
+
+ROOT = Path(__file__).resolve().parent
+README = ROOT / "README.md"
+TABLE_BEGIN, TABLE_END = "<!-- results:begin -->", "<!-- results:end -->"
+SHORT_PROMPT = 16  # tokens prefilled before timing decode steps (P3, P4)
+
+
+@dataclass
+class Row:
+    id: str
+    figure: str
+    ours: str  # what was measured, medians with (min–max)
+    baseline: str
+    ratio: float | None  # the figure
+    spread: str  # min–max of the ratio over repeats, or how it was obtained
+    target: str
+    met: bool | None
+    note: str = ""
+
+
+@dataclass
+class Stats:
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def fmt(self, unit: str = "s", digits: int = 3) -> str:
+        if len(self.values) == 1:
+            return f"{self.values[0]:.{digits}g} {unit} (n=1)"
+        return (
+            f"{self.median:.{digits}g} {unit} ({min(self.values):.{digits}g}–{max(self.values):.{digits}g}, "
+            f"n={len(self.values)})"
+        )
+
+    def range(self, digits: int = 3) -> str:
+        return f"{min(self.values):.{digits}g}–{max(self.values):.{digits}g} (n={len(self.values)})"
+
+
+def machine() -> dict[str, str | int]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "ram_gib": round(mem_kib / 2**20, 1),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> tuple[float, int, int | None]:
+    """Run `cmd` (stdout+stderr to `log`); (wall seconds, exit code, the command's peak RSS in bytes or None).
+
+    The peak RSS comes from GNU time (`/usr/bin/time -f %M`), whose own child is forked from a small process:
+    os.wait4's ru_maxrss would include this (large) process's RSS, which Linux carries over fork + exec.
+    """
+    gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    rss_file = log.with_suffix(".maxrss")
+    full = [gnu_time, "-f", "%M", "-o", str(rss_file), *cmd] if gnu_time else cmd
+    start = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT.parent)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return time.perf_counter() - start, -9, None
+    wall = time.perf_counter() - start
+    try:
+        rss = int(rss_file.read_text().split()[-1]) * 1024
+    except (OSError, ValueError, IndexError):
+        rss = None
+    return wall, code, rss
+
+
+def decode_rate(decoder: OrtDecoder, prompt: list[int], steps: int) -> float:
+    """Tokens/s of `steps` greedy decode steps (batch 1) after prefilling `prompt`."""
+    ids = np.asarray([prompt], np.int64)
+    n = len(prompt)
+    logits, past = decoder(ids, np.ones_like(ids), np.arange(n, dtype=np.int64)[None], decoder.empty_cache(1))
+    token = int(logits[0, -1].argmax())
+    start = time.perf_counter()
+    for i in range(steps):
+        mask = np.ones((1, n + i + 1), np.int64)
+        logits, past = decoder(np.asarray([[token]], np.int64), mask, np.asarray([[n + i]], np.int64), past)
+        token = int(logits[0, -1].argmax())
+    return steps / (time.perf_counter() - start)
+
+
+def prefill_seconds(decoder: OrtDecoder, prompt: list[int]) -> float:
+    ids = np.asarray([prompt], np.int64)
+    start = time.perf_counter()
+    decoder(ids, np.ones_like(ids), np.arange(len(prompt), dtype=np.int64)[None], decoder.empty_cache(1))
+    return time.perf_counter() - start
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def per_token_weight_bytes(hf_dir: Path) -> int:
+    """Weight bytes a decode step reads: every parameter except the embedding matrix (a one-row gather);
+    lm_head counts (even when tied to the embeddings)."""
+    model = load_decoder(hf_dir)
+    total = sum(p.nbytes for p in model.parameters())  # parameters() yields a tied tensor once
+    embed = model.model.embed_tokens.weight.nbytes
+    lm_head = model.lm_head.weight.nbytes
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    return total - embed + (lm_head if tied else 0)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        console = Console()
+        self.console = Console(width=max(console.width, 220)) if not console.is_terminal else console
+        self.rows: list[Row] = []
+        self.sections: dict[str, float] = {}
+        self.raw: dict[str, object] = {}
+        self.work = Path(args.workdir or tempfile.mkdtemp(prefix="ifp-bench-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.start = time.perf_counter()
+
+    def section(self, name: str, fn: Callable[[], None]) -> None:
+        self.console.rule(f"[bold]{name}")
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        self.sections[name] = seconds
+        self.console.log(f"{name}: {seconds:.1f}s (total {time.perf_counter() - self.start:.0f}s)")
+
+    # --- sections ---------------------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        from ifp_export.checkpoint import load_checkpoint
+
+        reuse = self.args.reuse and (self.work / "ckpt" / "ifp.json").is_file()
+        ckpt = load_checkpoint(self.work / "ckpt") if reuse else build_checkpoint(self.work, self.args.size, seed=0)
+        self.ckpt = ckpt.root
+        cfg = ckpt.backbone.config
+        self.weight_bytes = sum((ckpt.root / d / "model.safetensors").stat().st_size for d in ("backbone", "predictor"))
+        n_params = sum(p.numel() for p in ckpt.backbone.parameters())
+        self.raw["model"] = {
+            "parameters": n_params,
+            "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "intermediate_size": cfg.intermediate_size,
+            "heads": cfg.num_attention_heads,
+            "kv_heads": cfg.num_key_value_heads,
+            "vocab_size": cfg.vocab_size,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "k": ckpt.k_per_layer[0],
+            "tasks": len({t.task for t in ckpt.tasks}),
+            "checkpoint_weight_bytes": self.weight_bytes,
+        }
+        self.console.log(
+            f"checkpoint {self.ckpt}: {n_params / 1e6:.1f}M parameters, {self.weight_bytes:,} weight bytes"
+        )
+        self.tokenizer = ckpt.tokenizer
+        self.vocab_size = cfg.vocab_size
+        del ckpt
+
+    def export(self) -> None:
+        """Our export in a child process: every default pass, then the folded variants saved as HF checkpoints
+        (with the same `save_decoder` call `ifp-export export --until fold` makes, untimed)."""
+        self.out = self.work / "export"
+        result = self.work / "export.json"
+        cmd = [sys.executable, "-m", "benchmarks.export_child", str(self.ckpt), str(self.out), str(result)]
+        cmd += ["--save-variants", str(self.work / "variants")]
+        if not self.args.coreml:
+            cmd += ["--skip", "coreml"]
+        if not (self.args.reuse and result.is_file()):
+            for stale in (self.out, self.work / "variants"):
+                shutil.rmtree(stale, ignore_errors=True)
+            wall, code, rss = run_child(cmd, self.work / "export.log")
+            if code != 0:
+                raise SystemExit(f"export failed (exit {code}); see {self.work / 'export.log'}")
+            raw = json.loads(result.read_text())
+            raw["process_wall_seconds"], raw["time_peak_rss_bytes"] = wall, rss
+            result.write_text(json.dumps(raw, indent=2))
+        self.export_result = json.loads(result.read_text())
+        wall = self.export_result["process_wall_seconds"]
+        self.raw["export"] = {k: v for k, v in self.export_result.items() if k != "log"}
+        self.variants = self.export_result["variants"]
+        passes = ", ".join(f"{n} {s:.1f}s" for n, s in self.export_result["passes"].items())
+        self.console.log(f"export: {wall:.1f}s wall ({passes})")
+
+    def optimum(self) -> None:
+        """`optimum-cli export onnx --task text-generation-with-past` of N folded variants and of the dense model."""
+        names = self.variants[: self.args.optimum_runs]
+        self.optimum_seconds = Stats()
+        self.optimum_rss: list[int] = []
+        self.optimum_skipped: str | None = None
+        self.optimum_dense: Path | None = None
+
+        def export(model_dir: Path, out: Path) -> tuple[float, int, int]:
+            cmd = ["optimum-cli", "export", "onnx", "--task", "text-generation-with-past", "--model"]
+            cmd += [str(model_dir), str(out)]
+            return run_child(cmd, out.with_suffix(".log"), self.args.optimum_timeout)
+
+        (self.work / "optimum").mkdir(exist_ok=True)
+        saved = self.work / "optimum.json"
+        if self.args.reuse and saved.is_file():
+            self.raw["optimum"] = json.loads(saved.read_text())
+            self.optimum_seconds.values = list(self.raw["optimum"]["variant_runs"].values())
+            self.optimum_rss = self.raw["optimum"]["variant_peak_rss_bytes"]
+            self.optimum_dense = self.work / "optimum" / "dense" / "model.onnx"
+            return
+        for name in names:
+            shutil.rmtree(self.work / "optimum" / name, ignore_errors=True)
+            wall, code, rss = export(self.work / "variants" / name, self.work / "optimum" / name)
+            if code != 0:
+                self.optimum_skipped = f"optimum-cli failed or exceeded {self.args.optimum_timeout}s (exit {code})"
+                self.console.log(f"[yellow]{self.optimum_skipped}; see {self.work / 'optimum' / name}.log")
+                return
+            self.optimum_seconds.values.append(wall)
+            self.optimum_rss.append(rss or 0)
+            self.console.log(f"optimum-cli {name}: {wall:.1f}s, peak RSS {(rss or 0) / 2**20:.0f} MiB")
+        shutil.rmtree(self.work / "optimum" / "dense", ignore_errors=True)
+        wall, code, rss = export(self.ckpt / "backbone", self.work / "optimum" / "dense")
+        if code != 0:
+            self.optimum_skipped = f"optimum-cli (dense) failed or exceeded {self.args.optimum_timeout}s (exit {code})"
+            return
+        self.optimum_dense = self.work / "optimum" / "dense" / "model.onnx"
+        self.raw["optimum"] = {
+            "variant_runs": dict(zip(names, self.optimum_seconds.values, strict=True)),
+            "variant_peak_rss_bytes": self.optimum_rss,
+            "dense_seconds": wall,
+            "dense_peak_rss_bytes": rss,
+        }
+        saved.write_text(json.dumps(self.raw["optimum"], indent=2))
+        self.console.log(f"optimum-cli dense: {wall:.1f}s, peak RSS {(rss or 0) / 2**20:.0f} MiB")
+
+    def rows_export(self) -> None:
+        """P1, P2, P7 from the export child and the optimum runs."""
+        res, n_variants = self.export_result, len(self.variants)
+        onnx = res["onnx"]
+        emit, whole = onnx["emit_seconds"], res["process_wall_seconds"]
+        if self.optimum_seconds.values:
+            n = len(self.optimum_seconds.values)
+            total = self.optimum_seconds.median * n_variants
+            scaled = "" if n == n_variants else f"; {n} of {n_variants} optimum runs made, median × {n_variants}"
+            for rid, what, ours in (
+                ("P1a", "export time, ONNX emit of 8 variants (+ dense + predictor) vs 8 optimum-cli", emit),
+                ("P1b", "export time, whole `ifp-export export` process (all passes) vs 8 optimum-cli", whole),
+            ):
+                self.rows.append(
+                    Row(
+                        rid,
+                        what.replace("8", str(n_variants)),
+                        f"{ours:.1f} s (n=1)",
+                        f"{total:.1f} s = {n_variants} × {self.optimum_seconds.fmt()}",
+                        total / ours,
+                        f"optimum per-run range {self.optimum_seconds.range()}{scaled}",
+                        "≥ 5× faster",
+                        total / ours >= 5,
+                        "ratio = optimum / ours (higher is better)",
+                    )
+                )
+        else:
+            self.rows.append(
+                Row(
+                    "P1a",
+                    "export time vs optimum-cli",
+                    f"{emit:.1f} s",
+                    "skipped",
+                    None,
+                    "",
+                    "≥ 5×",
+                    None,
+                    self.optimum_skipped or "",
+                )
+            )
+        extra = Stats(onnx["extra_variant_seconds"])
+        first = onnx["first_variant_seconds"]
+        if extra.values:
+            self.rows.append(
+                Row(
+                    "P1c",
+                    "marginal variant: re-bind + save of one more variant vs the first (trace + bind + save)",
+                    extra.fmt(),
+                    f"{first:.2f} s (n=1)",
+                    extra.median / first,
+                    f"{min(extra.values) / first:.3f}–{max(extra.values) / first:.3f} over {len(extra.values)} "
+                    "variants",
+                    "≤ 0.10",
+                    extra.median / first <= 0.10,
+                )
+            )
+        self.rows.append(
+            Row(
+                "P2a",
+                "ONNX bytes on disk / (shared + Σ FFN slices)",
+                f"{onnx['disk_bytes']:,} B",
+                f"{onnx['ideal_bytes']:,} B",
+                onnx["dedup_ratio"],
+                "exact (n=1)",
+                "≤ 1.02",
+                onnx["dedup_ratio"] <= 1.02,
+            )
+        )
+        if "coreml" in res:
+            cm = res["coreml"]
+            self.rows.append(
+                Row(
+                    "P2b",
+                    "Core ML bytes on disk / ideal (fp16, multifunction package)",
+                    f"{cm['disk_bytes']:,} B",
+                    f"{cm['ideal_bytes']:,} B",
+                    cm["dedup_ratio"],
+                    "exact (n=1)",
+                    "≤ 1.02",
+                    cm["dedup_ratio"] <= 1.02,
+                )
+            )
+        else:
+            why = "Core ML pass left out of this run (pass --coreml)" if not self.args.coreml else "no Core ML target"
+            self.rows.append(Row("P2b", "Core ML bytes / ideal", "-", "-", None, "", "≤ 1.02", None, why))
+        rss = max(res["peak_rss_after_pass"].values())  # VmHWM of the export process itself
+        worst = max(res["peak_rss_after_pass"].items(), key=lambda kv: kv[1])
+        first_pass_at_peak = next(n for n, v in res["peak_rss_after_pass"].items() if v == worst[1])
+        opt = ""
+        if self.optimum_rss and all(self.optimum_rss):
+            inputs = [(self.work / "variants" / n / "model.safetensors").stat().st_size for n in self.variants]
+            ratios = [r / b for r, b in zip(self.optimum_rss, inputs, strict=False)]
+            opt = f"; optimum-cli peak RSS {statistics.median(ratios):.2f}× its model's weight bytes"
+        self.rows.append(
+            Row(
+                "P7",
+                "peak RSS of the export process / checkpoint weight bytes",
+                f"{rss / 2**20:,.0f} MiB",
+                f"{self.weight_bytes / 2**20:,.0f} MiB",
+                rss / self.weight_bytes,
+                "n=1",
+                "≤ 1.5×",
+                rss / self.weight_bytes <= 1.5,
+                f"peak reached by the end of pass '{first_pass_at_peak}'{opt}",
+            )
+        )
+
+    def prompt(self, length: int) -> list[int]:
+        import torch
+
+        span = (self.vocab_size - 4) // SIZES[self.args.size]["tasks"]
+        text = synthetic_prompt(torch.Generator().manual_seed(1), 4, 4 + span, length)
+        return self.tokenizer.encode(text).ids
+
+    def decode(self) -> None:
+        """P3 (pruned vs dense, ours) and P4 (our dense vs Optimum's dense), interleaved per repeat."""
+        onnx_dir = self.out / "onnx"
+        models = {"dense": onnx_dir / "dense.onnx", "pruned": onnx_dir / f"{self.variants[0]}.onnx"}
+        if self.optimum_dense is not None:
+            models["optimum"] = self.optimum_dense
+        ideal = per_token_weight_bytes(self.ckpt / "backbone") / per_token_weight_bytes(
+            self.work / "variants" / self.variants[0]
+        )
+        prompt = self.prompt(SHORT_PROMPT)
+        steps = self.args.decode_steps
+        decode_raw: dict[str, dict[str, list[float]]] = {}
+        for threads in self.args.threads:
+            decoders = {name: OrtDecoder(session(path, threads)) for name, path in models.items()}
+            for decoder in decoders.values():  # warm-up: first runs allocate
+                decode_rate(decoder, prompt, 2)
+            rates: dict[str, Stats] = {name: Stats() for name in decoders}
+            names = list(decoders)
+            for repeat in range(self.args.repeats):  # rotate the order so no model always runs first
+                shift = repeat % len(names)
+                for name in names[shift:] + names[:shift]:
+                    rates[name].values.append(decode_rate(decoders[name], prompt, steps))
+            del decoders
+            gc.collect()
+            decode_raw[str(threads)] = {name: s.values for name, s in rates.items()}
+            plural = f"{threads} thread{'s' * (threads > 1)}"
+            speedup = Stats([p / d for p, d in zip(rates["pruned"].values, rates["dense"].values, strict=True)])
+            ratio = Stats([s / ideal for s in speedup.values])
+            self.rows.append(
+                Row(
+                    f"P3 {threads}t",
+                    f"decode tok/s pruned / dense, ÷ ideal bytes ratio {ideal:.3f} ({plural})",
+                    f"pruned {rates['pruned'].fmt('tok/s')}",
+                    f"dense {rates['dense'].fmt('tok/s')}",
+                    ratio.median,
+                    f"{ratio.range()} (speedup {speedup.median:.3f})",
+                    "≥ 0.95",
+                    ratio.median >= 0.95,
+                    f"{steps} decode steps after a {len(prompt)}-token prefill",
+                )
+            )
+            if "optimum" in rates:
+                p4 = Stats([o / b for o, b in zip(rates["dense"].values, rates["optimum"].values, strict=True)])
+                self.rows.append(
+                    Row(
+                        f"P4 {threads}t",
+                        f"dense decode tok/s, ours / Optimum's export of the same weights ({plural})",
+                        f"ours {rates['dense'].fmt('tok/s')}",
+                        f"optimum {rates['optimum'].fmt('tok/s')}",
+                        p4.median,
+                        p4.range(),
+                        "≥ 1.0 (aim 1.15)",
+                        p4.median >= 1.0,
+                        "same ORT session options (ifp_export.ort.session), same loop",
+                    )
+                )
+        if self.optimum_dense is None:
+            self.rows.append(
+                Row(
+                    "P4",
+                    "dense decode ours / Optimum's",
+                    "-",
+                    "skipped",
+                    None,
+                    "",
+                    "≥ 1.0",
+                    None,
+                    self.optimum_skipped or "",
+                )
+            )
+        self.raw["decode_tokens_per_second"] = decode_raw
+        self.raw["ideal_bytes_ratio"] = ideal
+
+    def routing(self) -> None:
+        """P5: predictor + routing (Runtime.route on predictor.onnx) vs dense prefill of a 512-token prompt."""
+        from ifp_export.runtime import Runtime
+
+        threads = max(self.args.threads)
+        runtime = Runtime(self.out, threads=threads, verify_hashes=False)
+        prompt_ids = self.prompt(self.args.prefill)
+        text = self.tokenizer.decode(prompt_ids)
+        dense = OrtDecoder(session(self.out / "onnx" / "dense.onnx", threads))
+        runtime.route(text)
+        prefill_seconds(dense, prompt_ids)  # warm-up
+        route, prefill = Stats(), Stats()
+        for _ in range(self.args.repeats):
+            route.values.append(timed(lambda: runtime.route(text)))
+            prefill.values.append(prefill_seconds(dense, prompt_ids))
+        ratio = Stats([r / p for r, p in zip(route.values, prefill.values, strict=True)])
+        self.rows.append(
+            Row(
+                "P5",
+                f"predictor + routing / dense prefill of a {len(prompt_ids)}-token prompt ({threads} threads)",
+                f"route {route.fmt()}",
+                f"prefill {prefill.fmt()}",
+                ratio.median,
+                ratio.range(),
+                "≤ 0.10",
+                ratio.median <= 0.10,
+                f"route = tokenize + predictor.onnx (first {runtime.output.manifest['predictor']['max_length']} "
+                "tokens) + argmax",
+            )
+        )
+        self.raw["p5_seconds"] = {"route": route.values, "prefill": prefill.values}
+
+    def switching(self) -> None:
+        """P6: Runtime.decoder(name) for a variant not yet loaded (shared weights resident) vs a cold dense session."""
+        from ifp_export.runtime import Runtime
+
+        threads = max(self.args.threads)
+        runtime = Runtime(self.out, threads=threads, verify_hashes=False)
+        runtime.decoder(self.variants[0])  # makes the shared weights resident
+        others = self.variants[1:] or self.variants
+        switch, cold = Stats(), Stats()
+        dense_path = str(self.out / "onnx" / "dense.onnx")
+        for i in range(self.args.repeats):
+            name = others[i % len(others)]
+            runtime.unload(name)
+            gc.collect()
+            switch.values.append(timed(lambda name=name: runtime.decoder(name)))
+            gc.collect()
+            cold.values.append(
+                timed(lambda: ort.InferenceSession(dense_path, runtime.options(), providers=["CPUExecutionProvider"]))
+            )
+            gc.collect()
+        ratio = Stats([s / c for s, c in zip(switch.values, cold.values, strict=True)])
+        self.rows.append(
+            Row(
+                "P6",
+                "variant switch in ifp_export.runtime (new variant, shared weights resident) / cold dense session load",
+                f"switch {switch.fmt()}",
+                f"cold dense {cold.fmt()}",
+                ratio.median,
+                ratio.range(),
+                "≤ 0.25",
+                ratio.median <= 0.25,
+                "files in the page cache for both (warm disk)",
+            )
+        )
+        self.raw["p6_seconds"] = {"switch": switch.values, "cold_dense": cold.values}
+
+    # --- output -----------------------------------------------------------------------------------------------
+
+    def table(self) -> Table:
+        table = Table(title=f"IFPruning export benchmarks ({self.args.size} model) — ratios measured in one run")
+        for column in ("id", "figure", "ours", "baseline", "ratio", "spread", "target", "met"):
+            table.add_column(column, justify="right" if column in ("ratio",) else "left", overflow="fold")
+        for r in self.rows:
+            met = "-" if r.met is None else ("[green]yes" if r.met else "[red]NO")
+            ratio = "n/a" if r.ratio is None else f"{r.ratio:.3f}"
+            table.add_row(
+                r.id,
+                r.figure + (f" [dim]({r.note})" if r.note else ""),
+                r.ours,
+                r.baseline,
+                ratio,
+                r.spread,
+                r.target,
+                met,
+            )
+        return table
+
+    def markdown(self) -> str:
+        lines = [
+            "| id | figure | ours | baseline | ratio | spread | target | met |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            ratio = "n/a" if r.ratio is None else f"{r.ratio:.3f}"
+            met = "-" if r.met is None else ("yes" if r.met else "**no**")
+            figure = r.figure + (f" ({r.note})" if r.note else "")
+            cells = [r.id, figure, r.ours, r.baseline, ratio, r.spread, r.target, met]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        return "\n".join(lines)
+
+    def chart(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rows if r.ratio is not None and math.isfinite(r.ratio) and r.ratio > 0]
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5), layout="constrained")
+        colors = ["tab:gray" if r.met is None else ("tab:green" if r.met else "tab:red") for r in rows]
+        ax.barh([r.id for r in rows], [r.ratio for r in rows], color=colors)
+        for i, r in enumerate(rows):
+            ax.text(r.ratio, i, f" {r.ratio:.3g}  (target {r.target})", va="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("ratio (log scale); green = target met, red = missed")
+        ax.set_title(f"IFPruning export benchmarks ({self.args.size} model)")
+        ax.set_xlim(min(r.ratio for r in rows) / 2, max(r.ratio for r in rows) * 20)
+        fig.savefig(path, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+
+    def command(self) -> str:
+        return (
+            "python -m benchmarks.run " + shlex.join(self.args.argv) if self.args.argv else "python -m benchmarks.run"
+        )
+
+    def write(self) -> None:
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {
+            "command": self.command(),
+            "machine": self.machine,
+            "size": self.args.size,
+            "repeats": self.args.repeats,
+            "sections_seconds": self.sections,
+            "total_seconds": time.perf_counter() - self.start,
+            "rows": [asdict(r) for r in self.rows],
+            "raw": self.raw,
+        }
+        (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        self.chart(out / "ratios.png")
+        if self.args.readme:
+            self.update_readme(result)
+        self.console.log(f"wrote {out / 'results.json'} and {out / 'ratios.png'}")
+
+    def update_readme(self, result: dict) -> None:
+        m = self.machine
+        block = "\n".join(
+            [
+                TABLE_BEGIN,
+                f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['cpu']}, {m['cores']} cores, "
+                f"{m['ram_gib']} GiB RAM (load average at start {m['load_average_at_start']}; other jobs running), "
+                f"onnxruntime {m['onnxruntime']}, Python {m['python']}. Command: `{result['command']}` "
+                f"(wall {result['total_seconds'] / 60:.1f} min).",
+                "",
+                self.markdown(),
+                "",
+                "Section times: "
+                + ", ".join(f"{k} {v:.0f}s" for k, v in self.sections.items())
+                + "."
+                + (
+                    " Checkpoint, export and Optimum runs were reused from an earlier run (--reuse)."
+                    if self.args.reuse
+                    else ""
+                ),
+                TABLE_END,
+            ]
+        )
+        text = README.read_text() if README.is_file() else f"# Benchmarks\n\n{TABLE_BEGIN}\n{TABLE_END}\n"
+        if TABLE_BEGIN not in text:
+            text += f"\n{TABLE_BEGIN}\n{TABLE_END}\n"
+        head, rest = text.split(TABLE_BEGIN, 1)
+        tail = rest.split(TABLE_END, 1)[1]
+        README.write_text(head + block + tail)
+
+    def run(self) -> list[Row]:
+        self.machine = machine()
+        self.console.log(f"machine: {self.machine}; work dir {self.work}")
+        try:
+            self.section("build checkpoint", self.build)
+            self.section("export (ours)", self.export)
+            if self.args.optimum_runs > 0:
+                self.section("optimum-cli exports", self.optimum)
+            else:
+                self.optimum_seconds, self.optimum_rss, self.optimum_dense = Stats(), [], None
+                self.optimum_skipped = "optimum runs disabled (--optimum-runs 0)"
+            self.rows_export()
+            self.section("P3/P4 decode", self.decode)
+            self.section("P5 routing", self.routing)
+            self.section("P6 switching", self.switching)
+            order = ["P1a", "P1b", "P1c", "P2a", "P2b", "P3", "P4", "P5", "P6", "P7"]
+            self.rows.sort(key=lambda r: next(i for i, p in enumerate(order) if r.id.startswith(p)))
+            self.console.print(self.table())
+            self.write()
+        finally:
+            if not self.args.keep_work and not self.args.workdir:
+                shutil.rmtree(self.work, ignore_errors=True)
+        self.console.log(f"benchmarks done in {time.perf_counter() - self.start:.0f}s")
+        return self.rows
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="bench", help="bench = DESIGN.md section 9 model")
+    parser.add_argument("--out", default=str(ROOT / "results"), help="where results.json and ratios.png go")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of every timing (P3–P6)")
+    parser.add_argument("--decode-steps", type=int, default=32, help="timed decode steps per repeat (P3, P4)")
+    parser.add_argument("--prefill", type=int, default=512, help="prompt tokens for P5")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ORT intra-op threads for P3/P4")
+    parser.add_argument("--optimum-runs", type=int, default=8, help="variants exported with optimum-cli (0 = skip)")
+    parser.add_argument("--optimum-timeout", type=float, default=None, help="seconds per optimum-cli run")
+    parser.add_argument("--coreml", action="store_true", help="include the Core ML pass in the timed export")
+    parser.add_argument("--workdir", help="keep the models here (default: a temp dir, removed at the end)")
+    parser.add_argument("--reuse", action="store_true", help="with --workdir: reuse its checkpoint, export, optimum")
+    parser.add_argument("--keep-work", action="store_true", help="do not remove the temp work dir")
+    parser.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None, help="update README table")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.readme is None:
+        args.readme = args.size == "bench"
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    return Bench(parse(argv)).run()
+
+
+if __name__ == "__main__":
+    main()
