@@ -30,15 +30,12 @@ import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import struct
 import sys
 import tempfile
 import uuid
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +51,7 @@ from ifp_export.masks import standardize
 from ifp_export.model.decoder import CausalLM, apply_rope, repeat_kv
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.pipeline import ExportContext
+from ifp_export.quiet import quiet
 from ifp_export.targets.onnx import DENSE_NAME, FFN_PARAMS, PredictorRouter, weight_bytes
 
 COREML_DIR = "coreml"
@@ -72,25 +70,8 @@ INT4_BLOCK_SIZE = 32  # input channels per int4 scale (as ONNX MatMulNBits)
 QUANTIZED_SUFFIX = "_quantized"  # coremltools names the constexpr op replacing const `w` as `w_quantized`
 
 
-@contextlib.contextmanager
-def quiet_coremltools() -> Iterator[None]:
-    """coremltools warns on import (no native runtime on Linux, untested torch version) and logs each pass with
-    progress bars; keep the CLI output ours."""
-    loggers = [logging.getLogger("coremltools")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def coremltools() -> Any:
-    with quiet_coremltools():
+    with quiet():
         import coremltools as ct
     return ct
 
@@ -160,12 +141,12 @@ def convert_decoder(model: CausalLM, path: Path) -> None:
     max_context = context_length(model)
     wrapper = StatefulDecoder(model, max_context).eval()
     example = (torch.zeros(1, 2, dtype=torch.int32), causal_mask(3, 2))
-    with quiet_coremltools(), torch.no_grad():
+    with quiet(), torch.no_grad():
         traced = torch.jit.trace(wrapper, example, check_trace=False)
     query = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
     total = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
     cache_shape = tuple(wrapper.keyCache.shape)
-    with quiet_coremltools(), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+    with quiet(), contextlib.redirect_stderr(io.StringIO()):  # progress bars
         mlmodel = ct.convert(
             traced,
             inputs=[
@@ -189,7 +170,7 @@ def convert_decoder(model: CausalLM, path: Path) -> None:
 def save_model(mlmodel: Any, path: Path) -> None:
     """Save without the conversion date, so the same model gives the same bytes on another day."""
     mlmodel.user_defined_metadata.pop(CONVERSION_DATE_KEY, None)
-    with quiet_coremltools():
+    with quiet():
         mlmodel.save(str(path))
 
 
@@ -410,7 +391,7 @@ def quantize_package(source: Path, destination: Path, mode: str) -> Path:
 
     ct = coremltools()
     config = quantization_config(source, mode)
-    with quiet_coremltools(), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+    with quiet(), contextlib.redirect_stderr(io.StringIO()):  # progress bars
         mlmodel = ct.models.MLModel(str(source), skip_model_load=True)
         quantized = cto.linear_quantize_weights(mlmodel, config)
     save_model(quantized, destination)
@@ -492,7 +473,7 @@ def save_multifunction(packages: dict[str, Path], default: str, destination: Pat
     for name, path in packages.items():
         desc.add_function(str(path), src_function_name="main", target_function_name=name)
     desc.default_function_name = default
-    with quiet_coremltools(), contextlib.redirect_stderr(io.StringIO()):
+    with quiet(), contextlib.redirect_stderr(io.StringIO()):
         ct.utils.save_multifunction(desc, str(destination))
     spec = ct.utils.load_spec(str(destination))
     if CONVERSION_DATE_KEY in spec.description.metadata.userDefined:
@@ -528,10 +509,10 @@ def convert_predictor(predictor: SparsityPredictor, variant_masks: torch.Tensor,
     ct = coremltools()
     router = CoreMLPredictorRouter(predictor, variant_masks).eval()
     example = (torch.ones(1, 5, dtype=torch.int32), torch.ones(1, 5, dtype=torch.int32))
-    with quiet_coremltools(), torch.no_grad():
+    with quiet(), torch.no_grad():
         traced = torch.jit.trace(router, example, check_trace=False)
     length = ct.RangeDim(lower_bound=1, upper_bound=predictor.config.max_length, default=predictor.config.max_length)
-    with quiet_coremltools(), contextlib.redirect_stderr(io.StringIO()):
+    with quiet(), contextlib.redirect_stderr(io.StringIO()):
         mlmodel = ct.convert(
             traced,
             inputs=[ct.TensorType(shape=(1, length), dtype=np.int32, name=n) for n in PREDICTOR_INPUTS],
@@ -778,7 +759,7 @@ def check_decoder_package(artifacts: CoreMLArtifacts, references: dict[str, Caus
     offsets in the spec, against the folded PyTorch model (equal to its fp16 rounding; quantized: dequantized,
     within half a quantization step)."""
     ct = coremltools()
-    with quiet_coremltools():
+    with quiet():
         ct.models.MLModel(str(artifacts.decoder), skip_model_load=True)  # coremltools parses the package
     spec = ct.utils.load_spec(str(artifacts.decoder))
     described = {f.name: f for f in spec.description.functions}
@@ -954,7 +935,7 @@ def coreml_parity(
     ct = coremltools()
     result = {}
     for name in artifacts.functions:
-        with quiet_coremltools():
+        with quiet():
             model = ct.models.MLModel(str(artifacts.decoder), function_name=name, compute_units=ct.ComputeUnit.CPU_ONLY)
         state = model.make_state()
 

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +38,7 @@ from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.ort import OrtDecoder, session
 from ifp_export.pipeline import ExportContext
+from ifp_export.quiet import quiet
 
 SHARED_DATA = "decoder_shared.onnx_data"
 DENSE_NAME = "dense"
@@ -86,18 +84,6 @@ class PredictorRouter(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.predictor(input_ids, attention_mask)
         return scores, standardize(scores).flatten(1) @ self.routing
-
-
-@contextmanager
-def quiet() -> Iterator[None]:
-    """torch.onnx and ORT's quantizers log progress, unused axis names and advice; keep the CLI output ours."""
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def trace(module: nn.Module, args: tuple, dynamic_shapes: dict, inputs: list[str], outputs: list[str]) -> ir.Model:
