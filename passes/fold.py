@@ -1,8 +1,9 @@
 """fold: slice each variant's kept FFN neurons into a smaller dense decoder, and prove it exact.
 
-Exactness: folded logits == masked full-model logits (max abs diff <= 1e-5 fp32) on the variant's own
-calibration prompts. When the run stops here (`--until fold`), each folded variant is also saved as a
-Hugging Face checkpoint under `variants/<name>/` so `transformers` and `optimum-cli` load it directly.
+Exactness: folded logits == masked full-model logits (fp32, max abs diff <= 1e-5 in units of
+max(1, max |logits|)) on the variant's own calibration prompts. When the run stops here (`--until fold`), each
+folded variant is also saved as a Hugging Face checkpoint under `variants/<name>/` so `transformers` and
+`optimum-cli` load it directly.
 Always written: `variants.safetensors`, each variant's kept neuron indices ([L, k] int32, ascending), from
 which any tool can rebuild or check a variant.
 """
@@ -44,5 +45,7 @@ class FoldPass:
             {v.name: v.task for v in variants},
         )
         worst = max(v.fold_error for v in variants)
-        ctx.console.log(f"folded {len(variants)} variants; max |folded - masked| logit diff {worst:.2e}")
+        ctx.console.log(
+            f"folded {len(variants)} variants; max |folded - masked| logits / max(1, max|logits|) {worst:.2e}"
+        )
         return ctx
