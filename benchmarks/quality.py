@@ -96,6 +96,7 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ifp-quality-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     run(workdir, args.threads)
 
 

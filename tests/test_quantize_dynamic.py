@@ -44,10 +44,15 @@ def test_quantized_models_pass_their_tolerance(quantized, tiny_export: ExportCon
 def test_quantized_graphs_use_the_runtime_kernels(quantized) -> None:
     mode, artifacts = quantized
     ops = Counter(n.op_type for n in onnx.load(str(artifacts.models["add"]), load_external_data=False).graph.node)
-    if mode == "int4":
-        assert ops["MatMulNBits"] > 0
-    else:
-        assert ops["MatMulInteger"] + ops["DynamicQuantizeLinear"] > 0
+    assert ops["MatMulNBits"] > 0
+    bits = {
+        attr.i
+        for node in onnx.load(str(artifacts.models["add"]), load_external_data=False).graph.node
+        if node.op_type == "MatMulNBits"
+        for attr in node.attribute
+        if attr.name == "bits"
+    }
+    assert bits == {8 if mode == "int8" else 4}
 
 
 def test_quantized_shared_weights_are_stored_once(quantized, tiny_export: ExportContext) -> None:
