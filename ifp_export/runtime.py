@@ -23,8 +23,6 @@ from ifp_export.masks import encode_prompts
 from ifp_export.ort import OrtDecoder, decode_tokens
 from ifp_export.targets.onnx import DENSE_NAME, DYNAMIC_NAME, SHARED_DATA, gather_dynamic_feeds
 
-ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
-
 
 @dataclass(frozen=True)
 class Route:
@@ -138,7 +136,8 @@ class Runtime:
                 continue
             offset, length = int(info.get("offset", 0)), int(info["length"])
             if (offset, length) not in self.shared:
-                array = np.memmap(shared_file, ONNX_TO_NUMPY[init.data_type], "r", offset, tuple(init.dims), order="C")
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+                array = np.memmap(shared_file, dtype, "r", offset, tuple(init.dims), order="C")
                 self.shared[(offset, length)] = ort.OrtValue.ortvalue_from_numpy(array)
             yield init.name, self.shared[(offset, length)]
 
