@@ -125,7 +125,9 @@ def test_sigkill_leaves_previous_output_intact(
             future.result()
 
     assert all(o.returncode == -signal.SIGKILL for o in outcomes if o.point.after != "report")
-    assert state["swaps"] <= 1
+    # The late passes take well under a second, so a kill aimed at them may land after the atomic swap (and is
+    # then checked as a complete new output above); most kills must still hit an export in progress.
+    assert sum(not o.swapped for o in outcomes) >= len(outcomes) - 3, [o.point.label for o in outcomes if o.swapped]
     debris = sorted(p.name for p in work.iterdir() if p.name.startswith(STAGING))
     with capsys.disabled():
         for o in sorted(outcomes, key=lambda o: KILL_POINTS.index(o.point)):
