@@ -80,11 +80,7 @@ class Runtime:
         """The variant's decoder session (created once; shared weights come from the resident cache)."""
         if name not in self.sessions:
             path = self.model_path(name)
-            options = self.options()
-            for init_name, value in self.shared_initializers(path):
-                options.add_initializer(init_name, value)
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self.sessions[name] = OrtDecoder(session)
+            self.sessions[name] = self.resident_session(path)
         return self.sessions[name]
 
     def dynamic_decoder(self, prompt: str) -> OrtDecoder:
@@ -101,12 +97,7 @@ class Runtime:
             )
         if DYNAMIC_NAME not in self.sessions:
             path = self.output.path(spec["model"])
-            options = self.options()
-            for init_name, value in self.shared_initializers(path):
-                options.add_initializer(init_name, value)
-            self.sessions[DYNAMIC_NAME] = OrtDecoder(
-                ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            )
+            self.sessions[DYNAMIC_NAME] = self.resident_session(path)
         decoder = self.sessions[DYNAMIC_NAME]
         scores, _ = self.predict(prompt)
         kept = top_k_indices(scores, self.output.manifest["model"]["k"])
@@ -125,6 +116,13 @@ class Runtime:
     def unload(self, name: str) -> None:
         """Drop a variant's session (its FFN weights); the shared weights stay resident."""
         self.sessions.pop(name, None)
+
+    def resident_session(self, path: Path) -> OrtDecoder:
+        """A decoder session whose shared weights come from the resident memory-mapped cache."""
+        options = self.options()
+        for init_name, value in self.shared_initializers(path):
+            options.add_initializer(init_name, value)
+        return OrtDecoder(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
 
     def shared_initializers(self, path: Path) -> Iterator[tuple[str, ort.OrtValue]]:
         """(name, OrtValue) for every initializer of `path` stored in the shared file, memory-mapped once."""
