@@ -6,13 +6,15 @@ A pass has a `name` and `run(ctx) -> ctx`. `Pipeline.run(ctx, until=NAME)` stops
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ifp_export.checkpoint import Checkpoint, TaskPrompt
 from ifp_export.errors import IFPError
@@ -59,6 +61,11 @@ class Variant:
     routing_accuracy: float | None = None
     fold_error: float | None = None
 
+    @property
+    def kept(self) -> torch.Tensor:
+        """[L, k] ascending kept neuron indices (int64): what the targets gather this variant's FFN slices by."""
+        return torch.stack([row.nonzero().flatten() for row in self.mask])
+
 
 @dataclass
 class ExportContext:
@@ -75,6 +82,20 @@ class ExportContext:
     emitted: dict[str, Any] = field(default_factory=dict)  # target name -> what its emit pass wrote
     report: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
+
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        """A progress bar for long work (tensors written, models validated); `advance(n)` moves it by n.
+
+        Drawn only on a terminal, so logs, `--json` and CI output stay clean.
+        """
+        if not self.console.is_terminal:
+            yield lambda n=1: None
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
 
     def require(self, attribute: str, by: str) -> Any:
         value = getattr(self, attribute)
