@@ -27,6 +27,7 @@ from ifp_export.fsutil import read_json, write_json
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import load_decoder
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor, load_predictor, save_predictor
+from ifp_export.weights import ModuleWeights, WeightSource
 
 FORMAT = "ifp-checkpoint"
 FORMAT_VERSION = 1
@@ -58,6 +59,11 @@ class Checkpoint:
     @property
     def k_per_layer(self) -> list[int]:
         return list(self.spec["k_per_layer"])
+
+    @property
+    def weights(self) -> WeightSource:
+        """The backbone's weights, one tensor at a time: what the targets build and bind from."""
+        return ModuleWeights(self.backbone)
 
     @property
     def temperature(self) -> float:
