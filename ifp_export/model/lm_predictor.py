@@ -169,7 +169,7 @@ def read_lm_config(directory: Path, raw: dict[str, Any]) -> LMPredictorConfig:
     unknown = sorted(set(raw) - {"format", "lm", "max_length", "head"})
     if unknown:
         raise IFPError(f"unknown predictor config field {unknown[0]!r}", path, "remove it")
-    lm = read_config(directory / LM_DIR)
+    lm = read_lm_dir_config(directory / LM_DIR)
     head = HeadConfig.from_dict(raw.get("head"), path)
     try:
         max_length = _int(raw.get("max_length"))
@@ -182,6 +182,12 @@ def read_lm_config(directory: Path, raw: dict[str, Any]) -> LMPredictorConfig:
             "fix config.json",
         )
     return LMPredictorConfig(lm, head, max_length)
+
+
+def read_lm_dir_config(lm_dir: Path) -> DecoderConfig:
+    if not lm_dir.is_dir():
+        raise IFPError("predictor LM directory not found", lm_dir, "give the predictor a save_pretrained LM directory")
+    return read_config(lm_dir)
 
 
 def load_lm_body(lm_dir: Path, cfg: DecoderConfig) -> DecoderModel:
@@ -225,7 +231,7 @@ def load_lm_predictor(directory: str | Path, raw: dict[str, Any]) -> LMPredictor
 
 def new_lm_predictor(lm_dir: Path, head: HeadConfig, seed: int) -> LMPredictor:
     """The HF LM in `lm_dir` with a freshly initialized head (PyTorch's default Linear init, seeded)."""
-    lm = read_config(lm_dir)
+    lm = read_lm_dir_config(lm_dir)
     body = load_lm_body(lm_dir, lm)
     torch.manual_seed(seed)
     cfg = LMPredictorConfig(lm, head, min(DEFAULT_MAX_LENGTH, lm.max_position_embeddings))
