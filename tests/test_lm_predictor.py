@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import assert_one_line_ifp_error, edit_config, left_padded_batch, make_hf_model, save_hf_model
+from helpers import assert_one_line_ifp_error, edit_config, left_padded_batch, make_hf_model, save_hf_model, snapshot
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from tiny import char_tokenizer, save_backbone, write_tasks
@@ -248,6 +248,28 @@ def test_broken_lm_predictor_is_one_line_error(ckpt: Path, breakage: str) -> Non
     damage, expected = BREAKAGES[breakage]
     damage(ckpt)
     assert_one_line_ifp_error(lambda: load_checkpoint(ckpt), str(ckpt / expected[0]), *expected[1:])
+
+
+def test_new_checkpoint_with_predictor_backbone_is_reproducible(tmp_path: Path) -> None:
+    save_backbone(tmp_path / "backbone")
+    hf_lm(tmp_path / "lm", "qwen2-tied")
+    tasks = write_tasks(tmp_path / "tasks.jsonl")
+    args = [
+        "--backbone",
+        str(tmp_path / "backbone"),
+        "--tasks",
+        str(tasks),
+        "--predictor-backbone",
+        str(tmp_path / "lm"),
+    ]
+    for name in ("a", "b", "c"):
+        main(["new-checkpoint", *args, "--seed", "1" if name == "c" else "0", "-o", str(tmp_path / name)])
+    a, b, c = (snapshot(tmp_path / name) for name in ("a", "b", "c"))
+    assert a == b
+    assert {k for k in a if a[k] != c[k]} == {"ifp.json", "predictor/head.safetensors"}  # the seed: head, description
+    copied, source = snapshot(tmp_path / "a" / "predictor" / "lm"), snapshot(tmp_path / "lm")
+    assert sorted(copied) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert all(source[name] == digest for name, digest in copied.items())  # the LM is copied byte for byte
 
 
 def test_predictor_lm_with_another_tokenizer_is_refused(tmp_path: Path) -> None:

@@ -202,7 +202,9 @@ def load_lm_body(lm_dir: Path, cfg: DecoderConfig) -> DecoderModel:
     path = weights_file(lm_dir)
     check_state(tensors, body.state_dict(), path, "save the predictor LM with save_pretrained")
     check_finite(tensors, path)
-    body.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
+    for name in list(tensors):  # one tensor at a time: a bf16 LM never exists twice (bf16 and fp32) in memory
+        tensors[name] = tensors[name].float()
+    body.load_state_dict(tensors, assign=True)
     body.rotary_emb.reset_parameters()
     return body
 
