@@ -29,7 +29,7 @@ from ifp_export.fsutil import check_finite, read_safetensors, write_json, write_
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import DecoderModel
 from ifp_export.model.hf_io import IGNORED_SUFFIXES, read_config, read_state_dict, weights_file
-from ifp_export.model.predictor import SparsityPredictor, check_state
+from ifp_export.model.predictor import SparsityPredictor, check_state, shapes
 
 LM_PREDICTOR_FORMAT = "ifp-lm-predictor"
 LM_DIR, HEAD_FILE = "lm", "head.safetensors"
@@ -110,13 +110,24 @@ class LMPredictorConfig:
         return {"format": LM_PREDICTOR_FORMAT, "lm": LM_DIR, "max_length": self.max_length, "head": self.head.to_dict()}
 
 
+def head_sizes(in_size: int, cfg: HeadConfig) -> list[int]:
+    return [in_size, *cfg.hidden_sizes, cfg.target_layers * cfg.target_intermediate_size]
+
+
+def head_shapes(in_size: int, cfg: HeadConfig) -> dict[str, tuple[int, ...]]:
+    """`MLPHead`'s state-dict shapes, by arithmetic (a config is checked against the file before any allocation)."""
+    pairs = itertools.pairwise(head_sizes(in_size, cfg))
+    return {
+        k: v for i, (a, b) in enumerate(pairs) for k, v in ((f"layers.{i}.weight", (b, a)), (f"layers.{i}.bias", (b,)))
+    }
+
+
 class MLPHead(nn.Module):
     """Linear layers with the activation between them; the last one outputs L * d_ff scores."""
 
     def __init__(self, in_size: int, cfg: HeadConfig) -> None:
         super().__init__()
-        sizes = [in_size, *cfg.hidden_sizes, cfg.target_layers * cfg.target_intermediate_size]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(head_sizes(in_size, cfg)))
         self.act = ACTIVATIONS[cfg.activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +211,7 @@ def load_lm_body(lm_dir: Path, cfg: DecoderConfig) -> DecoderModel:
     with torch.device("meta"):
         body = DecoderModel(cfg)
     path = weights_file(lm_dir)
-    check_state(tensors, body.state_dict(), path, "save the predictor LM with save_pretrained")
+    check_state(tensors, shapes(body), path, "save the predictor LM with save_pretrained")
     check_finite(tensors, path)
     for name in list(tensors):  # one tensor at a time: a bf16 LM never exists twice (bf16 and fp32) in memory
         tensors[name] = tensors[name].float()
@@ -223,9 +234,11 @@ def load_lm_predictor(directory: str | Path, raw: dict[str, Any]) -> LMPredictor
     body = load_lm_body(directory / LM_DIR, cfg.lm)
     path = directory / HEAD_FILE
     tensors = read_safetensors(path, "re-create the predictor (ifp-export new-checkpoint --predictor-backbone)")
-    with torch.device("meta"):
+    check_state(
+        tensors, head_shapes(cfg.lm.hidden_size, cfg.head), path, "make the head config and head.safetensors agree"
+    )
+    with torch.device("meta"):  # sizes now those of real tensors
         head = MLPHead(cfg.lm.hidden_size, cfg.head)
-    check_state(tensors, head.state_dict(), path, "make the head config and head.safetensors agree")
     check_finite(tensors, path)
     head.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
     return assemble(cfg, body, head)
