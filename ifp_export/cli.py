@@ -208,9 +208,7 @@ def inspect(output: Path, as_json: bool) -> None:
 @click.option(
     "--predictor-pooling",
     type=click.Choice(["last", "mean"]),
-    default="last",
-    show_default=True,
-    help="How the LM predictor's head pools the prompt: last real token or masked mean.",
+    help="How the LM predictor's head pools the prompt: last real token (default) or masked mean.",
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="New checkpoint directory.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
@@ -221,7 +219,7 @@ def new_checkpoint(
     tokenizer: Path | None,
     seed: int,
     predictor_backbone: Path | None,
-    predictor_pooling: str,
+    predictor_pooling: str | None,
     output: Path,
     force: bool,
 ) -> None:
@@ -229,8 +227,11 @@ def new_checkpoint(
     from ifp_export.checkpoint import create_checkpoint
     from ifp_export.staging import staged_directory
 
+    if predictor_pooling is not None and predictor_backbone is None:
+        raise IFPError("--predictor-pooling applies to an LM predictor only", None, "add --predictor-backbone LM_DIR")
+    pooling = predictor_pooling or "last"
     with staged_directory(output, force=force) as stage:
-        ckpt = create_checkpoint(backbone, tasks, stage, keep, tokenizer, seed, predictor_backbone, predictor_pooling)
+        ckpt = create_checkpoint(backbone, tasks, stage, keep, tokenizer, seed, predictor_backbone, pooling)
     click.echo(f"wrote {output} (k={ckpt.k_per_layer[0]} of {ckpt.backbone.config.intermediate_size} per layer)")
 
 

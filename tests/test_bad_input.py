@@ -308,6 +308,11 @@ def new_checkpoint_unsupported_predictor_backbone(w: World) -> tuple[list[str], 
     return new_checkpoint_args(w, "--predictor-backbone", str(lm)), ("lm/config.json", "model_type='gpt2'", "Fix:")
 
 
+def new_checkpoint_pooling_without_predictor_backbone(w: World) -> tuple[list[str], tuple[str, ...]]:
+    args = new_checkpoint_args(w, "--predictor-pooling", "mean")
+    return args, ("--predictor-pooling applies to an LM predictor only", "--predictor-backbone", "Fix:")
+
+
 def new_checkpoint_keep_zero(w: World) -> tuple[list[str], tuple[str, ...]]:
     return new_checkpoint_args(w, "--keep", "0"), ("keep ratio must be in (0, 1], got 0.0", "Fix: pass e.g. --keep")
 
@@ -435,6 +440,7 @@ CASES = [
     Case(new_checkpoint_unsupported_architecture),
     Case(new_checkpoint_missing_predictor_backbone),
     Case(new_checkpoint_unsupported_predictor_backbone),
+    Case(new_checkpoint_pooling_without_predictor_backbone),
     Case(new_checkpoint_keep_zero),
     Case(new_checkpoint_malformed_tasks),
     Case(new_checkpoint_missing_tasks),

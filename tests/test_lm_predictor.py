@@ -322,6 +322,13 @@ def test_export_predictor_onnx_matches_pytorch(lm_export: ExportContext) -> None
         reference = ckpt.predictor(ids, mask)
     relative = np.abs(scores - reference.numpy()).max() / max(1.0, float(reference.abs().max()))
     assert relative <= 1e-4, relative
+    shortest = int(mask.sum(-1).argmin())  # the most padded row, scored alone in ONNX: padding changes nothing
+    n = int(mask[shortest].sum())
+    alone = {
+        "input_ids": ids[shortest : shortest + 1, :n].numpy(),
+        "attention_mask": mask[shortest : shortest + 1, :n].numpy(),
+    }
+    assert np.abs(session.run(["scores"], alone)[0][0] - scores[shortest]).max() <= 1e-5
     masks = torch.stack([v.mask for v in lm_export.variants])
     expected_routes = routing_scores(reference, masks).argmax(-1).numpy()
     assert np.array_equal(variant_scores.argmax(-1), expected_routes)
