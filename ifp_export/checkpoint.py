@@ -300,11 +300,12 @@ def create_checkpoint(
         head = HeadConfig(cfg.num_hidden_layers, cfg.intermediate_size, pooling=pooling)
         predictor = new_lm_predictor(predictor_backbone, head, seed)
     copy_hf_dir(backbone_dir, out_dir / BACKBONE_DIR)
-    if isinstance(predictor, LMPredictor):
+    if predictor_backbone is not None:
         copy_hf_dir(predictor_backbone, out_dir / PREDICTOR_DIR / LM_DIR)
         save_head(predictor, out_dir / PREDICTOR_DIR)
     else:
         save_predictor(predictor, out_dir / PREDICTOR_DIR)
+    del backbone, predictor  # the check below loads both again: never hold two copies
     shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
     shutil.copyfile(tasks_path, out_dir / TASKS_FILE)
     untrained = "predictor" if predictor_backbone is None else f"head on the {predictor_backbone.name} predictor LM"
