@@ -1,10 +1,11 @@
 """The IFPruning checkpoint directory: read, validate, write. Safetensors and JSON only.
 
 CKPT/
-  ifp.json          {"format": "ifp-checkpoint", "format_version": 1, "k_per_layer": [...],
+  ifp.json          {"format": "ifp-checkpoint", "format_version": 2, "k_per_layer": [...],
                      "softtopk": {"temperature": ...}}
   backbone/         Hugging Face save_pretrained dir (config.json + model.safetensors)
-  predictor/        config.json + model.safetensors of the SparsityPredictor
+  predictor/        either config.json + model.safetensors of the SparsityPredictor (encoder), or, from
+                    format_version 2, an LM predictor: config.json + lm/ (HF dir) + head.safetensors
   tokenizer.json    a `tokenizers` tokenizer shared by backbone and predictor
   tasks.jsonl       calibration prompts, one {"task": ..., "prompt": ...} per line
 """
@@ -26,11 +27,22 @@ from ifp_export.errors import IFPError
 from ifp_export.fsutil import read_json, write_json
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import load_decoder
+from ifp_export.model.lm_predictor import (
+    LM_DIR,
+    LM_PREDICTOR_FORMAT,
+    HeadConfig,
+    LMPredictor,
+    Predictor,
+    load_lm_predictor,
+    new_lm_predictor,
+    save_head,
+)
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor, load_predictor, save_predictor
 from ifp_export.weights import ModuleWeights, WeightSource
 
 FORMAT = "ifp-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 2 added the LM predictor (predictor/config.json "ifp-lm-predictor")
+READABLE_VERSIONS = (1, 2)
 SPEC_FILE, BACKBONE_DIR, PREDICTOR_DIR, TOKENIZER_FILE, TASKS_FILE = (
     "ifp.json",
     "backbone",
@@ -52,7 +64,7 @@ class Checkpoint:
     root: Path
     spec: dict[str, Any]
     backbone: CausalLM
-    predictor: SparsityPredictor
+    predictor: Predictor
     tokenizer: Tokenizer
     tasks: list[TaskPrompt]
 
@@ -82,13 +94,29 @@ def read_spec(root: Path) -> dict[str, Any]:
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "top level"
         raise IFPError(f"invalid at {where}: {err.message}", path, "see README 'Checkpoint format'") from None
-    if spec["format_version"] != FORMAT_VERSION:
+    if spec["format_version"] not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
         raise IFPError(
-            f"format_version {spec['format_version']} is not supported (this ifp-export reads {FORMAT_VERSION})",
+            f"format_version {spec['format_version']} is not supported (this ifp-export reads {readable})",
             path,
-            "re-create the checkpoint with this version of ifp-export",
+            "use the ifp-export version that wrote the checkpoint, or re-create it with this one",
         )
     return spec
+
+
+def read_predictor(directory: Path, format_version: int) -> Predictor:
+    """The encoder (`ifp-sparsity-predictor`) or, from format_version 2, the LM predictor (`ifp-lm-predictor`)."""
+    path = directory / "config.json"
+    raw = read_json(path, "predictor config")
+    if not (isinstance(raw, dict) and raw.get("format") == LM_PREDICTOR_FORMAT):
+        return load_predictor(directory)
+    if format_version < 2:
+        raise IFPError(
+            f"an {LM_PREDICTOR_FORMAT!r} predictor needs ifp.json format_version 2, not {format_version}",
+            directory.parent / SPEC_FILE,
+            'set "format_version": 2 in ifp.json',
+        )
+    return load_lm_predictor(directory, raw)
 
 
 def read_tasks(path: Path) -> list[TaskPrompt]:
@@ -145,7 +173,7 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
         raise IFPError("checkpoint directory not found", root, "pass an IFPruning checkpoint directory")
     spec = read_spec(root)
     backbone = load_decoder(root / BACKBONE_DIR)
-    predictor = load_predictor(root / PREDICTOR_DIR)
+    predictor = read_predictor(root / PREDICTOR_DIR, spec["format_version"])
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     tasks = read_tasks(root / TASKS_FILE)
     check_consistency(root, spec, backbone, predictor, tokenizer)
@@ -153,7 +181,7 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
 
 
 def check_consistency(
-    root: Path, spec: dict[str, Any], backbone: CausalLM, predictor: SparsityPredictor, tokenizer: Tokenizer
+    root: Path, spec: dict[str, Any], backbone: CausalLM, predictor: Predictor, tokenizer: Tokenizer
 ) -> None:
     cfg, pcfg = backbone.config, predictor.config
     k = spec["k_per_layer"]
@@ -177,10 +205,12 @@ def check_consistency(
             root / PREDICTOR_DIR / "config.json",
             "re-create the predictor for this backbone",
         )
+    lm = isinstance(predictor, LMPredictor)
+    predictor_config = root / PREDICTOR_DIR / (LM_DIR if lm else "") / "config.json"
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     for name, size, where in (
         ("backbone", cfg.vocab_size, root / BACKBONE_DIR / "config.json"),
-        ("predictor", pcfg.vocab_size, root / PREDICTOR_DIR / "config.json"),
+        ("predictor", pcfg.vocab_size, predictor_config),
     ):
         if size < vocab:
             raise IFPError(
@@ -209,12 +239,46 @@ def keep_to_k(keep: float, intermediate_size: int, path: str | Path | None = Non
     return max(1, round(keep * intermediate_size))
 
 
+def copy_hf_dir(source: Path, destination: Path) -> None:
+    """A validated HF save_pretrained dir, byte for byte: config, weights (single file or index + shards)."""
+    destination.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        for shard in sorted(set(read_json(index)["weight_map"].values())):
+            shutil.copyfile(source / shard, destination / shard)
+
+
+def check_same_tokenizer(lm_dir: Path, tokenizer: Tokenizer) -> None:
+    """The predictor reads the backbone's token ids: an LM shipped with a different vocabulary is refused."""
+    path = lm_dir / TOKENIZER_FILE
+    if path.is_file() and read_tokenizer(path).get_vocab(with_added_tokens=True) != tokenizer.get_vocab(
+        with_added_tokens=True
+    ):
+        raise IFPError(
+            "the predictor LM's tokenizer differs from the backbone's (the predictor reads the same token ids)",
+            path,
+            "use a predictor LM trained with the backbone's tokenizer",
+        )
+
+
 def create_checkpoint(
-    backbone_dir: Path, tasks_path: Path, out_dir: Path, keep: float, tokenizer_path: Path | None = None, seed: int = 0
+    backbone_dir: Path,
+    tasks_path: Path,
+    out_dir: Path,
+    keep: float,
+    tokenizer_path: Path | None = None,
+    seed: int = 0,
+    predictor_backbone: Path | None = None,
+    pooling: str = "last",
 ) -> Checkpoint:
     """Wrap a HF backbone with a freshly initialized (seeded) predictor into `out_dir` (which must be empty).
 
-    The backbone files are copied byte for byte after validation; tasks.jsonl and the tokenizer likewise.
+    The predictor is our small encoder, or with `predictor_backbone` that HF LM plus a new MLP head (`pooling`
+    over the prompt: last token or masked mean). HF directories, tasks.jsonl and the tokenizer are copied byte
+    for byte after validation.
     """
     backbone = load_decoder(backbone_dir)
     tokenizer_path = tokenizer_path or backbone_dir / TOKENIZER_FILE
@@ -222,29 +286,33 @@ def create_checkpoint(
     read_tasks(tasks_path)
     cfg = backbone.config
     k = keep_to_k(keep, cfg.intermediate_size)
-    torch.manual_seed(seed)
-    predictor = SparsityPredictor(
-        PredictorConfig(
-            vocab_size=max(cfg.vocab_size, tokenizer.get_vocab_size(with_added_tokens=True)),
-            target_layers=cfg.num_hidden_layers,
-            target_intermediate_size=cfg.intermediate_size,
+    if predictor_backbone is None:
+        torch.manual_seed(seed)
+        predictor: Predictor = SparsityPredictor(
+            PredictorConfig(
+                vocab_size=max(cfg.vocab_size, tokenizer.get_vocab_size(with_added_tokens=True)),
+                target_layers=cfg.num_hidden_layers,
+                target_intermediate_size=cfg.intermediate_size,
+            )
         )
-    )
-    (out_dir / BACKBONE_DIR).mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"):
-        if (backbone_dir / name).is_file():
-            shutil.copyfile(backbone_dir / name, out_dir / BACKBONE_DIR / name)
-    index = backbone_dir / "model.safetensors.index.json"
-    if index.is_file():
-        for shard in sorted(set(read_json(index)["weight_map"].values())):
-            shutil.copyfile(backbone_dir / shard, out_dir / BACKBONE_DIR / shard)
-    save_predictor(predictor, out_dir / PREDICTOR_DIR)
+    else:
+        check_same_tokenizer(predictor_backbone, tokenizer)
+        head = HeadConfig(cfg.num_hidden_layers, cfg.intermediate_size, pooling=pooling)
+        predictor = new_lm_predictor(predictor_backbone, head, seed)
+    copy_hf_dir(backbone_dir, out_dir / BACKBONE_DIR)
+    if predictor_backbone is not None:
+        copy_hf_dir(predictor_backbone, out_dir / PREDICTOR_DIR / LM_DIR)
+        save_head(predictor, out_dir / PREDICTOR_DIR)
+    else:
+        save_predictor(predictor, out_dir / PREDICTOR_DIR)
+    del backbone, predictor  # the check below loads both again: never hold two copies
     shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
     shutil.copyfile(tasks_path, out_dir / TASKS_FILE)
+    untrained = "predictor" if predictor_backbone is None else f"head on the {predictor_backbone.name} predictor LM"
     write_spec(
         out_dir,
         [k] * cfg.num_hidden_layers,
         temperature=0.05,
-        description=f"untrained predictor (seed {seed}) over {backbone_dir.name}; train it before relying on routing",
+        description=f"untrained {untrained} (seed {seed}) over {backbone_dir.name}; train it before relying on routing",
     )
     return load_checkpoint(out_dir)

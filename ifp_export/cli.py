@@ -200,17 +200,38 @@ def inspect(output: Path, as_json: bool) -> None:
 @click.option("--keep", type=float, default=0.25, show_default=True, help="Fraction of FFN neurons kept per layer.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: BACKBONE/tokenizer.json).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the predictor's initialization.")
+@click.option(
+    "--predictor-backbone",
+    type=click.Path(path_type=Path),
+    help="HF save_pretrained dir of a small LM to use as the predictor (with a new MLP head); default: our encoder.",
+)
+@click.option(
+    "--predictor-pooling",
+    type=click.Choice(["last", "mean"]),
+    help="How the LM predictor's head pools the prompt: last real token (default) or masked mean.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="New checkpoint directory.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 def new_checkpoint(
-    backbone: Path, tasks: Path, keep: float, tokenizer: Path | None, seed: int, output: Path, force: bool
+    backbone: Path,
+    tasks: Path,
+    keep: float,
+    tokenizer: Path | None,
+    seed: int,
+    predictor_backbone: Path | None,
+    predictor_pooling: str | None,
+    output: Path,
+    force: bool,
 ) -> None:
     """Wrap a Hugging Face checkpoint with a fresh, untrained predictor, to try the export pipeline on it."""
     from ifp_export.checkpoint import create_checkpoint
     from ifp_export.staging import staged_directory
 
+    if predictor_pooling is not None and predictor_backbone is None:
+        raise IFPError("--predictor-pooling applies to an LM predictor only", None, "add --predictor-backbone LM_DIR")
+    pooling = predictor_pooling or "last"
     with staged_directory(output, force=force) as stage:
-        ckpt = create_checkpoint(backbone, tasks, stage, keep, tokenizer, seed)
+        ckpt = create_checkpoint(backbone, tasks, stage, keep, tokenizer, seed, predictor_backbone, pooling)
     click.echo(f"wrote {output} (k={ckpt.k_per_layer[0]} of {ckpt.backbone.config.intermediate_size} per layer)")
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from tokenizers import Tokenizer
 
-from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.model.lm_predictor import Predictor
 from ifp_export.model.softtopk import hard_topk_mask
 
 
@@ -33,7 +33,7 @@ def encode_prompts(
 
 @torch.no_grad()
 def predict_scores(
-    predictor: SparsityPredictor,
+    predictor: Predictor,
     tokenizer: Tokenizer,
     prompts: list[str],
     batch_size: int = 64,

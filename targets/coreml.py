@@ -487,6 +487,8 @@ class CoreMLPredictorRouter(PredictorRouter):
     minimum for padding; the encoder is bidirectional and has no sliding window."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(self.predictor, SparsityPredictor):  # the LM predictor builds its bias by arithmetic
+            return super().forward(input_ids, attention_mask)
         predictor, encoder = self.predictor, self.predictor.encoder
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         x = encoder.embed_tokens(input_ids)

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, edit_config, run_cli, snapshot
 from safetensors.torch import load_file, save_file
-from tiny import make_checkpoint
+from tiny import make_checkpoint, save_backbone
 
 from ifp_export.artifacts import MANIFEST_FILE
+from ifp_export.checkpoint import create_checkpoint
 from ifp_export.passes.manifest import sha256_file
 from ifp_export.pipeline import ExportContext
 
@@ -138,8 +139,8 @@ def export_corrupt_spec(w: World) -> tuple[list[str], tuple[str, ...]]:
 
 
 def export_wrong_format_version(w: World) -> tuple[list[str], tuple[str, ...]]:
-    edit_json(w.ckpt / "ifp.json", format_version=2)
-    return export_args(w), ("ifp.json", "format_version 2 is not supported", "Fix:")
+    edit_json(w.ckpt / "ifp.json", format_version=3)
+    return export_args(w), ("ifp.json", "format_version 3 is not supported", "Fix:")
 
 
 def export_truncated_safetensors(w: World) -> tuple[list[str], tuple[str, ...]]:
@@ -155,6 +156,46 @@ def export_wrong_tensor_shape(w: World) -> tuple[list[str], tuple[str, ...]]:
 def export_wrong_predictor_shape(w: World) -> tuple[list[str], tuple[str, ...]]:
     edit_tensors(w.ckpt / "predictor" / "model.safetensors", reshape_first)
     return export_args(w), ("predictor/model.safetensors", "shape", "Fix:")
+
+
+def predictor_lm(w: World) -> Path:
+    """A small HF LM (our writer; the backbone's tokenizer) to use as the predictor."""
+    path = w.tmp / "src" / "lm"
+    save_backbone(path, seed=1, intermediate_size=32)
+    return path
+
+
+def with_lm_predictor(w: World) -> None:
+    """Replace the case's checkpoint by one whose predictor is an HF LM + MLP head (issue 17)."""
+    shutil.rmtree(w.ckpt)
+    w.ckpt.mkdir()
+    create_checkpoint(w.backbone, w.tasks, w.ckpt, 0.25, predictor_backbone=predictor_lm(w))
+
+
+def export_lm_predictor_head_shape(w: World) -> tuple[list[str], tuple[str, ...]]:
+    with_lm_predictor(w)
+    edit_tensors(w.ckpt / "predictor" / "head.safetensors", reshape_first)
+    return export_args(w), ("predictor/head.safetensors", "shape", "Fix:")
+
+
+def export_lm_predictor_nan_lm(w: World) -> tuple[list[str], tuple[str, ...]]:
+    with_lm_predictor(w)
+    lm_weights = w.ckpt / "predictor" / "lm" / "model.safetensors"
+    edit_tensors(lm_weights, lambda t: t["model.norm.weight"].fill_(float("nan")))  # not lm_head: unused, ignored
+    return export_args(w), ("predictor/lm/model.safetensors", "NaN or Inf", "Fix:")
+
+
+def export_lm_predictor_bad_pooling(w: World) -> tuple[list[str], tuple[str, ...]]:
+    with_lm_predictor(w)
+    config = json.loads((w.ckpt / "predictor" / "config.json").read_text())
+    edit_json(w.ckpt / "predictor" / "config.json", head={**config["head"], "pooling": "max"})
+    return export_args(w), ("predictor/config.json", "pooling 'max' is not supported", "Fix:")
+
+
+def export_lm_predictor_in_version_1(w: World) -> tuple[list[str], tuple[str, ...]]:
+    with_lm_predictor(w)
+    edit_json(w.ckpt / "ifp.json", format_version=1)
+    return export_args(w), ("ifp.json", "needs ifp.json format_version 2", "Fix:")
 
 
 def export_nan_weights(w: World) -> tuple[list[str], tuple[str, ...]]:
@@ -253,6 +294,23 @@ def new_checkpoint_pickle_backbone(w: World) -> tuple[list[str], tuple[str, ...]
 def new_checkpoint_unsupported_architecture(w: World) -> tuple[list[str], tuple[str, ...]]:
     edit_config(w.backbone, model_type="mamba")
     return new_checkpoint_args(w), ("config.json", "model_type='mamba'", "Fix:")
+
+
+def new_checkpoint_missing_predictor_backbone(w: World) -> tuple[list[str], tuple[str, ...]]:
+    missing = w.tmp / "no-such-lm"
+    args = new_checkpoint_args(w, "--predictor-backbone", str(missing))
+    return args, (str(missing), "predictor LM directory not found", "Fix:")
+
+
+def new_checkpoint_unsupported_predictor_backbone(w: World) -> tuple[list[str], tuple[str, ...]]:
+    lm = predictor_lm(w)
+    edit_config(lm, model_type="gpt2")
+    return new_checkpoint_args(w, "--predictor-backbone", str(lm)), ("lm/config.json", "model_type='gpt2'", "Fix:")
+
+
+def new_checkpoint_pooling_without_predictor_backbone(w: World) -> tuple[list[str], tuple[str, ...]]:
+    args = new_checkpoint_args(w, "--predictor-pooling", "mean")
+    return args, ("--predictor-pooling applies to an LM predictor only", "--predictor-backbone", "Fix:")
 
 
 def new_checkpoint_keep_zero(w: World) -> tuple[list[str], tuple[str, ...]]:
@@ -358,6 +416,10 @@ CASES = [
     Case(export_truncated_safetensors),
     Case(export_wrong_tensor_shape),
     Case(export_wrong_predictor_shape),
+    Case(export_lm_predictor_head_shape),
+    Case(export_lm_predictor_nan_lm),
+    Case(export_lm_predictor_bad_pooling),
+    Case(export_lm_predictor_in_version_1),
     Case(export_nan_weights),
     Case(export_inf_predictor_weights),
     Case(export_unsupported_architecture),
@@ -376,6 +438,9 @@ CASES = [
     Case(export_no_write_permission),
     Case(new_checkpoint_pickle_backbone),
     Case(new_checkpoint_unsupported_architecture),
+    Case(new_checkpoint_missing_predictor_backbone),
+    Case(new_checkpoint_unsupported_predictor_backbone),
+    Case(new_checkpoint_pooling_without_predictor_backbone),
     Case(new_checkpoint_keep_zero),
     Case(new_checkpoint_malformed_tasks),
     Case(new_checkpoint_missing_tasks),
