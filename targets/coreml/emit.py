@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ with quiet():
     from coremltools.converters.mil.mil import types
     from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline, PassPipelineManager
 
+QUANTIZER_COUNTER = re.compile(r"(_quantized_(?:data|scale|offset))_\d+$")
 SPEC_VERSION = 9  # iOS 18: states, multifunction, int4
 
 Progress = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
@@ -95,21 +97,21 @@ def blob_bytes(op: Any) -> int:
     return (var.val.size + 1) // 2 if var.dtype in (types.int4, types.uint4) else var.val.nbytes
 
 
-def assign_weight_ids(fn: Any, function: str, shared: set[str]) -> tuple[int, int]:
+def assign_weight_ids(fn: Any, function: str, shared: set[str]) -> dict[str, int]:
     """Shared consts (and the data/scales quantization made of them) get their name as `weight_id`, so every
-    function points at one blob; the rest are qualified by the function. Returns the weight.bin bytes of the
-    (shared, own) consts."""
-    sizes = [0, 0]
+    function points at one blob; the rest are qualified by the function. Returns weight_id -> weight.bin bytes."""
+    sizes = {}
     for op in fn.operations:
         if op.op_type != "const":
             continue
-        is_shared = op.name.split(QUANTIZED_SUFFIX)[0] in shared or op.name.startswith(ZEROS_PREFIX + "_")
         if op.name.startswith(ZEROS_PREFIX + "_"):  # zero biases: one blob per width
             op.weight_id = f"{ZEROS_PREFIX}_{op.outputs[0].val.size}"
+        elif op.name.split(QUANTIZED_SUFFIX)[0] in shared:  # the quantizer numbers its consts across calls
+            op.weight_id = QUANTIZER_COUNTER.sub(r"\1", op.name)
         else:
-            op.weight_id = op.name if is_shared else f"{function}::{op.name}"
-        sizes[0 if is_shared else 1] += blob_bytes(op)
-    return sizes[0], sizes[1]
+            op.weight_id = f"{function}::{op.name}"
+        sizes[op.weight_id] = blob_bytes(op)
+    return sizes
 
 
 def build_program(
@@ -126,7 +128,7 @@ def build_program(
     shared = SharedWeights.load(source, max_context)
     shared_names = set(shared.names())
     prog = mil.Program()
-    ideal = 0
+    sizes: dict[str, int] = {}
     with progress("Core ML functions", len(kept)) as advance:
         for name, indices in kept.items():
 
@@ -137,14 +139,13 @@ def build_program(
                 return array
 
             fn = run_passes(decoder_function(cfg, shared, ffn, max_context), quantize)
-            shared_bytes, own_bytes = assign_weight_ids(fn, name, shared_names)
-            ideal += own_bytes + (0 if prog.functions else shared_bytes)
+            sizes.update(assign_weight_ids(fn, name, shared_names))
             prog.add_function(name, fn)
             advance(1)
     prog.export_as_multifunction = True
     prog.skip_all_passes = True
     prog.default_function_name = default
-    return prog, ideal
+    return prog, sum(sizes.values())
 
 
 @dataclass
