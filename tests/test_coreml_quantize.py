@@ -56,7 +56,7 @@ def models() -> tuple[CausalLM, dict[str, CausalLM], SparsityPredictor, torch.Te
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def quantized(request: pytest.FixtureRequest, models, tmp_path_factory: pytest.TempPathFactory):
-    dense, folded, predictor, masks = models
+    dense, _, predictor, masks = models
     directory = tmp_path_factory.mktemp(request.param) / "coreml"
     art = coreml.emit(directory, ModuleWeights(dense), kept(masks), predictor, masks, quantize=request.param)
     return request.param, art
@@ -132,7 +132,7 @@ def test_quantization_ops_cover_every_linear_and_ffn_weight(quantized, models) -
 
 def test_quantized_package_is_smaller_and_shared_weights_stored_once(quantized, models) -> None:
     """weight.bin vs the fp16 ideal (shared once + every function's FFN slices); the dedup ratio against the
-    honest ideal: every distinct quantized blob (data, scales, fp16 norms) once, measured before the merge."""
+    honest ideal: every distinct quantized blob (data, scales, fp16 norms) once, counted from the program."""
     mode, art = quantized
     fp16 = fp16_ideal(models)
     assert art.weights_bytes < (0.55 if mode == "int8" else 0.32) * fp16, (art.weights_bytes, fp16)
@@ -179,7 +179,7 @@ def test_quantized_emit_is_reproducible(quantized, models, tmp_path: Path) -> No
     mode, art = quantized
     if mode != "int4":
         pytest.skip("one mode is enough to show reproducibility (each emit takes ~10 s)")
-    dense, folded, predictor, masks = models
+    dense, _, predictor, masks = models
     again = coreml.emit(tmp_path / "coreml", ModuleWeights(dense), kept(masks), predictor, masks, quantize=mode)
 
     def digests(root: Path) -> dict[str, str]:
@@ -190,7 +190,7 @@ def test_quantized_emit_is_reproducible(quantized, models, tmp_path: Path) -> No
 
 
 def test_unknown_mode_is_refused(models, tmp_path: Path) -> None:
-    dense, folded, predictor, masks = models
+    dense, _, predictor, masks = models
     with pytest.raises(ValueError, match="quantize"):
         coreml.emit(tmp_path / "coreml", ModuleWeights(dense), kept(masks), predictor, masks, quantize="int2")
     assert not (tmp_path / "coreml").exists()
