@@ -118,6 +118,10 @@ def _decoder_body(cfg, shared, ffn, ids, mask, key_state, value_state):
     sin = mb.expand_dims(x=mb.gather(x=sin_table, indices=positions, axis=0), axes=[0, 1])
     x = mb.gather(x=embed, indices=ids, axis=0)  # [1, T, hidden]
     zero = np.zeros(1, np.int32)
+    # read each cache once and thread its value through the layers' writes: separate read_state ops per layer
+    # would be identical to coremltools' common-subexpression pass, which merges them, so a later layer would
+    # write back a copy read before an earlier layer's update (losing it)
+    caches = {"key": mb.read_state(input=key_state), "value": mb.read_state(input=value_state)}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         y = rms_norm(x, weight(shared, p + "input_layernorm.weight"), cfg.rms_norm_eps)
@@ -128,10 +132,8 @@ def _decoder_body(cfg, shared, ffn, ids, mask, key_state, value_state):
         begin = mb.concat(values=[np.array([i, 0, 0], np.int32), past, zero], axis=0)
         end = mb.concat(values=[np.array([i + 1, 1, kvh], np.int32), total, np.array([d], np.int32)], axis=0)
         prefix_begin = np.array([i, 0, 0, 0, 0], np.int32)
-        keys, values = (
-            _cache_write(state, new, begin, end, prefix_begin, kvh, d, h)
-            for state, new in ((key_state, k), (value_state, v))
-        )
+        caches["key"], keys = _cache_write(key_state, caches["key"], k, begin, end, prefix_begin, kvh, d, h)
+        caches["value"], values = _cache_write(value_state, caches["value"], v, begin, end, prefix_begin, kvh, d, h)
         out = mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=mask)
         out = mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[1, -1, h * d])
         x = mb.add(x=x, y=_linear(out, shared, p + "self_attn.o_proj", cfg.o_bias))
@@ -167,17 +169,16 @@ def _heads(x, heads, d):
     return mb.transpose(x=mb.reshape(x=x, shape=[1, -1, heads, d]), perm=[0, 2, 1, 3])
 
 
-def _cache_write(state, new, begin, end, prefix_begin, kvh, d, heads):
-    """Write `new` [1, KVH, T, D] into the layer's cache rows P..P+T-1 (in place), return the prefix
-    0..P+T-1 repeated per query group: [1, H, P+T, D]."""
-    cache = mb.read_state(input=state)
+def _cache_write(state, cache, new, begin, end, prefix_begin, kvh, d, heads):
+    """Write `new` [1, KVH, T, D] into the layer's rows P..P+T-1 of `cache` (the state's current value) and the
+    state; return the new value and the prefix 0..P+T-1 repeated per query group: [1, H, P+T, D]."""
     updated = mb.slice_update(x=cache, update=mb.expand_dims(x=new, axes=[0]), begin=begin, end=end)
-    mb.coreml_update_state(state=state, value=updated)
-    prefix = mb.slice_by_index(x=updated, begin=prefix_begin, end=end)  # [1, 1, KVH, P+T, D]
+    written = mb.coreml_update_state(state=state, value=updated)
+    prefix = mb.slice_by_index(x=written, begin=prefix_begin, end=end)  # [1, 1, KVH, P+T, D]
     prefix = mb.reshape(x=prefix, shape=[1, kvh, 1, -1, d])
     if heads != kvh:
         prefix = mb.tile(x=prefix, reps=[1, 1, heads // kvh, 1, 1])
-    return mb.reshape(x=prefix, shape=[1, heads, -1, d])
+    return written, mb.reshape(x=prefix, shape=[1, heads, -1, d])
 
 
 def rms_norm(x, w, eps: float):
