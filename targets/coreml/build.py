@@ -91,6 +91,7 @@ def decoder_function(cfg: DecoderConfig, shared: SharedWeights, ffn: FFNWeights,
         DECODER_STATES[0]: mb.StateTensorSpec(cache, dtype=types.fp16),
         DECODER_STATES[1]: mb.StateTensorSpec(cache, dtype=types.fp16),
     }
+    mb.name_count.clear()  # op names come from a process-wide counter: restart it, so same inputs -> same spec
     with Function(specs, opset_version=ct.target.iOS18) as fn:
         ids, mask, key_state, value_state = (fn.inputs[n] for n in specs)
         fn.set_outputs([_decoder_body(cfg, shared, ffn, ids, mask, key_state, value_state)])
