@@ -23,6 +23,7 @@ from ifp_export.model.predictor import PredictorConfig, SparsityPredictor
 from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets import coreml
+from ifp_export.targets.coreml import numerics
 from ifp_export.targets.onnx import DENSE_NAME, weight_bytes
 from ifp_export.weights import ModuleWeights, is_ffn
 
@@ -169,6 +170,29 @@ def test_tampered_ffn_weight_fails_validation(exported: ExportContext, tmp_path:
     rows = {r.function: r for r in coreml.check_decoder_package(tampered, reference)}
     assert not rows[name].ok
     assert all(r.ok for f, r in rows.items() if f != name)
+
+
+def test_norm_and_rope_structure_is_checked(exported: ExportContext, tmp_path: Path) -> None:
+    """Validation ties the package to the numerics emulation: the max-scaled fp16 norms are found in every
+    function and the stored RoPE table must equal the fp32 table rounded to fp16 (a shifted table fails)."""
+    art = artifacts(exported)
+    spec = coreml.coremltools().utils.load_spec(str(art.decoder))
+    weights = coreml.package_weights_path(art.decoder).read_bytes()
+    cfg = exported.checkpoint.backbone.config
+    for name in art.functions:
+        assert numerics.check_numerics(spec, name, weights, cfg, art.max_context) == []
+    copy = tmp_path / "coreml"
+    shutil.copytree(art.directory, copy)
+    path = coreml.package_weights_path(copy / coreml.DECODER_PACKAGE)
+    data = bytearray(path.read_bytes())
+    _, start, size = coreml.blob_data_range(data, coreml.function_blobs(spec, name)["rope_cos_table"].offset)
+    table = np.frombuffer(bytes(data[start : start + size]), dtype="<f2").reshape(art.max_context, -1)
+    data[start : start + size] = np.roll(table, 1, axis=0).tobytes()  # positions off by one
+    path.write_bytes(bytes(data))
+    names = [v.name for v in exported.variants]
+    tampered = coreml.open_artifacts(copy, cfg.max_position_embeddings, names)
+    rows = coreml.check_decoder_package(tampered, coreml.reference_models(exported.checkpoint.backbone, kept(exported)))
+    assert all(not r.ok and any("rope_cos_table" in m for m in r.missing) for r in rows)
 
 
 def test_emit_is_reproducible(exported: ExportContext, tmp_path: Path, request: pytest.FixtureRequest) -> None:
