@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 from ifp_export.targets.coreml.package import coremltools, package_weights_path
 
 BLOB_SENTINEL = 0xDEADBEEF
+Weights = bytes | bytearray | mmap.mmap
 BLOB_DTYPES = {1: "<f2", 2: "<f4", 4: "i1"}  # MIL blob storage dtype codes: float16, float32, int8
 BLOB_INT4 = 8  # MIL blob storage dtype code of int4 (two per byte, low nibble first)
 
@@ -39,7 +41,7 @@ def function_blobs(spec: Any, function: str) -> dict[str, BlobRef]:
     return refs
 
 
-def blob_data_range(weights: bytes | bytearray, offset: int) -> tuple[int, int, int]:
+def blob_data_range(weights: Weights, offset: int) -> tuple[int, int, int]:
     """(dtype code, data offset, data size) of the blob whose metadata starts at `offset`.
 
     MIL blob storage v2: per blob a 64-byte metadata record `uint32 sentinel (0xDEADBEEF), uint32 dtype,
@@ -51,7 +53,7 @@ def blob_data_range(weights: bytes | bytearray, offset: int) -> tuple[int, int, 
     return dtype, data_offset, size
 
 
-def read_blob(weights: bytes | bytearray, ref: BlobRef) -> np.ndarray:
+def read_blob(weights: Weights, ref: BlobRef) -> np.ndarray:
     """The value of a blob-backed const (fp16, fp32, int8 or int4) as a numpy array of its shape."""
     dtype, start, size = blob_data_range(weights, ref.offset)
     raw = bytes(weights[start : start + size])
@@ -121,7 +123,7 @@ def function_quantized(spec: Any, function: str) -> dict[str, QuantizedRef]:
     return refs
 
 
-def dequantize(weights: bytes | bytearray, ref: QuantizedRef) -> tuple[np.ndarray, np.ndarray]:
+def dequantize(weights: Weights, ref: QuantizedRef) -> tuple[np.ndarray, np.ndarray]:
     """(weight, per-element scale) of a quantized weight, in fp32."""
 
     def array(value: BlobRef | np.ndarray | None) -> np.ndarray | None:
@@ -162,8 +164,14 @@ def distinct_blob_bytes(packages: list[Path]) -> int:
     ct = coremltools()
     seen: dict[tuple[int, str], int] = {}
     for package in packages:
-        weights = package_weights_path(package).read_bytes()
+        weights = open_weights(package)
         for offset in blob_offsets(ct.utils.load_spec(str(package))):
             dtype, start, size = blob_data_range(weights, offset)
             seen[(dtype, hashlib.sha256(weights[start : start + size]).hexdigest())] = size
     return sum(seen.values())
+
+
+def open_weights(package: Path) -> mmap.mmap:
+    """weight.bin of `package`, memory-mapped read-only: blobs are paged in as they are read, not all at once."""
+    with package_weights_path(package).open("rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

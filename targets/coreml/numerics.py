@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ifp_export.model.config import DecoderConfig
-from ifp_export.targets.coreml.blobs import function_blobs, read_blob
+from ifp_export.targets.coreml.blobs import Weights, function_blobs, read_blob
 from ifp_export.targets.coreml.build import NORM_FLOOR, ROPE_TABLES, rope_tables
 
 F16 = np.float16
@@ -58,7 +58,7 @@ def rope_fp32(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
 
-def check_numerics(spec: Any, function: str, weights: bytes, cfg: DecoderConfig, max_context: int) -> list[str]:
+def check_numerics(spec: Any, function: str, weights: Weights, cfg: DecoderConfig, max_context: int) -> list[str]:
     """Problems with one function's norm/RoPE in the spec: every rsqrt must be fed by the max-scaled chain
     (`NORM_CHAIN`, fp16), 2L+1 of them; no cos/sin op (no angles in the program); the RoPE tables stored equal
     to the fp32 tables rounded to fp16."""

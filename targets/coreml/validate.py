@@ -26,10 +26,12 @@ from ifp_export.quiet import quiet
 from ifp_export.targets.coreml.blobs import (
     BlobRef,
     QuantizedRef,
+    Weights,
     dequantize,
     distinct_blob_bytes,
     function_blobs,
     function_quantized,
+    open_weights,
     read_blob,
 )
 from ifp_export.targets.coreml.build import DECODER_STATES, const_name
@@ -120,7 +122,7 @@ def tolerance_text(quantize: str) -> str:
 
 
 def check_weights(
-    weights: bytes,
+    weights: Weights,
     refs: dict[str, BlobRef],
     model: nn.Module,
     const_name: Any,
@@ -197,7 +199,7 @@ def check_decoder_package(
             f"decoder.mlpackage has functions {list(described)} (default {spec.description.defaultFunctionName!r}),"
             f" expected {artifacts.functions} (default {artifacts.default_function!r})"
         )
-    weights = package_weights_path(artifacts.decoder).read_bytes()
+    weights = open_weights(artifacts.decoder)
     rows = []
     with progress("Core ML validation", len(artifacts.functions)) as advance:
         for name in artifacts.functions:
@@ -207,7 +209,7 @@ def check_decoder_package(
 
 
 def check_function(
-    spec: Any, weights: bytes, desc: Any, name: str, model: CausalLM, artifacts: CoreMLArtifacts
+    spec: Any, weights: Weights, desc: Any, name: str, model: CausalLM, artifacts: CoreMLArtifacts
 ) -> FunctionCheck:
     """One function's row of the table."""
     io = {
@@ -261,7 +263,7 @@ def check_predictor_package(
         ],
         "states": [],
     }
-    weights = package_weights_path(artifacts.predictor).read_bytes()
+    weights = open_weights(artifacts.predictor)
     refs = function_blobs(spec, "main")
     checked, _, worst, exact, missing, _, _ = check_weights(
         weights, refs, predictor, lambda n: "predictor_" + n.replace(".", "_"), set()
