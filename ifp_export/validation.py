@@ -40,5 +40,6 @@ def validate_output(output: Path, checkpoint: Path) -> ExportContext:
     ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, ctx.folded, manifest)
     if (output / coreml.COREML_DIR).is_dir():
         quantize = manifest.get("quantization", {}).get("coreml", "none")
-        ctx.emitted["coreml"] = coreml.open_artifacts(output / coreml.COREML_DIR, ckpt.backbone, ctx.folded, quantize)
+        max_positions = ckpt.backbone.config.max_position_embeddings
+        ctx.emitted["coreml"] = coreml.open_artifacts(output / coreml.COREML_DIR, max_positions, names, quantize)
     return ValidatePass().run(ctx)
