@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import read_json, write_json
 from ifp_export.model.decoder import CausalLM
-from ifp_export.model.hf_io import load_decoder
+from ifp_export.model.hf_io import check_weight_map, load_decoder
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor, load_predictor, save_predictor
 from ifp_export.weights import ModuleWeights, WeightSource
 
@@ -236,7 +236,7 @@ def create_checkpoint(
             shutil.copyfile(backbone_dir / name, out_dir / BACKBONE_DIR / name)
     index = backbone_dir / "model.safetensors.index.json"
     if index.is_file():
-        for shard in sorted(set(read_json(index)["weight_map"].values())):
+        for shard in sorted(set(check_weight_map(read_json(index), index).values())):
             shutil.copyfile(backbone_dir / shard, out_dir / BACKBONE_DIR / shard)
     save_predictor(predictor, out_dir / PREDICTOR_DIR)
     shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)

@@ -172,6 +172,23 @@ def export_unsupported_architecture(w: World) -> tuple[list[str], tuple[str, ...
     return export_args(w), ("backbone/config.json", "unsupported architecture model_type='gpt2'", "Fix:")
 
 
+def export_llama3_rope_without_low_freq_factor(w: World) -> tuple[list[str], tuple[str, ...]]:
+    rope = {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    edit_config(w.ckpt / "backbone", rope_scaling=rope)
+    return export_args(w), ("backbone/config.json", "rope_scaling.low_freq_factor is missing", "Fix:")
+
+
+def export_fractional_heads(w: World) -> tuple[list[str], tuple[str, ...]]:
+    edit_config(w.ckpt / "backbone", num_attention_heads=4.7)
+    return export_args(w), ("backbone/config.json", "num_attention_heads must be an integer", "Fix:")
+
+
+def export_weight_map_value_not_a_file_name(w: World) -> tuple[list[str], tuple[str, ...]]:
+    index = w.ckpt / "backbone" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": 3, "model.norm.weight": "model.safetensors"}}))
+    return export_args(w), (str(index), "'lm_head.weight' is 3", "Fix:")
+
+
 def export_k_above_d_ff(w: World) -> tuple[list[str], tuple[str, ...]]:
     edit_json(w.ckpt / "ifp.json", k_per_layer=[12, 49])
     return export_args(w), ("ifp.json", "49 is outside 1..d_ff=48", "Fix:")
@@ -361,6 +378,9 @@ CASES = [
     Case(export_nan_weights),
     Case(export_inf_predictor_weights),
     Case(export_unsupported_architecture),
+    Case(export_llama3_rope_without_low_freq_factor),
+    Case(export_fractional_heads),
+    Case(export_weight_map_value_not_a_file_name),
     Case(export_k_above_d_ff),
     Case(export_k_zero),
     Case(export_empty_tasks),
