@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import read_json, write_json
+from ifp_export.model.config import eos_token_ids, read_generation_config
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import check_weight_map, load_decoder
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor, load_predictor, save_predictor
@@ -55,6 +56,12 @@ class Checkpoint:
     predictor: SparsityPredictor
     tokenizer: Tokenizer
     tasks: list[TaskPrompt]
+    generation: dict[str, Any] = field(default_factory=dict)  # backbone/generation_config.json ({} if absent)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids of config.json and generation_config.json (`model.config.eos_token_ids`)."""
+        return eos_token_ids(self.backbone.config, self.generation)
 
     @property
     def k_per_layer(self) -> list[int]:
@@ -148,8 +155,9 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
     predictor = load_predictor(root / PREDICTOR_DIR)
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     tasks = read_tasks(root / TASKS_FILE)
+    generation = read_generation_config(root / BACKBONE_DIR)
     check_consistency(root, spec, backbone, predictor, tokenizer)
-    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks)
+    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks, generation)
 
 
 def check_consistency(

@@ -104,7 +104,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
         "tokenizer": {
             "file": TOKENIZER_FILE,
             "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id,
+            "eos_token_id": ckpt.eos_token_ids or None,
             "pad_token_id": cfg.pad_token_id,
         },
         "kv_cache": {

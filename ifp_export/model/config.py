@@ -277,6 +277,48 @@ def _sliding_window(raw: dict[str, Any], path: str | Path = "config.json") -> in
     return window
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def read_generation_config(hf_dir: Path) -> dict[str, Any]:
+    """The backbone's `generation_config.json` ({} if absent), its token ids checked like config.json's."""
+    from ifp_export.fsutil import read_json  # fsutil imports torch helpers; keep config.py light to import
+
+    path = Path(hf_dir) / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    raw = read_json(path, "generation config")
+    if not isinstance(raw, dict):
+        raise IFPError("generation config must be a JSON object", path, "re-save it with save_pretrained")
+    for key in ("bos_token_id", "pad_token_id"):
+        _token_ids(raw, key, path, many=False)
+    _token_ids(raw, "eos_token_id", path, many=True)
+    return raw
+
+
+def eos_token_ids(cfg: DecoderConfig, generation: dict[str, Any]) -> list[int]:
+    """Every end-of-sequence id: generation_config.json's (instruct models list end-of-turn tokens only there) then
+    config.json's, without repeats. Stopping on the union is what both files ask for."""
+    ids: list[int] = []
+    for value in (generation.get("eos_token_id"), cfg.eos_token_id):
+        for token in value if isinstance(value, list) else [] if value is None else [value]:
+            if token not in ids:
+                ids.append(token)
+    return ids
+
+
+def generation_config(cfg: DecoderConfig, generation: dict[str, Any]) -> dict[str, Any]:
+    """The `generation_config.json` written beside exported models (Optimum's `generate` reads it): bos/pad from
+    generation_config.json else config.json, eos = `eos_token_ids` (an int when there is one)."""
+    eos = eos_token_ids(cfg, generation)
+    raw = {
+        "bos_token_id": generation.get("bos_token_id", cfg.bos_token_id),
+        "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+        "pad_token_id": generation.get("pad_token_id", cfg.pad_token_id),
+    }
+    return {k: v for k, v in raw.items() if v is not None}
+
+
 def rope_inverse_frequencies(cfg: DecoderConfig) -> torch.Tensor:
     """RoPE inverse frequencies, computed exactly as `transformers` does (default, linear, llama3)."""
     dim = cfg.head_dim
