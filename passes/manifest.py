@@ -17,6 +17,7 @@ from typing import Any
 from ifp_export.artifacts import MANIFEST_FILE, SCHEMA_VERSION, check_manifest
 from ifp_export.checkpoint import TOKENIZER_FILE
 from ifp_export.fsutil import write_json
+from ifp_export.masks import TRUNCATION
 from ifp_export.passes.fold import KEPT_INDICES_FILE
 from ifp_export.passes.report import REPORT_FILE
 from ifp_export.pipeline import ExportContext
@@ -71,6 +72,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
     per_model: dict[str, dict[str, Any]] = {}
     predictor: dict[str, Any] = {
         "max_length": ckpt.predictor.config.max_length,
+        "truncation": TRUNCATION,
         "routing": {
             "rule": "standardize scores per layer, variant_scores = mean over layers of the mean standardized "
             "score of each variant's kept neurons; run the variant at argmax(variant_scores)",
