@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ifp_export.errors import IFPError
-from ifp_export.fsutil import read_json, write_json
+from ifp_export.fsutil import check_no_symlink_below, read_json, write_json
 from ifp_export.model.config import eos_token_ids, read_generation_config
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import check_weight_map, load_decoder
@@ -39,6 +39,7 @@ SPEC_FILE, BACKBONE_DIR, PREDICTOR_DIR, TOKENIZER_FILE, TASKS_FILE = (
     "tokenizer.json",
     "tasks.jsonl",
 )
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,27 @@ def read_tokenizer(path: Path) -> Tokenizer:
         raise IFPError(f"not a valid tokenizers file ({detail})", path, "re-save it with Tokenizer.save") from None
 
 
+def check_containment(root: Path) -> None:
+    """Every file the loader opens is a regular path inside the checkpoint: no symlink (to a file or a directory)
+    anywhere below `root`, shards of a sharded backbone included. `root` itself may be a symlink."""
+    fix = "copy the real file into the checkpoint directory instead of linking it"
+    files = [SPEC_FILE, TOKENIZER_FILE, TASKS_FILE]
+    for part in (BACKBONE_DIR, PREDICTOR_DIR):
+        files += [f"{part}/{name}" for name in (*HF_FILES, "model.safetensors.index.json")]
+    index = root / BACKBONE_DIR / "model.safetensors.index.json"
+    for relative in files:
+        check_no_symlink_below(root, root / relative, fix)
+    if index.is_file():
+        for shard in sorted(set(check_weight_map(read_json(index, "safetensors index"), index).values())):
+            check_no_symlink_below(root, root / BACKBONE_DIR / shard, fix)
+
+
 def load_checkpoint(root: str | Path) -> Checkpoint:
     """Read and cross-check every part of a checkpoint; any problem is one IFPError."""
     root = Path(root)
     if not root.is_dir():
         raise IFPError("checkpoint directory not found", root, "pass an IFPruning checkpoint directory")
+    check_containment(root)
     spec = read_spec(root)
     backbone = load_decoder(root / BACKBONE_DIR)
     predictor = load_predictor(root / PREDICTOR_DIR)
@@ -239,7 +256,7 @@ def create_checkpoint(
         )
     )
     (out_dir / BACKBONE_DIR).mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"):
+    for name in (*HF_FILES, "model.safetensors.index.json"):
         if (backbone_dir / name).is_file():
             shutil.copyfile(backbone_dir / name, out_dir / BACKBONE_DIR / name)
     index = backbone_dir / "model.safetensors.index.json"

@@ -189,6 +189,34 @@ def export_weight_map_value_not_a_file_name(w: World) -> tuple[list[str], tuple[
     return export_args(w), (str(index), "'lm_head.weight' is 3", "Fix:")
 
 
+def symlink_outside(w: World, relative: str) -> Path:
+    """Move ckpt/relative outside the checkpoint and leave a symlink to it: the content is valid, the place is not."""
+    inside, outside = w.ckpt / relative, w.tmp / ("outside-" + relative.replace("/", "-"))
+    shutil.move(inside, outside)
+    inside.symlink_to(outside)
+    return inside
+
+
+def export_tokenizer_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "tokenizer.json")
+    return export_args(w), ("tokenizer.json", "symlink", "Fix:")
+
+
+def export_tasks_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "tasks.jsonl")
+    return export_args(w), ("tasks.jsonl", "symlink", "Fix:")
+
+
+def export_weights_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "backbone/model.safetensors")
+    return export_args(w), ("backbone/model.safetensors", "symlink", "Fix:")
+
+
+def export_backbone_dir_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "backbone")
+    return export_args(w), ("backbone", "symlink", "Fix:")
+
+
 def export_k_above_d_ff(w: World) -> tuple[list[str], tuple[str, ...]]:
     edit_json(w.ckpt / "ifp.json", k_per_layer=[12, 49])
     return export_args(w), ("ifp.json", "49 is outside 1..d_ff=48", "Fix:")
@@ -381,6 +409,10 @@ CASES = [
     Case(export_llama3_rope_without_low_freq_factor),
     Case(export_fractional_heads),
     Case(export_weight_map_value_not_a_file_name),
+    Case(export_tokenizer_symlink_outside),
+    Case(export_tasks_symlink_outside),
+    Case(export_weights_symlink_outside),
+    Case(export_backbone_dir_symlink_outside),
     Case(export_k_above_d_ff),
     Case(export_k_zero),
     Case(export_empty_tasks),
