@@ -77,3 +77,15 @@ def test_inspect_json_lists_the_manifest(tiny_export: ExportContext, capsys: pyt
     code, out, err = run_cli(capsys, "inspect", str(tiny_export.workdir), "--json")
     assert code == 0, err
     assert [v["name"] for v in json.loads(out)["variants"]] == [v.name for v in tiny_export.variants]
+
+
+def test_predictor_onnx_applies_the_same_rule(tiny_export: ExportContext) -> None:
+    """predictor.onnx fed more than max_length tokens reads their first max_length, like the runtime and Core ML."""
+    runtime = Runtime(tiny_export.workdir, threads=1)
+    limit = runtime.output.manifest["predictor"]["max_length"]
+    ids = np.random.default_rng(0).integers(4, 40, (1, 3 * limit)).astype(np.int64)
+    run = runtime.predictor.run
+    full = run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    head = run(None, {"input_ids": ids[:, :limit], "attention_mask": np.ones_like(ids[:, :limit])})
+    for a, b in zip(full, head, strict=True):
+        assert np.array_equal(a, b)
