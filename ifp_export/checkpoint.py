@@ -242,6 +242,7 @@ def create_checkpoint(
     The backbone files are copied byte for byte after validation; tasks.jsonl and the tokenizer likewise.
     """
     backbone = load_decoder(backbone_dir)
+    read_generation_config(backbone_dir)  # refused here, naming the source, not the staged copy
     tokenizer_path = tokenizer_path or backbone_dir / TOKENIZER_FILE
     tokenizer = read_tokenizer(tokenizer_path)
     read_tasks(tasks_path)

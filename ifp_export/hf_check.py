@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ifp_export.checkpoint import BACKBONE_DIR, Checkpoint
 from ifp_export.fold import relative_difference
 from ifp_export.model.decoder import CausalLM
 
@@ -78,3 +79,13 @@ def check_against_transformers(
             worst = max(worst, relative_difference(our_logits, hf_out.logits))
     del hf
     return HFCheck(model_type, len(prompts), decode_steps, worst)
+
+
+def check_checkpoint(ckpt: Checkpoint, prompts: int = 2, **options: int) -> HFCheck:
+    """`check_against_transformers` on the checkpoint's backbone with the first calibration prompt of each of its
+    first `prompts` tasks: the one call the validate pass needs (it raises ValidationFailed when not `.ok`)."""
+    firsts: dict[str, str] = {}
+    for task in ckpt.tasks:
+        firsts.setdefault(task.task, task.prompt)
+    ids = [ckpt.tokenizer.encode(prompt).ids for prompt in list(firsts.values())[:prompts]]
+    return check_against_transformers(ckpt.root / BACKBONE_DIR, ckpt.backbone, [i for i in ids if i], **options)

@@ -300,6 +300,11 @@ def new_checkpoint_unsupported_architecture(w: World) -> tuple[list[str], tuple[
     return new_checkpoint_args(w), ("config.json", "model_type='mamba'", "Fix:")
 
 
+def new_checkpoint_bad_generation_config(w: World) -> tuple[list[str], tuple[str, ...]]:
+    (w.backbone / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
+    return new_checkpoint_args(w), (str(w.backbone / "generation_config.json"), "eos_token_id", "Fix:")
+
+
 def new_checkpoint_keep_zero(w: World) -> tuple[list[str], tuple[str, ...]]:
     return new_checkpoint_args(w, "--keep", "0"), ("keep ratio must be in (0, 1], got 0.0", "Fix: pass e.g. --keep")
 
@@ -428,6 +433,7 @@ CASES = [
     Case(export_no_write_permission),
     Case(new_checkpoint_pickle_backbone),
     Case(new_checkpoint_unsupported_architecture),
+    Case(new_checkpoint_bad_generation_config),
     Case(new_checkpoint_keep_zero),
     Case(new_checkpoint_malformed_tasks),
     Case(new_checkpoint_missing_tasks),

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 from helpers import make_hf_model, save_hf_model
+from tiny import make_checkpoint
 
-from ifp_export.hf_check import TOLERANCE, check_against_transformers
+from ifp_export.checkpoint import load_checkpoint
+from ifp_export.hf_check import TOLERANCE, check_against_transformers, check_checkpoint
 from ifp_export.model.hf_io import load_decoder
 
 PROMPTS = [[5, 17, 9, 33, 41, 8, 12, 60, 7, 22, 31, 3], [44, 3, 71]]
@@ -40,3 +42,9 @@ def test_large_models_are_skipped_with_a_reason(tmp_path: Path) -> None:
     result = check_against_transformers(tmp_path, load_decoder(tmp_path), PROMPTS, max_parameters=1000)
     assert result.ok and result.max_diff is None
     assert "parameters > 1,000" in result.skipped and "skipped" in result.summary()
+
+
+def test_check_checkpoint_uses_its_calibration_prompts(tmp_path: Path) -> None:
+    result = check_checkpoint(load_checkpoint(make_checkpoint(tmp_path)), decode_steps=2)
+    assert result.ok and result.skipped is None and result.prompts == 2 and result.decode_steps == 2
+    assert result.max_diff <= TOLERANCE
