@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ifp_export.errors import IFPError
+from ifp_export.fsutil import read_json
 
 SUPPORTED_MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -282,8 +283,6 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 def read_generation_config(hf_dir: Path) -> dict[str, Any]:
     """The backbone's `generation_config.json` ({} if absent), its token ids checked like config.json's."""
-    from ifp_export.fsutil import read_json  # fsutil imports torch helpers; keep config.py light to import
-
     path = Path(hf_dir) / GENERATION_CONFIG_FILE
     if not path.is_file():
         return {}
