@@ -24,9 +24,10 @@ import torch
 from tokenizers import Tokenizer
 
 from ifp_export.errors import IFPError
-from ifp_export.fsutil import read_json, write_json
+from ifp_export.fsutil import check_no_symlink_below, read_json, write_json
+from ifp_export.model.config import eos_token_ids, read_generation_config
 from ifp_export.model.decoder import CausalLM
-from ifp_export.model.hf_io import load_decoder
+from ifp_export.model.hf_io import check_weight_map, load_decoder
 from ifp_export.model.lm_predictor import (
     LM_DIR,
     LM_PREDICTOR_FORMAT,
@@ -50,6 +51,7 @@ SPEC_FILE, BACKBONE_DIR, PREDICTOR_DIR, TOKENIZER_FILE, TASKS_FILE = (
     "tokenizer.json",
     "tasks.jsonl",
 )
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,12 @@ class Checkpoint:
     predictor: Predictor
     tokenizer: Tokenizer
     tasks: list[TaskPrompt]
+    generation: dict[str, Any] = field(default_factory=dict)  # backbone/generation_config.json ({} if absent)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids of config.json and generation_config.json (`model.config.eos_token_ids`)."""
+        return eos_token_ids(self.backbone.config, self.generation)
 
     @property
     def k_per_layer(self) -> list[int]:
@@ -166,18 +174,35 @@ def read_tokenizer(path: Path) -> Tokenizer:
         raise IFPError(f"not a valid tokenizers file ({detail})", path, "re-save it with Tokenizer.save") from None
 
 
+def check_containment(root: Path) -> None:
+    """Every file the loader opens is a regular path inside the checkpoint: no symlink (to a file or a directory)
+    anywhere below `root`, shards of a sharded backbone included. `root` itself may be a symlink."""
+    fix = "copy the real file into the checkpoint directory instead of linking it"
+    files = [SPEC_FILE, TOKENIZER_FILE, TASKS_FILE]
+    for part in (BACKBONE_DIR, PREDICTOR_DIR):
+        files += [f"{part}/{name}" for name in (*HF_FILES, "model.safetensors.index.json")]
+    index = root / BACKBONE_DIR / "model.safetensors.index.json"
+    for relative in files:
+        check_no_symlink_below(root, root / relative, fix)
+    if index.is_file():
+        for shard in sorted(set(check_weight_map(read_json(index, "safetensors index"), index).values())):
+            check_no_symlink_below(root, root / BACKBONE_DIR / shard, fix)
+
+
 def load_checkpoint(root: str | Path) -> Checkpoint:
     """Read and cross-check every part of a checkpoint; any problem is one IFPError."""
     root = Path(root)
     if not root.is_dir():
         raise IFPError("checkpoint directory not found", root, "pass an IFPruning checkpoint directory")
+    check_containment(root)
     spec = read_spec(root)
     backbone = load_decoder(root / BACKBONE_DIR)
     predictor = read_predictor(root / PREDICTOR_DIR, spec["format_version"])
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     tasks = read_tasks(root / TASKS_FILE)
+    generation = read_generation_config(root / BACKBONE_DIR)
     check_consistency(root, spec, backbone, predictor, tokenizer)
-    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks)
+    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks, generation)
 
 
 def check_consistency(
@@ -242,12 +267,12 @@ def keep_to_k(keep: float, intermediate_size: int, path: str | Path | None = Non
 def copy_hf_dir(source: Path, destination: Path) -> None:
     """A validated HF save_pretrained dir, byte for byte: config, weights (single file or index + shards)."""
     destination.mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"):
+    for name in (*HF_FILES, "model.safetensors.index.json"):
         if (source / name).is_file():
             shutil.copyfile(source / name, destination / name)
     index = source / "model.safetensors.index.json"
     if index.is_file():
-        for shard in sorted(set(read_json(index)["weight_map"].values())):
+        for shard in sorted(set(check_weight_map(read_json(index), index).values())):
             shutil.copyfile(source / shard, destination / shard)
 
 
@@ -281,6 +306,7 @@ def create_checkpoint(
     for byte after validation.
     """
     backbone = load_decoder(backbone_dir)
+    read_generation_config(backbone_dir)  # refused here, naming the source, not the staged copy
     tokenizer_path = tokenizer_path or backbone_dir / TOKENIZER_FILE
     tokenizer = read_tokenizer(tokenizer_path)
     read_tasks(tasks_path)

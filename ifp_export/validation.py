@@ -31,7 +31,8 @@ def validate_output(output: Path, checkpoint: Path) -> ExportContext:
             )
     options = ExportOptions(checkpoint=checkpoint, output=output)
     ctx = ExportContext(options, workdir=output, console=Console(stderr=True))
-    ctx.checkpoint, ctx.k_per_layer = ckpt, ckpt.k_per_layer
+    # k is the output's (an export made with --keep differs from the checkpoint's ifp.json)
+    ctx.checkpoint, ctx.k_per_layer = ckpt, [int(manifest["model"]["k"])] * ckpt.backbone.config.num_hidden_layers
     for name, task, idx in kept:
         prompts = [i for i, t in enumerate(ckpt.tasks) if t.task == task] or list(range(len(ckpt.tasks)))
         ctx.variants.append(Variant(name, task, mask_from_indices(idx, d_ff), prompts))

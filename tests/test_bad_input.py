@@ -213,6 +213,51 @@ def export_unsupported_architecture(w: World) -> tuple[list[str], tuple[str, ...
     return export_args(w), ("backbone/config.json", "unsupported architecture model_type='gpt2'", "Fix:")
 
 
+def export_llama3_rope_without_low_freq_factor(w: World) -> tuple[list[str], tuple[str, ...]]:
+    rope = {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    edit_config(w.ckpt / "backbone", rope_scaling=rope)
+    return export_args(w), ("backbone/config.json", "rope_scaling.low_freq_factor is missing", "Fix:")
+
+
+def export_fractional_heads(w: World) -> tuple[list[str], tuple[str, ...]]:
+    edit_config(w.ckpt / "backbone", num_attention_heads=4.7)
+    return export_args(w), ("backbone/config.json", "num_attention_heads must be an integer", "Fix:")
+
+
+def export_weight_map_value_not_a_file_name(w: World) -> tuple[list[str], tuple[str, ...]]:
+    index = w.ckpt / "backbone" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": 3, "model.norm.weight": "model.safetensors"}}))
+    return export_args(w), (str(index), "'lm_head.weight' is 3", "Fix:")
+
+
+def symlink_outside(w: World, relative: str) -> Path:
+    """Move ckpt/relative outside the checkpoint and leave a symlink to it: the content is valid, the place is not."""
+    inside, outside = w.ckpt / relative, w.tmp / ("outside-" + relative.replace("/", "-"))
+    shutil.move(inside, outside)
+    inside.symlink_to(outside)
+    return inside
+
+
+def export_tokenizer_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "tokenizer.json")
+    return export_args(w), ("tokenizer.json", "symlink", "Fix:")
+
+
+def export_tasks_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "tasks.jsonl")
+    return export_args(w), ("tasks.jsonl", "symlink", "Fix:")
+
+
+def export_weights_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "backbone/model.safetensors")
+    return export_args(w), ("backbone/model.safetensors", "symlink", "Fix:")
+
+
+def export_backbone_dir_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "backbone")
+    return export_args(w), ("backbone", "symlink", "Fix:")
+
+
 def export_k_above_d_ff(w: World) -> tuple[list[str], tuple[str, ...]]:
     edit_json(w.ckpt / "ifp.json", k_per_layer=[12, 49])
     return export_args(w), ("ifp.json", "49 is outside 1..d_ff=48", "Fix:")
@@ -311,6 +356,11 @@ def new_checkpoint_unsupported_predictor_backbone(w: World) -> tuple[list[str], 
 def new_checkpoint_pooling_without_predictor_backbone(w: World) -> tuple[list[str], tuple[str, ...]]:
     args = new_checkpoint_args(w, "--predictor-pooling", "mean")
     return args, ("--predictor-pooling applies to an LM predictor only", "--predictor-backbone", "Fix:")
+
+
+def new_checkpoint_bad_generation_config(w: World) -> tuple[list[str], tuple[str, ...]]:
+    (w.backbone / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
+    return new_checkpoint_args(w), (str(w.backbone / "generation_config.json"), "eos_token_id", "Fix:")
 
 
 def new_checkpoint_keep_zero(w: World) -> tuple[list[str], tuple[str, ...]]:
@@ -423,6 +473,13 @@ CASES = [
     Case(export_nan_weights),
     Case(export_inf_predictor_weights),
     Case(export_unsupported_architecture),
+    Case(export_llama3_rope_without_low_freq_factor),
+    Case(export_fractional_heads),
+    Case(export_weight_map_value_not_a_file_name),
+    Case(export_tokenizer_symlink_outside),
+    Case(export_tasks_symlink_outside),
+    Case(export_weights_symlink_outside),
+    Case(export_backbone_dir_symlink_outside),
     Case(export_k_above_d_ff),
     Case(export_k_zero),
     Case(export_empty_tasks),
@@ -441,6 +498,7 @@ CASES = [
     Case(new_checkpoint_missing_predictor_backbone),
     Case(new_checkpoint_unsupported_predictor_backbone),
     Case(new_checkpoint_pooling_without_predictor_backbone),
+    Case(new_checkpoint_bad_generation_config),
     Case(new_checkpoint_keep_zero),
     Case(new_checkpoint_malformed_tasks),
     Case(new_checkpoint_missing_tasks),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,14 +25,24 @@ def read_config(hf_dir: Path) -> DecoderConfig:
     return DecoderConfig.from_hf_dict(raw, path)
 
 
+def check_weight_map(raw: Any, path: str | Path) -> dict[str, str]:
+    """The `weight_map` of a parsed `model.safetensors.index.json`: tensor name -> shard file name (strings only)."""
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise IFPError("safetensors index has no weight_map object", path, "re-save with save_pretrained")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise IFPError(
+                f"weight_map entry {name!r} is {shard!r}, not a shard file name", path, "re-save with save_pretrained"
+            )
+    return weight_map
+
+
 def read_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Tensors of `model.safetensors` or of a sharded `model.safetensors.index.json`."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        raw = read_json(index, "safetensors index")
-        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-        if not isinstance(weight_map, dict):
-            raise IFPError("safetensors index has no weight_map object", index, "re-save with save_pretrained")
+        weight_map = check_weight_map(read_json(index, "safetensors index"), index)
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = (hf_dir / shard).resolve()
