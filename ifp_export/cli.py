@@ -132,8 +132,8 @@ def export(
                 models = figures_of_failed_run(ctx, stage)
                 raise
             models = model_entries(ctx, stage)
-    except (IFPError, ValidationFailed) as err:
-        emit_results("export", output, ctx, models, err, as_json, junit)
+    except Exception as err:
+        emit_results("export", output, ctx, models, environment_failure(err) or err, as_json, junit)
         raise
     emit_results("export", output, ctx, models, None, as_json, junit)
     total = sum(seconds for _, seconds in ctx.timings)
@@ -246,8 +246,8 @@ def validate(output: Path, checkpoint: Path | None, as_json: bool, junit: Path |
             ctx.timings.append(("validate", time.perf_counter() - start))
             ctx.peak_rss["validate"] = peak_rss_bytes()
             models = figures_of_failed_run(ctx, output)
-    except (IFPError, ValidationFailed) as err:
-        emit_results("validate", output, ctx, models, err, as_json, junit)
+    except Exception as err:
+        emit_results("validate", output, ctx, models, environment_failure(err) or err, as_json, junit)
         raise
     emit_results("validate", output, ctx, models, None, as_json, junit)
     click.echo(f"{output}: all checks passed", err=as_json)
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         try:
             cli.main(args=argv, prog_name="ifp-export", standalone_mode=False)
-        except (OSError, MemoryError) as err:  # any writer's ENOSPC / an allocation failure: the environment
+        except Exception as err:  # any writer's ENOSPC (Python or C++) / an allocation failure: the environment
             failure = environment_failure(err)
             if failure is None:
                 raise

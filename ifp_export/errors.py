@@ -7,6 +7,7 @@ failed, 4 environment (out of disk or memory).
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_VALIDATION, EXIT_ENVIRONMENT = 0, 2, 3, 4
@@ -42,17 +43,33 @@ class ValidationFailed(Exception):
     exit_code = EXIT_VALIDATION
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_space(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in `err`: its errno, a `shutil.Error` batch (copytree), a C++ library's message
+    (coremltools, protobuf raise RuntimeError with the strerror text), or the exception it was raised from."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            return True
+        if any(os.strerror(code) in str(err) for code in NO_SPACE):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def environment_failure(err: BaseException, path: str | Path | None = None) -> EnvironmentFailure | None:
-    """The EnvironmentFailure an OSError / MemoryError stands for (ENOSPC, EDQUOT, ENOMEM), else None."""
-    if isinstance(err, MemoryError):
-        return EnvironmentFailure("out of memory", path, "free memory or run on a machine with more RAM")
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = path or err.filename
+    """The EnvironmentFailure `err` stands for (out of disk or memory), else None (not the environment's fault)."""
+    if isinstance(err, IFPError | ValidationFailed):
+        return None
+    if out_of_space(err):
         return EnvironmentFailure(
             "no space left on device (the previous output, if any, is unchanged)",
-            where,
+            path or getattr(err, "filename", None),
             "free disk space on the output's filesystem or choose another -o",
         )
-    if isinstance(err, OSError) and err.errno == errno.ENOMEM:
+    if isinstance(err, MemoryError) or (isinstance(err, OSError) and err.errno == errno.ENOMEM):
         return EnvironmentFailure("out of memory", path, "free memory or run on a machine with more RAM")
     return None

@@ -150,7 +150,7 @@ def staged_directory(
                 os.replace(target, retired / "previous")
                 os.replace(stage, target)
                 shutil.rmtree(retired, ignore_errors=True)
-    except (OSError, MemoryError) as err:
+    except Exception as err:
         failure = environment_failure(err, target)
         if failure is None:
             raise

@@ -301,7 +301,8 @@ def test_force_refuses_a_directory_that_is_not_a_verified_output(
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
     tampered = Path(shutil.copytree(tiny_export.workdir, tmp_path / "tampered"))
-    (tampered / "report.json").write_text("{}")
+    report = (tampered / "report.json").read_bytes()
+    (tampered / "report.json").write_bytes(report.replace(b"{", b"[", 1))  # same size, other bytes
     for target, needle in ((foreign, "manifest.json not found"), (tampered, "sha256")):
         before = snapshot(tmp_path)
         code, _, err = run_cli(capsys, "export", str(ckpt), "-o", str(target), "--force", "--until", "load")
