@@ -184,11 +184,12 @@ def test_preflight_refuses_with_exit_4_saying_needed_and_available(
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Path:
-    """A real 3 MB tmpfs (root in CI): writes past it fail with ENOSPC from whatever writer (Python, C++)."""
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A real tmpfs of `request.param` bytes (root in CI): writes past it fail with ENOSPC from whatever writer
+    (Python, C++)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)]
+    command = ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}): needs root / CAP_SYS_ADMIN")
@@ -196,24 +197,31 @@ def small_disk(tmp_path: Path) -> Path:
     subprocess.run(["umount", str(mount)], check=True)
 
 
+# A previous output (~2.0 MB) on a filesystem with ~0.5 MB left: the ONNX writers (Python appends to .onnx_data)
+# run out; with ~1 MB left ONNX fits and coremltools' package writing (copytree of C++-written packages) runs out.
+@pytest.mark.parametrize(("small_disk", "failing_pass"), [("2560k", "onnx"), ("3m", "coreml")], indirect=["small_disk"])
 def test_out_of_disk_mid_write_exits_4_and_keeps_previous_output(
     tiny_export: ExportContext,
     small_disk: Path,
+    failing_pass: str,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A previous output (~2 MB) on a 3 MB filesystem: the new export runs out of disk while writing its models
-    (the pre-flight is told there is room, as when another process fills the disk mid-run)."""
+    """The pre-flight is told there is room (as when another process fills the disk mid-run)."""
     monkeypatch.setattr("ifp_export.preflight.free_bytes", lambda _: 1 << 40)
     out = Path(shutil.copytree(tiny_export.workdir, small_disk / "out"))
     before = snapshot(out)
     checkpoint = tiny_export.checkpoint.root
     args = ["export", str(checkpoint), "-o", str(out), "--force", "--heldout", str(checkpoint / "tasks.jsonl")]
-    code, _, err = run_cli(capsys, *args, "--json")
+    code, stdout, err = run_cli(capsys, *args, "--json")
     lines = err.strip().splitlines()
     assert code == 4, err[-2000:]
     assert lines[-1].startswith("error: ") and "no space left on device" in lines[-1], lines[-1]
     assert "Traceback" not in err
+    done = [name for name in ("fold", "onnx", "coreml") if f"pass {name} done" in err]
+    assert failing_pass not in done and done[-1] == {"onnx": "fold", "coreml": "onnx"}[failing_pass], done
+    summary = check_summary(stdout)
+    assert summary["status"] == "environment" and summary["exit_code"] == 4
     assert snapshot(out) == before, "previous output changed"
     assert sorted(p.name for p in small_disk.iterdir()) == ["out"], "staging debris left on the full disk"
 
