@@ -11,6 +11,7 @@ targets own those records and may add or rename fields; a missing field becomes 
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,9 @@ def model_entries(ctx: Any, root: Path) -> list[dict[str, Any]]:
             entries.append(
                 {"name": name, "kind": kind, "target": target, "files": files, "checks": own, "verdict": verdict}
             )
+    uses = Counter(f["path"] for entry in entries for f in entry["files"])
+    for entry in entries:  # shared weights are stored once: a file several models reference is marked, not re-counted
+        entry["files"] = [{**f, "shared": uses[f["path"]] > 1} for f in entry["files"]]
     return entries
 
 
