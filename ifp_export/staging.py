@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import glob
 import os
 import shutil
 import tempfile
@@ -79,7 +80,7 @@ def reclaim_debris(target: Path) -> list[str]:
     A staging dir without its lock file is left alone: its owner cannot be told apart from a live run.
     """
     removed = []
-    for lock in sorted(target.parent.glob(f"{staging_prefix(target)}*{LOCK_SUFFIX}")):
+    for lock in sorted(target.parent.glob(f"{glob.escape(staging_prefix(target))}*{LOCK_SUFFIX}")):
         try:
             fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
