@@ -11,6 +11,7 @@ import click
 
 from ifp_export.errors import IFPError, ValidationFailed, environment_failure
 from ifp_export.fsutil import canonical_json
+from ifp_export.summary import build_summary, model_entries
 
 if TYPE_CHECKING:
     from ifp_export.pipeline import Pipeline
@@ -179,12 +180,6 @@ def previous_checkpoint(target: Path) -> None:
         ) from None
 
 
-def model_entries(ctx: object, root: Path) -> list:
-    from ifp_export.summary import model_entries as entries
-
-    return entries(ctx, root)
-
-
 def figures_of_failed_run(ctx: object, root: Path) -> list | None:
     """What a failed run had measured (its staging dir is about to be removed); None if even that fails: the
     original error, not this one, is what the user must see."""
@@ -206,8 +201,6 @@ def emit_results(
     """The JSON summary on stdout (--json) and the JUnit file (--junit), for success and failure alike."""
     if not (as_json or junit):
         return
-    from ifp_export.summary import build_summary
-
     summary = build_summary(command, output, ctx, models, error)
     if junit is not None:
         from ifp_export.junit import write_junit

@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -335,7 +336,8 @@ def test_exit_codes_in_help(capsys: pytest.CaptureFixture[str], command: list[st
 
 
 def test_github_actions_example_passes_actionlint() -> None:
-    actionlint = shutil.which("actionlint")
+    beside = Path(sys.executable).with_name("actionlint")  # the venv's, even when it is not on PATH
+    actionlint = str(beside) if beside.is_file() else shutil.which("actionlint")
     if actionlint is None:
         pytest.skip("actionlint is not installed: pip install -e '.[test]' provides it")
     workflow = REPO / "examples" / "ci" / "github-actions.yml"
