@@ -168,6 +168,18 @@ def test_preflight_estimate_is_within_stated_factor_of_a_real_export(cli_export:
     assert 0.9 <= estimate.onnx / onnx_real <= 1.3
 
 
+def test_preflight_estimate_covers_an_until_fold_export(
+    tiny_export: ExportContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--until fold` writes every variant as a Hugging Face checkpoint: another shape of output, also covered."""
+    checkpoint, out = tiny_export.checkpoint.root, tmp_path / "out"
+    code, _, err = run_cli(capsys, "export", str(checkpoint), "-o", str(out), "--until", "fold")
+    assert code == 0, err
+    real = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    estimate = estimate_export(checkpoint, None, None, "none", "static", "fold")
+    assert real <= estimate.total <= real + (512 << 10)  # fixed allowance (report, heatmap, tokenizer) of 256 KB
+
+
 def test_preflight_refuses_with_exit_4_saying_needed_and_available(
     tiny_export: ExportContext, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -347,3 +359,21 @@ def test_github_actions_example_passes_actionlint() -> None:
     for needle in ("cache: pip", "--junit", "ifp-export validate", "actions/upload-artifact"):
         assert needle in text
     assert "examples/ci/github-actions.yml" in (REPO / "README.md").read_text()
+
+
+def test_new_checkpoint_force_replaces_only_a_checkpoint(
+    tiny_export: ExportContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tiny_export.checkpoint.root.parent / "src"
+    args = ["new-checkpoint", "--backbone", str(src / "backbone"), "--tasks", str(src / "tasks.jsonl"), "-o"]
+    code, _, err = run_cli(capsys, *args, str(tmp_path / "ckpt"))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *args, str(tmp_path / "ckpt"), "--force", "--seed", "1")
+    assert code == 0, err  # a previous checkpoint is replaced
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, *args, str(notes), "--force")
+    assert_one_line_error(code, err, "--force replaces only an empty directory or a previous IFPruning checkpoint")
+    assert snapshot(tmp_path) == before
