@@ -5,11 +5,16 @@ from __future__ import annotations
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ifp_export.errors import IFPError, ValidationFailed
+from ifp_export.errors import IFPError, ValidationFailed, environment_failure
 from ifp_export.fsutil import canonical_json
+from ifp_export.summary import build_summary, model_entries
+
+if TYPE_CHECKING:
+    from ifp_export.pipeline import Pipeline
 
 DEFAULT_OUTPUT = Path("ifp-artifacts")
 
@@ -19,13 +24,22 @@ def bundled_sample() -> Path:
     return Path(str(resources.files("ifp_export.samples").joinpath("checkpoint")))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES = """\b
+Exit codes:
+  0  ok
+  2  bad input (one line on stderr: what, which file, how to fix)
+  3  validation failed (the export's own checks: an export bug, not your input)
+  4  environment: not enough disk (checked before any work) or out of disk / memory mid-run
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="ifp-export")
 def cli() -> None:
     """Export Instruction-Following Pruning (IFPruning) models as per-task pruned ONNX / Core ML variants."""
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT, show_default=True, help="Output dir."
@@ -53,9 +67,17 @@ def cli() -> None:
     show_default=True,
     help="dynamic: also emit onnx/dynamic.onnx, pruned per prompt from the predictor's own top-k (fp32 only).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the variants report as JSON on stdout.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
+)
+@click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Predictor batch size.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output directory (only after success).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing output, only if it is empty or a previous ifp-export output whose manifest verifies "
+    "(never the input checkpoint or a directory holding it); replaced only after success.",
+)
 def export(
     checkpoint: Path | None,
     output: Path,
@@ -66,58 +88,162 @@ def export(
     quantize: str,
     mode: str,
     as_json: bool,
+    junit: Path | None,
     batch_size: int,
     force: bool,
 ) -> None:
     """Run the export pipeline on CHECKPOINT (default: the bundled trained sample)."""
-    from ifp_export.passes import default_passes
-    from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
-    from ifp_export.staging import staged_directory
+    from ifp_export.pipeline import ExportContext, ExportOptions
+    from ifp_export.preflight import preflight
+    from ifp_export.staging import check_output_target, staged_directory
 
-    if variants is not None and variants < 1:
-        raise IFPError(f"--variants must be at least 1, got {variants}", None, "pass e.g. --variants 4")
-    if mode == "dynamic" and quantize != "none":
-        raise IFPError(
-            "--mode dynamic gathers fp32 FFN weights per prompt", None, "drop --quantize or use --mode static"
+    ctx: ExportContext | None = None
+    models: list | None = None
+    try:
+        if variants is not None and variants < 1:
+            raise IFPError(f"--variants must be at least 1, got {variants}", None, "pass e.g. --variants 4")
+        if mode == "dynamic" and quantize != "none":
+            raise IFPError(
+                "--mode dynamic gathers fp32 FFN weights per prompt", None, "drop --quantize or use --mode static"
+            )
+        if batch_size < 1:
+            raise IFPError(f"--batch-size must be at least 1, got {batch_size}", None, "pass e.g. --batch-size 64")
+        pipeline = export_pipeline(until)
+        if checkpoint is None:
+            checkpoint, heldout = bundled_sample(), heldout or bundled_sample().parent / "heldout.jsonl"
+        inputs = (checkpoint,) if heldout is None else (checkpoint, heldout)
+        check_output_target(output, force, inputs, replaceable=previous_export)
+        preflight(checkpoint, output, variants=variants, keep=keep, quantize=quantize, mode=mode, until=until)
+        options = ExportOptions(
+            checkpoint=checkpoint,
+            output=output,
+            keep=keep,
+            variants=variants,
+            heldout=heldout,
+            until=until,
+            batch_size=batch_size,
+            quantize=quantize,
+            mode=mode,
         )
-    if batch_size < 1:
-        raise IFPError(f"--batch-size must be at least 1, got {batch_size}", None, "pass e.g. --batch-size 64")
-    pipeline = Pipeline(default_passes())
-    pipeline.check_until(until)
-    if checkpoint is None:
-        checkpoint, heldout = bundled_sample(), heldout or bundled_sample().parent / "heldout.jsonl"
-    options = ExportOptions(
-        checkpoint=checkpoint,
-        output=output,
-        keep=keep,
-        variants=variants,
-        heldout=heldout,
-        until=until,
-        batch_size=batch_size,
-        quantize=quantize,
-        mode=mode,
-    )
-    with staged_directory(output, force=force) as stage:
-        ctx = pipeline.run(ExportContext(options=options, workdir=stage), until=until)
+        with staged_directory(output, force=force, checked=True) as stage:
+            ctx = ExportContext(options=options, workdir=stage)
+            try:
+                pipeline.run(ctx, until=until)
+            except BaseException:
+                models = figures_of_failed_run(ctx, stage)
+                raise
+            models = model_entries(ctx, stage)
+    except Exception as err:
+        emit_results("export", output, ctx, models, environment_failure(err) or err, as_json, junit)
+        raise
+    emit_results("export", output, ctx, models, None, as_json, junit)
     total = sum(seconds for _, seconds in ctx.timings)
-    if as_json:
-        click.echo(canonical_json(ctx.report), nl=False)
     click.echo(f"wrote {output} ({len(ctx.timings)} passes, {total:.1f}s)", err=as_json)
 
 
-@cli.command()
+def export_pipeline(until: str | None) -> Pipeline:
+    from ifp_export.passes import default_passes
+    from ifp_export.pipeline import Pipeline
+
+    pipeline = Pipeline(default_passes())
+    pipeline.check_until(until)
+    return pipeline
+
+
+def previous_export(target: Path) -> None:
+    """`--force` replaces a non-empty directory only if it is a previous ifp-export output that verifies."""
+    from ifp_export.artifacts import open_output
+
+    try:
+        open_output(target)
+    except IFPError as err:
+        raise IFPError(
+            f"--force replaces only an empty directory or a previous ifp-export output whose manifest verifies; "
+            f"this one does not ({err.what})",
+            target,
+            "choose another -o, or empty or remove the directory yourself",
+        ) from None
+
+
+def previous_checkpoint(target: Path) -> None:
+    """`new-checkpoint --force` replaces a non-empty directory only if it is an IFPruning checkpoint."""
+    from ifp_export.checkpoint import read_spec
+
+    try:
+        read_spec(target)
+    except IFPError as err:
+        raise IFPError(
+            f"--force replaces only an empty directory or a previous IFPruning checkpoint; this one is not "
+            f"({err.what})",
+            target,
+            "choose another -o, or empty or remove the directory yourself",
+        ) from None
+
+
+def figures_of_failed_run(ctx: object, root: Path) -> list | None:
+    """What a failed run had measured (its staging dir is about to be removed); None if even that fails: the
+    original error, not this one, is what the user must see."""
+    try:
+        return model_entries(ctx, root)
+    except Exception:
+        return None
+
+
+def emit_results(
+    command: str,
+    output: Path,
+    ctx: object | None,
+    models: list | None,
+    error: BaseException | None,
+    as_json: bool,
+    junit: Path | None,
+) -> None:
+    """The JSON summary on stdout (--json) and the JUnit file (--junit), for success and failure alike."""
+    if not (as_json or junit):
+        return
+    summary = build_summary(command, output, ctx, models, error)
+    if junit is not None:
+        from ifp_export.junit import write_junit
+
+        write_junit(junit, summary)
+    if as_json:
+        click.echo(canonical_json(summary), nl=False)
+
+
+@cli.command(epilog=EXIT_CODES)
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path),
     help="The checkpoint OUTPUT was exported from (default: the bundled sample).",
 )
-def validate(output: Path, checkpoint: Path | None) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
+)
+@click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
+def validate(output: Path, checkpoint: Path | None, as_json: bool, junit: Path | None) -> None:
     """Re-run the validation of an export in OUTPUT against its checkpoint (ONNX Runtime vs PyTorch)."""
-    from ifp_export.validation import validate_output
+    import time
 
-    validate_output(output, checkpoint or bundled_sample())
-    click.echo(f"{output}: all checks passed")
+    from ifp_export.passes.validate import ValidatePass
+    from ifp_export.pipeline import peak_rss_bytes
+    from ifp_export.validation import validation_context
+
+    ctx, models = None, None
+    try:
+        ctx = validation_context(output, checkpoint or bundled_sample())
+        start = time.perf_counter()
+        try:
+            ValidatePass().run(ctx)
+        finally:
+            ctx.timings.append(("validate", time.perf_counter() - start))
+            ctx.peak_rss["validate"] = peak_rss_bytes()
+            models = figures_of_failed_run(ctx, output)
+    except Exception as err:
+        emit_results("validate", output, ctx, models, environment_failure(err) or err, as_json, junit)
+        raise
+    emit_results("validate", output, ctx, models, None, as_json, junit)
+    click.echo(f"{output}: all checks passed", err=as_json)
 
 
 @cli.command()
@@ -230,7 +356,11 @@ def variant_own_files(manifest: dict, variant: dict) -> list[str]:
     help="How the LM predictor's head pools the prompt: last real token (default) or masked mean.",
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="New checkpoint directory.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing output, only if it is empty or a previous IFPruning checkpoint (never an input).",
+)
 def new_checkpoint(
     backbone: Path,
     tasks: Path,
@@ -249,15 +379,22 @@ def new_checkpoint(
     if predictor_pooling is not None and predictor_backbone is None:
         raise IFPError("--predictor-pooling applies to an LM predictor only", None, "add --predictor-backbone LM_DIR")
     pooling = predictor_pooling or "last"
-    with staged_directory(output, force=force) as stage:
+    inputs = [backbone, tasks, *(p for p in (tokenizer, predictor_backbone) if p is not None)]
+    with staged_directory(output, force=force, inputs=tuple(inputs), replaceable=previous_checkpoint) as stage:
         ckpt = create_checkpoint(backbone, tasks, stage, keep, tokenizer, seed, predictor_backbone, pooling)
     click.echo(f"wrote {output} (k={ckpt.k_per_layer[0]} of {ckpt.backbone.config.intermediate_size} per layer)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: IFPError -> one line on stderr, exit code 2 (click's own usage errors also exit 2)."""
+    """Entry point: every known failure is one line on stderr and its exit code (see EXIT_CODES)."""
     try:
-        cli.main(args=argv, prog_name="ifp-export", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="ifp-export", standalone_mode=False)
+        except Exception as err:  # any writer's ENOSPC (Python or C++) / an allocation failure: the environment
+            failure = environment_failure(err)
+            if failure is None:
+                raise
+            raise failure from None
     except IFPError as err:
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)

@@ -5,6 +5,8 @@ A pass has a `name` and `run(ctx) -> ctx`. `Pipeline.run(ctx, until=NAME)` stops
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -82,6 +84,8 @@ class ExportContext:
     emitted: dict[str, Any] = field(default_factory=dict)  # target name -> what its emit pass wrote
     report: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
+    peak_rss: dict[str, int] = field(default_factory=dict)  # pass name -> process peak RSS (bytes) at its end
+    made: dict[str, list[str]] = field(default_factory=dict)  # pass name -> files it added under workdir
 
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -102,6 +106,22 @@ class ExportContext:
         if value is None or (isinstance(value, list | dict) and not value):
             raise RuntimeError(f"pass {by!r} needs {attribute!r}; run the passes that produce it first")
         return value
+
+
+def files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (VmHWM; ru_maxrss where /proc is missing), in bytes."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 class Pass(Protocol):
@@ -125,11 +145,15 @@ class Pipeline:
     def run(self, ctx: ExportContext, until: str | None = None) -> ExportContext:
         """Run passes in order (stopping after `until`), recording each one's wall time."""
         self.check_until(until)
+        seen = files_under(ctx.workdir)
         for p in self.passes:
             start = time.perf_counter()
             ctx = p.run(ctx)
             seconds = time.perf_counter() - start
             ctx.timings.append((p.name, seconds))
+            ctx.peak_rss[p.name] = peak_rss_bytes()
+            now = files_under(ctx.workdir)
+            ctx.made[p.name], seen = sorted(now - seen), now
             ctx.console.log(f"pass [bold]{p.name}[/bold] done in {seconds:.2f}s")
             if p.name == until:
                 break

@@ -18,6 +18,12 @@ from ifp_export.targets import coreml, onnx
 
 
 def validate_output(output: Path, checkpoint: Path) -> ExportContext:
+    return ValidatePass().run(validation_context(output, checkpoint))
+
+
+def validation_context(output: Path, checkpoint: Path) -> ExportContext:
+    """The context `ValidatePass` checks OUT in (kept separate so a caller still has the figures it recorded
+    when validation fails)."""
     manifest = open_output(output).manifest  # schema, containment, sha256 of every file
     ckpt = load_checkpoint(checkpoint)
     d_ff = ckpt.backbone.config.intermediate_size
@@ -43,4 +49,4 @@ def validate_output(output: Path, checkpoint: Path) -> ExportContext:
         quantize = manifest.get("quantization", {}).get("coreml", "none")
         max_positions = ckpt.backbone.config.max_position_embeddings
         ctx.emitted["coreml"] = coreml.open_artifacts(output / coreml.COREML_DIR, max_positions, names, quantize)
-    return ValidatePass().run(ctx)
+    return ctx

@@ -316,6 +316,27 @@ def export_output_not_empty(w: World) -> tuple[list[str], tuple[str, ...]]:
     return export_args(w), (str(w.out), "not empty", "--force")
 
 
+def export_force_over_checkpoint(w: World) -> tuple[list[str], tuple[str, ...]]:
+    w.out = w.ckpt
+    return export_args(w, "--force"), ("is the input", "replacing it would delete the input", "Fix:")
+
+
+def export_force_over_parent_of_checkpoint(w: World) -> tuple[list[str], tuple[str, ...]]:
+    w.out = w.ckpt / ".."
+    return export_args(w, "--force"), ("contains the input", "Fix:")
+
+
+def export_force_over_foreign_dir(w: World) -> tuple[list[str], tuple[str, ...]]:
+    w.out.mkdir()
+    (w.out / "precious.txt").write_text("keep me")
+    return export_args(w, "--force"), (str(w.out), "--force replaces only an empty directory", "manifest", "Fix:")
+
+
+def new_checkpoint_force_over_backbone(w: World) -> tuple[list[str], tuple[str, ...]]:
+    w.out = w.backbone
+    return new_checkpoint_args(w, "--force"), ("is the input", "Fix:")
+
+
 def export_output_under_a_file(w: World) -> tuple[list[str], tuple[str, ...]]:
     (w.tmp / "a-file").write_text("x")
     w.out = w.tmp / "a-file" / "out"
@@ -491,6 +512,10 @@ CASES = [
     Case(export_corrupt_tokenizer),
     Case(export_output_is_file),
     Case(export_output_not_empty, console_script=True),
+    Case(export_force_over_checkpoint),
+    Case(export_force_over_parent_of_checkpoint),
+    Case(export_force_over_foreign_dir, console_script=True),
+    Case(new_checkpoint_force_over_backbone),
     Case(export_output_under_a_file),
     Case(export_no_write_permission),
     Case(new_checkpoint_pickle_backbone),

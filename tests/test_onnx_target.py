@@ -130,7 +130,7 @@ def test_validate_command_passes_then_catches_tampering(
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SystemExit) as exit_:
         main(args)
-    assert exit_.value.code == 1
+    assert exit_.value.code == 3
     assert "validation failed" in capsys.readouterr().err
 
 

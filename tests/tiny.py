@@ -90,11 +90,16 @@ def console_text(ctx: ExportContext) -> str:
 
 
 def export_process(
-    checkpoint: Path, out: Path, *args: str, hash_seed: str = "0", stderr: object = subprocess.PIPE
+    checkpoint: Path,
+    out: Path,
+    *args: str,
+    hash_seed: str = "0",
+    stderr: object = subprocess.PIPE,
+    stdout: object = subprocess.DEVNULL,
 ) -> subprocess.Popen:
     """`python -m ifp_export export CHECKPOINT -o OUT --heldout CHECKPOINT/tasks.jsonl ARGS` as a subprocess,
     with the options and the single intra-op thread of the in-process `tiny_export` fixture (conftest.py)."""
     argv = [sys.executable, "-m", "ifp_export", "export", str(checkpoint), "-o", str(out)]
     argv += ["--heldout", str(checkpoint / "tasks.jsonl"), *args]
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    return subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr, text=True)
