@@ -212,7 +212,7 @@ class Bench:
 
     def export(self) -> None:
         """Our export in a child process: every default pass, then the folded variants saved as HF checkpoints
-        (with the same `save_decoder` call `ifp-export export --until fold` makes, untimed)."""
+        (with the same `write_variant_checkpoint` writer `ifp-export export --until fold` makes, untimed)."""
         self.out = self.work / "export"
         result = self.work / "export.json"
         cmd = [sys.executable, "-m", "benchmarks.export_child", str(self.ckpt), str(self.out), str(result)]

@@ -25,9 +25,9 @@ from tokenizers import Tokenizer
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import read_json, write_json
 from ifp_export.model.decoder import CausalLM
-from ifp_export.model.hf_io import load_decoder
+from ifp_export.model.hf_io import load_decoder, open_decoder
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor, load_predictor, save_predictor
-from ifp_export.weights import ModuleWeights, WeightSource
+from ifp_export.weights import INDEX_FILE, SafetensorsWeights, shard_files
 
 FORMAT = "ifp-checkpoint"
 FORMAT_VERSION = 1
@@ -51,19 +51,15 @@ class TaskPrompt:
 class Checkpoint:
     root: Path
     spec: dict[str, Any]
-    backbone: CausalLM
+    backbone: CausalLM  # the PyTorch reference; its parameters are views of `weights`' mapping (no second copy)
     predictor: SparsityPredictor
     tokenizer: Tokenizer
     tasks: list[TaskPrompt]
+    weights: SafetensorsWeights  # the backbone's weights, one tensor at a time: what the targets bind from
 
     @property
     def k_per_layer(self) -> list[int]:
         return list(self.spec["k_per_layer"])
-
-    @property
-    def weights(self) -> WeightSource:
-        """The backbone's weights, one tensor at a time: what the targets build and bind from."""
-        return ModuleWeights(self.backbone)
 
     @property
     def temperature(self) -> float:
@@ -144,12 +140,12 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
     if not root.is_dir():
         raise IFPError("checkpoint directory not found", root, "pass an IFPruning checkpoint directory")
     spec = read_spec(root)
-    backbone = load_decoder(root / BACKBONE_DIR)
+    backbone, weights = open_decoder(root / BACKBONE_DIR)
     predictor = load_predictor(root / PREDICTOR_DIR)
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     tasks = read_tasks(root / TASKS_FILE)
     check_consistency(root, spec, backbone, predictor, tokenizer)
-    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks)
+    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks, weights)
 
 
 def check_consistency(
@@ -231,13 +227,11 @@ def create_checkpoint(
         )
     )
     (out_dir / BACKBONE_DIR).mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"):
+    for name in ("config.json", "generation_config.json", INDEX_FILE):
         if (backbone_dir / name).is_file():
             shutil.copyfile(backbone_dir / name, out_dir / BACKBONE_DIR / name)
-    index = backbone_dir / "model.safetensors.index.json"
-    if index.is_file():
-        for shard in sorted(set(read_json(index)["weight_map"].values())):
-            shutil.copyfile(backbone_dir / shard, out_dir / BACKBONE_DIR / shard)
+    for shard in shard_files(backbone_dir)[0]:
+        shutil.copyfile(shard, out_dir / BACKBONE_DIR / shard.name)
     save_predictor(predictor, out_dir / PREDICTOR_DIR)
     shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
     shutil.copyfile(tasks_path, out_dir / TASKS_FILE)

@@ -7,6 +7,8 @@ Row j of gate_proj/up_proj and column j of down_proj go with neuron j, so keepin
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +16,9 @@ import torch
 from safetensors import safe_open
 
 from ifp_export.errors import IFPError
-from ifp_export.fsutil import read_safetensors, write_safetensors
+from ifp_export.fsutil import TensorEntry, read_safetensors, stream_safetensors, write_json, write_safetensors
 from ifp_export.model.decoder import CausalLM
+from ifp_export.weights import SafetensorsWeights, is_ffn
 
 
 def fold_decoder(model: CausalLM, kept: torch.Tensor) -> CausalLM:
@@ -36,6 +39,34 @@ def fold_decoder(model: CausalLM, kept: torch.Tensor) -> CausalLM:
         folded.lm_head.weight = folded.model.embed_tokens.weight
     folded.model.rotary_emb.reset_parameters()
     return folded.eval()
+
+
+def fold_variants(model: CausalLM, kept: dict[str, torch.Tensor]) -> dict[str, CausalLM]:
+    """`fold_decoder` for every variant at once: the FFN slices of all of them are held together, so use it only
+    where every folded model is needed at the same time (the traced targets); prefer one at a time."""
+    return {name: fold_decoder(model, idx) for name, idx in kept.items()}
+
+
+def write_variant_checkpoint(weights: SafetensorsWeights, kept: torch.Tensor, directory: Path) -> None:
+    """A variant as a Hugging Face checkpoint (config.json + model.safetensors), streamed tensor by tensor from the
+    mapped source in its stored dtype: shared tensors copied as they are, FFN slices gathered per tensor."""
+    cfg = weights.config.replace(intermediate_size=int(kept.shape[1]))
+    entries = {}
+    for name in weights.names():
+        info = weights.info(name)
+        shape, data = info.shape, partial(weights.raw, name)
+        if is_ffn(name):
+            layer, axis = int(name.split(".")[2]), 1 if name.endswith("down_proj.weight") else 0
+            shape = tuple(cfg.intermediate_size if i == axis else d for i, d in enumerate(info.shape))
+            data = partial(gather, weights.raw, name, kept[layer].numpy(), axis)
+        entries[name] = TensorEntry(info.dtype, shape, info.itemsize * int(np.prod(shape)), data)
+    stream_safetensors(directory / "model.safetensors", entries)
+    write_json(directory / "config.json", cfg.to_hf_dict())
+    weights.release()
+
+
+def gather(read: Callable[[str], np.ndarray], name: str, kept: np.ndarray, axis: int) -> np.ndarray:
+    return np.ascontiguousarray(np.take(read(name), kept, axis=axis))
 
 
 def kept_indices(mask: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ from rich.table import Table
 from torch import nn
 
 from ifp_export.errors import IFPError, ValidationFailed
+from ifp_export.fold import fold_variants
 from ifp_export.masks import standardize
 from ifp_export.model.decoder import CausalLM, apply_rope, repeat_kv
 from ifp_export.model.predictor import SparsityPredictor
@@ -983,7 +984,7 @@ class EmitCoreMLPass:
         artifacts = emit(
             ctx.workdir / COREML_DIR,
             ckpt.backbone,
-            ctx.require("folded", self.name),
+            fold_variants(ckpt.backbone, {v.name: v.kept for v in variants}),
             ckpt.predictor,
             masks,
             most_general(names, masks, prompt_masks),
@@ -1004,7 +1005,8 @@ def validate_export(ctx: ExportContext) -> None:
     artifacts: CoreMLArtifacts = ctx.emitted["coreml"]
     ckpt = ctx.checkpoint
     masks = torch.stack([v.mask for v in ctx.variants])
-    rows = check_decoder_package(artifacts, {**ctx.folded, DENSE_NAME: ckpt.backbone})
+    references = {**fold_variants(ckpt.backbone, {v.name: v.kept for v in ctx.variants}), DENSE_NAME: ckpt.backbone}
+    rows = check_decoder_package(artifacts, references)
     predictor = check_predictor_package(artifacts, ckpt.predictor, masks)
     ctx.console.print(validation_table(rows, predictor, artifacts))
     ctx.report["coreml_validation"] = {
@@ -1032,7 +1034,7 @@ def validate_export(ctx: ExportContext) -> None:
     if sys.platform == "darwin":  # Core ML can predict only on macOS
         first = ctx.variants[0].prompt_indices[0]
         prompt = ckpt.tokenizer.encode(ckpt.tasks[first].prompt).ids
-        parity = coreml_parity(artifacts, {**ctx.folded, DENSE_NAME: ckpt.backbone}, prompt)
+        parity = coreml_parity(artifacts, references, prompt)
         ctx.report["coreml_validation"]["parity_relative_max_abs_diff"] = parity
         ctx.console.log(f"Core ML vs PyTorch logits (prefill + 8 decode steps), relative max|Δ|: {parity}")
         bad += [name for name, diff in parity.items() if diff > parity_tolerance(artifacts.quantize)]

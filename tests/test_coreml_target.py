@@ -16,7 +16,7 @@ import torch
 from tiny import make_checkpoint, run_export
 
 from ifp_export.cli import bundled_sample
-from ifp_export.fold import fold_decoder, kept_indices
+from ifp_export.fold import fold_decoder, fold_variants, kept_indices
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor
@@ -50,8 +50,12 @@ def artifacts(ctx: ExportContext) -> coreml.CoreMLArtifacts:
     return ctx.emitted["coreml"]
 
 
+def folded(ctx: ExportContext) -> dict[str, CausalLM]:
+    return fold_variants(ctx.checkpoint.backbone, {v.name: v.kept for v in ctx.variants})
+
+
 def references(ctx: ExportContext) -> dict[str, CausalLM]:
-    return {**ctx.folded, DENSE_NAME: ctx.checkpoint.backbone}
+    return {**folded(ctx), DENSE_NAME: ctx.checkpoint.backbone}
 
 
 def test_one_function_per_variant_plus_dense(exported: ExportContext) -> None:
@@ -152,7 +156,7 @@ def test_tampered_ffn_weight_fails_validation(exported: ExportContext, tmp_path:
     values = np.frombuffer(bytes(data[start : start + size]), dtype="<f2") * np.float16(1.5)
     data[start : start + size] = values.astype("<f2").tobytes()
     path.write_bytes(bytes(data))
-    tampered = coreml.open_artifacts(copy, exported.checkpoint.backbone, exported.folded)
+    tampered = coreml.open_artifacts(copy, exported.checkpoint.backbone, folded(exported))
     rows = {r.function: r for r in coreml.check_decoder_package(tampered, references(exported))}
     assert not rows[name].ok
     assert all(r.ok for f, r in rows.items() if f != name)
@@ -166,7 +170,7 @@ def test_emit_is_reproducible(exported: ExportContext, tmp_path: Path, request: 
     masks = torch.stack([v.mask for v in exported.variants])
     art = artifacts(exported)
     again = coreml.emit(
-        tmp_path / "coreml", ckpt.backbone, exported.folded, ckpt.predictor, masks, art.default_function
+        tmp_path / "coreml", ckpt.backbone, folded(exported), ckpt.predictor, masks, art.default_function
     )
 
     def digests(root: Path) -> dict[str, str]:
@@ -185,7 +189,7 @@ def test_traced_stateful_decoder_matches_pytorch(exported: ExportContext) -> Non
     ckpt = exported.checkpoint
     variant = exported.variants[0]
     prompt = ckpt.tokenizer.encode(ckpt.tasks[variant.prompt_indices[0]].prompt).ids
-    model = exported.folded[variant.name]
+    model = fold_decoder(ckpt.backbone, variant.kept)
     wrapper = coreml.StatefulDecoder(model, coreml.context_length(model)).eval()
     example = (torch.zeros(1, 2, dtype=torch.int32), coreml.causal_mask(3, 2))
     with torch.no_grad():

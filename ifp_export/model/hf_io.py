@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 
 from ifp_export.errors import IFPError
-from ifp_export.fsutil import check_finite, read_json, read_safetensors, write_json, write_safetensors
+from ifp_export.fsutil import read_json, write_json, write_safetensors
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
-
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+from ifp_export.weights import SafetensorsWeights
 
 
 def read_config(hf_dir: Path) -> DecoderConfig:
@@ -24,63 +23,45 @@ def read_config(hf_dir: Path) -> DecoderConfig:
     return DecoderConfig.from_hf_dict(raw, path)
 
 
-def read_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Tensors of `model.safetensors` or of a sharded `model.safetensors.index.json`."""
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        raw = read_json(index, "safetensors index")
-        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-        if not isinstance(weight_map, dict):
-            raise IFPError("safetensors index has no weight_map object", index, "re-save with save_pretrained")
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = (hf_dir / shard).resolve()
-            if hf_dir.resolve() not in shard_path.parents:
-                raise IFPError(f"shard {shard!r} is outside the model directory", index, "fix the index")
-            tensors.update(read_safetensors(shard_path))
-        return tensors
-    return read_safetensors(hf_dir / "model.safetensors")
+def open_decoder(hf_dir: str | Path) -> tuple[CausalLM, SafetensorsWeights]:
+    """Our decoder over a HF directory's memory-mapped weights, and those weights as a `WeightSource`.
 
-
-def weights_file(hf_dir: Path) -> Path:
-    """The file errors about the weights should name: the shard index if there is one."""
-    index = hf_dir / "model.safetensors.index.json"
-    return index if index.is_file() else hf_dir / "model.safetensors"
-
-
-def load_decoder(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
-    """Build our decoder from a HF directory, checking names, shapes and finiteness of every tensor."""
+    Names and shapes are checked against config.json from the headers, finiteness tensor by tensor; the
+    parameters are zero-copy views in the stored dtype (bf16/fp16 weights are cast per op, see `decoder.py`).
+    """
     hf_dir = Path(hf_dir)
     cfg = read_config(hf_dir)
-    weights_path = weights_file(hf_dir)
-    tensors = {k: v for k, v in read_state_dict(hf_dir).items() if not k.endswith(IGNORED_SUFFIXES)}
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+    weights = SafetensorsWeights(hf_dir, cfg)
     with torch.device("meta"):
         model = CausalLM(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    stored = set(weights.names())
+    missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise IFPError(
-            f"weights do not match config.json ({detail})", weights_path, "save the model with save_pretrained"
+            f"weights do not match config.json ({detail})", weights.path, "save the model with save_pretrained"
         )
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != tuple(shape):
+        if weights.info(name).shape != shape:
             raise IFPError(
-                f"tensor {name!r} has shape {tuple(tensors[name].shape)}, config.json implies {tuple(shape)}",
-                weights_path,
+                f"tensor {name!r} has shape {weights.info(name).shape}, config.json implies {shape}",
+                weights.path,
                 "make config.json and the weights agree",
             )
-    check_finite(tensors, weights_path)
-    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    weights.check_finite()
+    model.load_state_dict({name: weights.tensor(name) for name in expected}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.reset_parameters()
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), weights
+
+
+def load_decoder(hf_dir: str | Path) -> CausalLM:
+    """Our decoder over a HF directory's memory-mapped weights (see `open_decoder`)."""
+    return open_decoder(hf_dir)[0]
 
 
 def save_decoder(model: CausalLM, hf_dir: str | Path) -> None:
