@@ -17,28 +17,30 @@ from safetensors import safe_open
 
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import TensorEntry, read_safetensors, stream_safetensors, write_json, write_safetensors
-from ifp_export.model.decoder import CausalLM
+from ifp_export.model.decoder import CausalLM, decoder_from_state
 from ifp_export.weights import SafetensorsWeights, is_ffn
 
 
 def fold_decoder(model: CausalLM, kept: torch.Tensor) -> CausalLM:
     """A decoder keeping `kept[l]` (ascending neuron indices, [L, k]) in layer l; shares non-FFN weights."""
-    cfg = model.config.replace(intermediate_size=int(kept.shape[1]))
-    with torch.device("meta"):
-        folded = CausalLM(cfg)
     state = dict(model.state_dict())
     for layer, idx in enumerate(kept):
         prefix = f"model.layers.{layer}.mlp."
         for name in ("gate_proj", "up_proj"):
             state[prefix + name + ".weight"] = state[prefix + name + ".weight"].index_select(0, idx)
         state[prefix + "down_proj.weight"] = state[prefix + "down_proj.weight"].index_select(1, idx)
-    if cfg.tie_word_embeddings:
+    return decoder_from_state(model.config.replace(intermediate_size=int(kept.shape[1])), state)
+
+
+def as_float32(model: CausalLM) -> CausalLM:
+    """`model` itself when its weights are float32, else a float32 copy: only for the traced target emitters, which
+    read parameters as float32 arrays (the graph builders bind `Checkpoint.weights` instead)."""
+    state = model.state_dict()
+    if all(t.dtype == torch.float32 for t in state.values()):
+        return model
+    if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    folded.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
-    if cfg.tie_word_embeddings:
-        folded.lm_head.weight = folded.model.embed_tokens.weight
-    folded.model.rotary_emb.reset_parameters()
-    return folded.eval()
+    return decoder_from_state(model.config, {k: v.float() for k, v in state.items()})
 
 
 def fold_variants(model: CausalLM, kept: dict[str, torch.Tensor]) -> dict[str, CausalLM]:

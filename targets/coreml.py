@@ -47,7 +47,7 @@ from rich.table import Table
 from torch import nn
 
 from ifp_export.errors import IFPError, ValidationFailed
-from ifp_export.fold import fold_variants
+from ifp_export.fold import as_float32, fold_variants
 from ifp_export.masks import standardize
 from ifp_export.model.decoder import CausalLM, apply_rope, repeat_kv
 from ifp_export.model.predictor import SparsityPredictor
@@ -983,8 +983,8 @@ class EmitCoreMLPass:
         prompt_masks = None if ctx.predictions is None else ctx.predictions.masks
         artifacts = emit(
             ctx.workdir / COREML_DIR,
-            ckpt.backbone,
-            fold_variants(ckpt.backbone, {v.name: v.kept for v in variants}),
+            dense := as_float32(ckpt.backbone),
+            fold_variants(dense, {v.name: v.kept for v in variants}),
             ckpt.predictor,
             masks,
             most_general(names, masks, prompt_masks),
@@ -1005,7 +1005,8 @@ def validate_export(ctx: ExportContext) -> None:
     artifacts: CoreMLArtifacts = ctx.emitted["coreml"]
     ckpt = ctx.checkpoint
     masks = torch.stack([v.mask for v in ctx.variants])
-    references = {**fold_variants(ckpt.backbone, {v.name: v.kept for v in ctx.variants}), DENSE_NAME: ckpt.backbone}
+    dense = as_float32(ckpt.backbone)  # the package's weights are compared as float32 arrays
+    references = {**fold_variants(dense, {v.name: v.kept for v in ctx.variants}), DENSE_NAME: dense}
     rows = check_decoder_package(artifacts, references)
     predictor = check_predictor_package(artifacts, ckpt.predictor, masks)
     ctx.console.print(validation_table(rows, predictor, artifacts))

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ifp_export.errors import IFPError, ValidationFailed
-from ifp_export.fold import fold_variants, relative_difference
+from ifp_export.fold import as_float32, fold_variants, relative_difference
 from ifp_export.fsutil import write_json
 from ifp_export.generate import greedy_generate, left_pad
 from ifp_export.masks import encode_prompts, standardize
@@ -655,8 +655,8 @@ class EmitOnnxPass:
         variants = ctx.require("variants", self.name)
         artifacts = emit(
             ctx.workdir / ONNX_DIR,
-            ckpt.backbone,
-            fold_variants(ckpt.backbone, {v.name: v.kept for v in variants}),
+            dense := as_float32(ckpt.backbone),
+            fold_variants(dense, {v.name: v.kept for v in variants}),
             ckpt.predictor,
             torch.stack([v.mask for v in variants]),
             ctx.options.quantize,

@@ -261,3 +261,19 @@ class CausalLM(nn.Module):
         """
         hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values, ffn_masks)
         return self.lm_head(hidden), presents
+
+
+def decoder_from_state(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> CausalLM:
+    """A `CausalLM` whose parameters ARE the given tensors (no copy; built on the meta device), in eval mode.
+
+    With tied embeddings `lm_head.weight` may be absent; it is the embedding matrix either way.
+    """
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    if cfg.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.reset_parameters()
+    return model.eval().requires_grad_(False)

@@ -9,7 +9,7 @@ import torch
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import read_json, write_json, write_safetensors
 from ifp_export.model.config import DecoderConfig
-from ifp_export.model.decoder import CausalLM
+from ifp_export.model.decoder import CausalLM, decoder_from_state
 from ifp_export.weights import SafetensorsWeights
 
 
@@ -33,8 +33,7 @@ def open_decoder(hf_dir: str | Path) -> tuple[CausalLM, SafetensorsWeights]:
     cfg = read_config(hf_dir)
     weights = SafetensorsWeights(hf_dir, cfg)
     with torch.device("meta"):
-        model = CausalLM(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in CausalLM(cfg).state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     stored = set(weights.names())
@@ -52,11 +51,7 @@ def open_decoder(hf_dir: str | Path) -> tuple[CausalLM, SafetensorsWeights]:
                 "make config.json and the weights agree",
             )
     weights.check_finite()
-    model.load_state_dict({name: weights.tensor(name) for name in expected}, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.reset_parameters()
-    return model.eval().requires_grad_(False), weights
+    return decoder_from_state(cfg, {name: weights.tensor(name) for name in expected}), weights
 
 
 def load_decoder(hf_dir: str | Path) -> CausalLM:
