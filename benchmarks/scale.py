@@ -1,7 +1,7 @@
 """S1 / S2 / P7 at real model sizes: a random seeded HF Llama through `ifp-export` as a user runs it.
 
-    python -m benchmarks.scale --size 1b|3b|bench|tiny [--quantize int4] [--until PASS] [--export-arg ARG ...]
-                               [--workdir DIR] [--reuse] [--json RESULT.json]
+    python -m benchmarks.scale --size 1b|3b|bench|100m|tiny [--dtype bfloat16] [--quantize int4] [--until PASS]
+                               [--export-arg ARG ...] [--workdir DIR] [--reuse] [--json RESULT.json]
 
 Writes the model with `transformers` (`save_pretrained`, sharded; 3b in bf16) built on the meta device and
 materialized once (`to_empty` + seeded in-place init: one copy of the weights, plus one shard while saving), a
@@ -9,7 +9,8 @@ tokenizer and tasks of 8 x 4 prompts; then runs `ifp-export new-checkpoint` and 
 subprocesses under GNU time and prints per-pass seconds (from the export's log), wall time, peak RSS, the
 checkpoint's weight bytes, the RSS ratio, and whether the size's targets (DESIGN.md section 9) are met.
 Sizes: bench = the P1-P7 benchmark model (fp32, P7); 1b = TinyLlama-1.1B shape (fp32, S1); 3b = Llama-3.2-3B-like
-(bf16 sharded, S2, run it with --quantize int4); tiny = the smoke test's (bf16 sharded, seconds).
+(bf16 sharded, S2, run it with --quantize int4); 100m = a 125M-parameter model for the weights' own memory check
+(`--until fold`); tiny = the smoke test's (bf16 sharded, seconds). --dtype overrides the size's dtype.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from benchmarks.proc import checkpoint_weight_bytes, run_child
 
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden=64, layers=2, d_ff=176, heads=4, kv_heads=2, vocab=512, dtype="bfloat16", shard="40KB"),
+    "100m": dict(hidden=768, layers=12, d_ff=2048, heads=12, kv_heads=4, vocab=32000, dtype="float32", shard="200MB"),
     "bench": dict(hidden=1024, layers=16, d_ff=2816, heads=16, kv_heads=4, vocab=32000, dtype="float32", shard="2GB"),
     "1b": dict(hidden=2048, layers=22, d_ff=5632, heads=32, kv_heads=4, vocab=32000, dtype="float32", shard="2GB"),
     "3b": dict(hidden=3072, layers=28, d_ff=8192, heads=24, kv_heads=8, vocab=32000, dtype="bfloat16", shard="1GB"),
@@ -37,6 +39,7 @@ SHAPES: dict[str, dict] = {
 # (figure, max seconds or None, max peak RSS / checkpoint weight bytes) per size
 TARGETS = {
     "tiny": ("smoke", None, None),  # the interpreter alone is ~300x a tiny model's bytes: no target
+    "100m": ("P7", None, 1.5),
     "bench": ("P7", None, 1.5),
     "1b": ("S1", 600.0, 1.5),
     "3b": ("S2", 1200.0, 1.5),
@@ -45,12 +48,11 @@ TASKS, PROMPTS_PER_TASK, KEEP = 8, 4, 0.25
 PASS_LINE = re.compile(r"pass (\S+) done in ([0-9.]+)s")
 
 
-def write_model(directory: Path, size: str, seed: int = 0) -> None:
-    """A random Llama saved by `transformers` in the size's dtype and shards, with a tokenizer; one copy in RAM."""
+def write_model(directory: Path, size: str, dtype: torch.dtype, seed: int = 0) -> None:
+    """A random Llama saved by `transformers` in `dtype` and the size's shards, with a tokenizer; one copy in RAM."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = SHAPES[size]
-    dtype = getattr(torch, shape["dtype"])
     config = LlamaConfig(
         vocab_size=shape["vocab"],
         hidden_size=shape["hidden"],
@@ -98,8 +100,8 @@ def run(args: argparse.Namespace) -> dict:
     console = Console(stderr=True)
     if not (args.reuse and (ckpt / "ifp.json").is_file()):
         shutil.rmtree(work, ignore_errors=True)
-        console.log(f"writing a random {args.size} Llama ({SHAPES[args.size]['dtype']}) with transformers")
-        write_model(src / "backbone", args.size)
+        console.log(f"writing a random {args.size} Llama ({args.dtype}) with transformers")
+        write_model(src / "backbone", args.size, getattr(torch, args.dtype))
         write_tasks(src / "tasks.jsonl", args.size)
         cmd = cli("new-checkpoint", "--backbone", str(src / "backbone"), "--tasks", str(src / "tasks.jsonl"))
         wall, code, rss = run_child([*cmd, "--keep", str(KEEP), "-o", str(ckpt)], work / "new-checkpoint.log")
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     ratio = None if rss is None else rss / weight_bytes
     return {
         "size": args.size,
-        "dtype": SHAPES[args.size]["dtype"],
+        "dtype": args.dtype,
         "command": " ".join(cmd[2:]),
         "exit_code": code,
         "log": str(log),
@@ -162,6 +164,7 @@ def table(result: dict) -> Table:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=list(SHAPES), default="bench")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the size's")
     parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
     parser.add_argument("--until", help="stop the export after this pass (e.g. fold, for the weights' own memory)")
     parser.add_argument("--export-arg", action="append", default=[], help="passed verbatim to `ifp-export export`")
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse WORKDIR's checkpoint instead of writing it")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
-    args.workdir = args.workdir or f"/tmp/ifp-scale-{args.size}"
+    args.dtype = args.dtype or SHAPES[args.size]["dtype"]
+    args.workdir = args.workdir or f"/tmp/ifp-scale-{args.size}-{args.dtype}"
     result = run(args)
     Console(width=120).print(table(result))
     if args.json:

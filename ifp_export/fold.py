@@ -62,9 +62,9 @@ def write_variant_checkpoint(weights: SafetensorsWeights, kept: torch.Tensor, di
             shape = tuple(cfg.intermediate_size if i == axis else d for i, d in enumerate(info.shape))
             data = partial(gather, weights.raw, name, kept[layer].numpy(), axis)
         entries[name] = TensorEntry(info.dtype, shape, info.itemsize * int(np.prod(shape)), data)
-    stream_safetensors(directory / "model.safetensors", entries)
+    release = lambda name: weights.release_tensors([weights.tensor(name)])  # noqa: E731
+    stream_safetensors(directory / "model.safetensors", entries, written=release)
     write_json(directory / "config.json", cfg.to_hf_dict())
-    weights.release()
 
 
 def gather(read: Callable[[str], np.ndarray], name: str, kept: np.ndarray, axis: int) -> np.ndarray:

@@ -82,8 +82,14 @@ class TensorEntry:
     data: Callable[[], Any]
 
 
-def stream_safetensors(path: Path, entries: dict[str, TensorEntry], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file tensor by tensor (header first), holding one tensor at a time.
+def stream_safetensors(
+    path: Path,
+    entries: dict[str, TensorEntry],
+    metadata: dict[str, str] | None = None,
+    written: Callable[[str], None] = lambda name: None,
+) -> None:
+    """Write a safetensors file tensor by tensor (header first), holding one tensor at a time; `written(name)` is
+    called after each (e.g. to drop the source's pages).
 
     Names in sorted order and the canonical header, so for tensors of one dtype the bytes equal `write_safetensors`'.
     """
@@ -106,6 +112,8 @@ def stream_safetensors(path: Path, entries: dict[str, TensorEntry], metadata: di
                     f"tensor {name!r} produced {data.nbytes} bytes, its header says {entries[name].nbytes}"
                 )
             f.write(data)
+            del data
+            written(name)
 
 
 def read_json(path: Path, what: str = "JSON file") -> Any:

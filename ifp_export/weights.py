@@ -7,14 +7,18 @@ pass holds a second full copy of the model. A variant is its kept FFN neuron ind
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import open_safetensors, read_json
@@ -127,6 +131,7 @@ class SafetensorsWeights:
         self.directory = directory
         self.path = weights_file(directory)
         self._maps: list[mmap.mmap] = []
+        self._bases: list[int] = []  # the mappings' addresses, to find which one a tensor views
         self._tensors: dict[str, StoredTensor] = {}
         shards, weight_map = shard_files(directory)
         for shard in shards:
@@ -157,6 +162,7 @@ class SafetensorsWeights:
             os.close(fd)
         start = 8 + int.from_bytes(mapped[:8], "little")
         self._maps.append(mapped)
+        self._bases.append(ctypes.addressof(ctypes.c_char.from_buffer(mapped)))
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -225,6 +231,34 @@ class SafetensorsWeights:
     def release(self) -> None:
         for mapped in self._maps:
             mapped.madvise(mmap.MADV_DONTNEED)
+
+    def release_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Drop the resident pages under these tensors if they are views of this source's mapping (others are
+        ignored). Safe for neighbouring bytes too: nothing ever writes the mapping, so a dropped page is re-read
+        from the file when touched again."""
+        for tensor in tensors:
+            start = tensor.data_ptr()
+            for base, mapped in zip(self._bases, self._maps, strict=True):
+                if base <= start < base + len(mapped):
+                    offset = (start - base) // mmap.PAGESIZE * mmap.PAGESIZE
+                    end = min(len(mapped), start - base + tensor.numel() * tensor.element_size())
+                    mapped.madvise(mmap.MADV_DONTNEED, offset, end - offset)
+
+    @contextmanager
+    def streaming(self, *models: nn.Module) -> Iterator[None]:
+        """Within this block, each decoder layer (and embeddings, final norm, lm_head) of `models` drops its mapped
+        pages once it has run, so a forward pass over the whole model keeps about one layer resident instead of
+        every weight (at the price of re-reading pages from the page cache on the next pass)."""
+        handles = [
+            module.register_forward_hook(lambda module, args, output: self.release_tensors(module.parameters()))
+            for model in models
+            for module in (model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def weights_file(directory: Path) -> Path:

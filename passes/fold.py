@@ -34,7 +34,8 @@ class FoldPass:
                 folded = fold_decoder(ckpt.backbone, variant.kept)
                 prompts = [ckpt.tasks[i].prompt for i in variant.prompt_indices[:CHECK_PROMPTS]]
                 ids, _ = left_pad([ckpt.tokenizer.encode(p).ids for p in prompts])
-                variant.fold_error = fold_error(ckpt.backbone, folded, variant.mask, ids)
+                with ckpt.weights.streaming(ckpt.backbone, folded):
+                    variant.fold_error = fold_error(ckpt.backbone, folded, variant.mask, ids)
                 del folded
                 if variant.fold_error > FOLD_TOLERANCE:
                     raise RuntimeError(

@@ -4,6 +4,7 @@ one-line errors; `release` drops the mapped pages."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -117,6 +118,25 @@ def test_release_drops_the_mapped_pages(tmp_path: Path) -> None:
     assert np.isfinite(touched)
     assert resident - before > 0.8 * weights.nbytes / 1024, (before, resident)
     assert resident - after > 0.8 * weights.nbytes / 1024, (resident, after)
+
+
+def test_streaming_forward_keeps_about_one_layer_resident(tmp_path: Path) -> None:
+    """A forward pass maps every weight in; inside `streaming` each layer's pages go once it has run."""
+    directory = save_low_precision(tmp_path / "m", torch.float32, vocab_size=8192, hidden_size=256)
+    model, weights = open_decoder(directory)
+    folded = fold_decoder(model, torch.stack([torch.arange(0, 48, 2)] * 2))
+    ids = torch.tensor([[1, 5, 9, 4000, 8000]])
+    resident = []
+    for streamed in (False, True):
+        weights.release()
+        before = rss_file_kib()
+        with torch.no_grad(), weights.streaming(model, folded) if streamed else contextlib.nullcontext():
+            logits = model(ids)[0], folded(ids)[0]
+        resident.append(rss_file_kib() - before)
+        assert all(torch.isfinite(t).all() for t in logits)
+    read = (weights.nbytes - weights.info("model.embed_tokens.weight").nbytes) / 1024  # the lookup reads 5 rows
+    assert resident[0] > 0.8 * read, (resident, read)
+    assert resident[1] < 0.1 * read, (resident, read)
 
 
 def rss_file_kib() -> int:
