@@ -21,14 +21,20 @@ from ifp_export.model.decoder import CausalLM, decoder_from_state
 from ifp_export.weights import SafetensorsWeights, is_ffn
 
 
-def fold_decoder(model: CausalLM, kept: torch.Tensor) -> CausalLM:
-    """A decoder keeping `kept[l]` (ascending neuron indices, [L, k]) in layer l; shares non-FFN weights."""
+def fold_decoder(
+    model: CausalLM, kept: torch.Tensor, gathered: Callable[[list[torch.Tensor]], None] = lambda tensors: None
+) -> CausalLM:
+    """A decoder keeping `kept[l]` (ascending neuron indices, [L, k]) in layer l; shares non-FFN weights.
+
+    `gathered(tensors)` gets each layer's source FFN matrices once sliced (e.g. `SafetensorsWeights.release_tensors`,
+    so the gather does not leave every FFN matrix resident)."""
     state = dict(model.state_dict())
     for layer, idx in enumerate(kept):
-        prefix = f"model.layers.{layer}.mlp."
-        for name in ("gate_proj", "up_proj"):
-            state[prefix + name + ".weight"] = state[prefix + name + ".weight"].index_select(0, idx)
-        state[prefix + "down_proj.weight"] = state[prefix + "down_proj.weight"].index_select(1, idx)
+        names = [f"model.layers.{layer}.mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
+        sources = [state[name] for name in names]
+        for name, source in zip(names, sources, strict=True):
+            state[name] = source.index_select(1 if name.endswith("down_proj.weight") else 0, idx)
+        gathered(sources)
     return decoder_from_state(model.config.replace(intermediate_size=int(kept.shape[1])), state)
 
 

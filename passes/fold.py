@@ -31,7 +31,7 @@ class FoldPass:
         save = ctx.options.until == self.name
         with ctx.progress("fold: variants checked" + (" and written" if save else ""), len(variants)) as advance:
             for variant in variants:
-                folded = fold_decoder(ckpt.backbone, variant.kept)
+                folded = fold_decoder(ckpt.backbone, variant.kept, ckpt.weights.release_tensors)
                 prompts = [ckpt.tasks[i].prompt for i in variant.prompt_indices[:CHECK_PROMPTS]]
                 ids, _ = left_pad([ckpt.tokenizer.encode(p).ids for p in prompts])
                 with ckpt.weights.streaming(ckpt.backbone, folded):
