@@ -41,6 +41,12 @@ class Embedding(nn.Embedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return cast(F.embedding(input_ids, self.weight), COMPUTE_DTYPE)
 
+    def reset_parameters(self) -> None:
+        """No init on the meta device (weights are assigned from a checkpoint): nn.Embedding's init there imports
+        torch._dynamo, seconds of every load."""
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -61,7 +67,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+        with torch.device("cpu"):  # also when the model is built on the meta device: the table is computed, not loaded
+            self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
 
     def reset_parameters(self) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after building on the meta device."""
@@ -275,5 +282,4 @@ def decoder_from_state(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Ca
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.reset_parameters()
     return model.eval().requires_grad_(False)
