@@ -30,7 +30,7 @@ from ifp_export.fold import fold_decoder, mask_from_indices, read_kept_indices
 from ifp_export.fsutil import TensorEntry, stream_safetensors, write_safetensors
 from ifp_export.model.hf_io import load_decoder, open_decoder
 from ifp_export.passes.fold import KEPT_INDICES_FILE
-from ifp_export.weights import INDEX_FILE, SafetensorsWeights
+from ifp_export.weights import FFN_PROJECTIONS, INDEX_FILE, SafetensorsWeights, ffn_name, ffn_slice
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD = "20KB"  # the tiny model is ~90 KB in 16 bits: several shards
@@ -92,6 +92,17 @@ def test_fold_keeps_the_stored_dtype_and_shares_the_rest(low_precision: tuple[st
     assert folded.model.layers[1].mlp.down_proj.weight.dtype == DTYPES[name]
     assert folded.model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert torch.equal(folded.model.layers[1].mlp.gate_proj.weight, model.model.layers[1].mlp.gate_proj.weight[kept[1]])
+
+
+def test_ffn_slice_from_the_source_equals_the_folded_reference(low_precision: tuple[str, Path]) -> None:
+    """What the targets bind (`ffn_slice` over the mapped source, float32) is the folded model's weight, upcast."""
+    model, weights = open_decoder(low_precision[1])
+    kept = torch.stack([torch.arange(3, 48, 5), torch.arange(0, 45, 5)])
+    folded = dict(fold_decoder(model, kept).named_parameters())
+    for layer in range(2):
+        for proj in FFN_PROJECTIONS:
+            expected = folded[ffn_name(layer, proj)].float().numpy()
+            assert np.array_equal(ffn_slice(weights, layer, proj, kept[layer].numpy()), expected), (layer, proj)
 
 
 def test_streamed_safetensors_equal_the_in_memory_writer(tmp_path: Path) -> None:
