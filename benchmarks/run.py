@@ -32,7 +32,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.model import SIZES, build_checkpoint, synthetic_prompt
+from benchmarks.model import SIZES, build_checkpoint, build_lm_predictor, synthetic_prompt
 from benchmarks.proc import ROOT, checkpoint_weight_bytes, run_child
 from ifp_export.model.hf_io import load_decoder
 from ifp_export.ort import OrtDecoder, session
@@ -472,6 +472,57 @@ class Bench:
             )
         )
         self.raw["p5_seconds"] = {"route": route.values, "prefill": prefill.values}
+        self.routing_lm(prompt_ids, dense, threads)
+
+    def routing_lm(self, prompt_ids: list[int], dense: OrtDecoder, threads: int) -> None:
+        """P5 with the paper's predictor (issue 17): an HF LM of ~1/10 of the backbone's parameters + MLP head,
+        traced to ONNX with the routing head folded in, as the export does; route = tokenize + graph + argmax."""
+        import onnx_ir as ir
+        import torch
+
+        from ifp_export.masks import encode_prompts
+        from ifp_export.model.softtopk import hard_topk_mask
+        from ifp_export.targets.onnx import trace_predictor
+
+        predictor = build_lm_predictor(self.work, self.args.size)
+        cfg, n_params = predictor.config, sum(p.numel() for p in predictor.parameters())
+        # random variant masks with the export's k: the routing head costs the same whichever neurons they keep
+        scores = torch.randn(len(self.variants), cfg.target_layers, cfg.target_intermediate_size)
+        masks = hard_topk_mask(scores, torch.as_tensor(self.raw["model"]["k"]))
+        path = self.work / "lm_predictor.onnx"
+        ir.save(trace_predictor(predictor, masks), path, external_data=f"{path.name}_data")
+        del predictor
+        graph = session(path, threads)
+        text = self.tokenizer.decode(prompt_ids)
+
+        def route() -> int:
+            ids, mask, _ = encode_prompts(self.tokenizer, [text], cfg.max_length)
+            feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            return int(graph.run(["variant_scores"], feeds)[0][0].argmax())
+
+        route()  # warm-up
+        routes, prefill = Stats(), Stats()
+        for _ in range(self.args.repeats):
+            routes.values.append(timed(route))
+            prefill.values.append(prefill_seconds(dense, prompt_ids))
+        ratio = Stats([r / p for r, p in zip(routes.values, prefill.values, strict=True)])
+        share = n_params / self.raw["model"]["parameters"]
+        self.rows.append(
+            Row(
+                "P5-lm",
+                f"LM predictor ({n_params / 1e6:.1f}M = {share:.3f} of the backbone) + routing / dense prefill of a "
+                f"{len(prompt_ids)}-token prompt ({threads} threads)",
+                f"route {routes.fmt()}",
+                f"prefill {prefill.fmt()}",
+                ratio.median,
+                ratio.range(),
+                "≤ 0.10",
+                ratio.median <= 0.10,
+                f"LM {cfg.lm.num_hidden_layers}x{cfg.lm.hidden_size} (d_ff {cfg.lm.intermediate_size}) over the first "
+                f"{cfg.max_length} tokens, {cfg.head.pooling}-token pooling, head {list(cfg.head.hidden_sizes)}",
+            )
+        )
+        self.raw["p5_lm"] = {"route": routes.values, "prefill": prefill.values, "parameters": n_params}
 
     def switching(self) -> None:
         """P6: Runtime.decoder(name) for a variant not yet loaded (shared weights resident) vs a cold dense session."""

@@ -1,10 +1,11 @@
 """The IFPruning checkpoint directory: read, validate, write. Safetensors and JSON only.
 
 CKPT/
-  ifp.json          {"format": "ifp-checkpoint", "format_version": 1, "k_per_layer": [...],
+  ifp.json          {"format": "ifp-checkpoint", "format_version": 2, "k_per_layer": [...],
                      "softtopk": {"temperature": ...}}
   backbone/         Hugging Face save_pretrained dir (config.json + model.safetensors)
-  predictor/        config.json + model.safetensors of the SparsityPredictor
+  predictor/        either config.json + model.safetensors of the SparsityPredictor (encoder), or, from
+                    format_version 2, an LM predictor: config.json + lm/ (HF dir) + head.safetensors
   tokenizer.json    a `tokenizers` tokenizer shared by backbone and predictor
   tasks.jsonl       calibration prompts, one {"task": ..., "prompt": ...} per line
 """
@@ -23,14 +24,26 @@ import torch
 from tokenizers import Tokenizer
 
 from ifp_export.errors import IFPError
-from ifp_export.fsutil import read_json, write_json
+from ifp_export.fsutil import check_no_symlink_below, read_json, write_json
+from ifp_export.model.config import eos_token_ids, read_generation_config
 from ifp_export.model.decoder import CausalLM
-from ifp_export.model.hf_io import load_decoder, open_decoder
+from ifp_export.model.hf_io import check_weight_map, load_decoder, open_decoder
+from ifp_export.model.lm_predictor import (
+    LM_DIR,
+    LM_PREDICTOR_FORMAT,
+    HeadConfig,
+    LMPredictor,
+    Predictor,
+    load_lm_predictor,
+    new_lm_predictor,
+    save_head,
+)
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor, load_predictor, save_predictor
-from ifp_export.weights import INDEX_FILE, SafetensorsWeights, shard_files
+from ifp_export.weights import SafetensorsWeights
 
 FORMAT = "ifp-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 2 added the LM predictor (predictor/config.json "ifp-lm-predictor")
+READABLE_VERSIONS = (1, 2)
 SPEC_FILE, BACKBONE_DIR, PREDICTOR_DIR, TOKENIZER_FILE, TASKS_FILE = (
     "ifp.json",
     "backbone",
@@ -38,6 +51,7 @@ SPEC_FILE, BACKBONE_DIR, PREDICTOR_DIR, TOKENIZER_FILE, TASKS_FILE = (
     "tokenizer.json",
     "tasks.jsonl",
 )
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -52,10 +66,16 @@ class Checkpoint:
     root: Path
     spec: dict[str, Any]
     backbone: CausalLM  # the PyTorch reference; its parameters are views of `weights`' mapping (no second copy)
-    predictor: SparsityPredictor
+    predictor: Predictor
     tokenizer: Tokenizer
     tasks: list[TaskPrompt]
     weights: SafetensorsWeights  # the backbone's weights, one tensor at a time: what the targets bind from
+    generation: dict[str, Any] = field(default_factory=dict)  # backbone/generation_config.json ({} if absent)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids of config.json and generation_config.json (`model.config.eos_token_ids`)."""
+        return eos_token_ids(self.backbone.config, self.generation)
 
     @property
     def k_per_layer(self) -> list[int]:
@@ -78,13 +98,29 @@ def read_spec(root: Path) -> dict[str, Any]:
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "top level"
         raise IFPError(f"invalid at {where}: {err.message}", path, "see README 'Checkpoint format'") from None
-    if spec["format_version"] != FORMAT_VERSION:
+    if spec["format_version"] not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
         raise IFPError(
-            f"format_version {spec['format_version']} is not supported (this ifp-export reads {FORMAT_VERSION})",
+            f"format_version {spec['format_version']} is not supported (this ifp-export reads {readable})",
             path,
-            "re-create the checkpoint with this version of ifp-export",
+            "use the ifp-export version that wrote the checkpoint, or re-create it with this one",
         )
     return spec
+
+
+def read_predictor(directory: Path, format_version: int) -> Predictor:
+    """The encoder (`ifp-sparsity-predictor`) or, from format_version 2, the LM predictor (`ifp-lm-predictor`)."""
+    path = directory / "config.json"
+    raw = read_json(path, "predictor config")
+    if not (isinstance(raw, dict) and raw.get("format") == LM_PREDICTOR_FORMAT):
+        return load_predictor(directory)
+    if format_version < 2:
+        raise IFPError(
+            f"an {LM_PREDICTOR_FORMAT!r} predictor needs ifp.json format_version 2, not {format_version}",
+            directory.parent / SPEC_FILE,
+            'set "format_version": 2 in ifp.json',
+        )
+    return load_lm_predictor(directory, raw)
 
 
 def read_tasks(path: Path) -> list[TaskPrompt]:
@@ -134,22 +170,39 @@ def read_tokenizer(path: Path) -> Tokenizer:
         raise IFPError(f"not a valid tokenizers file ({detail})", path, "re-save it with Tokenizer.save") from None
 
 
+def check_containment(root: Path) -> None:
+    """Every file the loader opens is a regular path inside the checkpoint: no symlink (to a file or a directory)
+    anywhere below `root`, shards of a sharded backbone included. `root` itself may be a symlink."""
+    fix = "copy the real file into the checkpoint directory instead of linking it"
+    files = [SPEC_FILE, TOKENIZER_FILE, TASKS_FILE]
+    for part in (BACKBONE_DIR, PREDICTOR_DIR):
+        files += [f"{part}/{name}" for name in (*HF_FILES, "model.safetensors.index.json")]
+    index = root / BACKBONE_DIR / "model.safetensors.index.json"
+    for relative in files:
+        check_no_symlink_below(root, root / relative, fix)
+    if index.is_file():
+        for shard in sorted(set(check_weight_map(read_json(index, "safetensors index"), index).values())):
+            check_no_symlink_below(root, root / BACKBONE_DIR / shard, fix)
+
+
 def load_checkpoint(root: str | Path) -> Checkpoint:
     """Read and cross-check every part of a checkpoint; any problem is one IFPError."""
     root = Path(root)
     if not root.is_dir():
         raise IFPError("checkpoint directory not found", root, "pass an IFPruning checkpoint directory")
+    check_containment(root)
     spec = read_spec(root)
     backbone, weights = open_decoder(root / BACKBONE_DIR)
-    predictor = load_predictor(root / PREDICTOR_DIR)
+    predictor = read_predictor(root / PREDICTOR_DIR, spec["format_version"])
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     tasks = read_tasks(root / TASKS_FILE)
+    generation = read_generation_config(root / BACKBONE_DIR)
     check_consistency(root, spec, backbone, predictor, tokenizer)
-    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks, weights)
+    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks, weights, generation)
 
 
 def check_consistency(
-    root: Path, spec: dict[str, Any], backbone: CausalLM, predictor: SparsityPredictor, tokenizer: Tokenizer
+    root: Path, spec: dict[str, Any], backbone: CausalLM, predictor: Predictor, tokenizer: Tokenizer
 ) -> None:
     cfg, pcfg = backbone.config, predictor.config
     k = spec["k_per_layer"]
@@ -173,10 +226,12 @@ def check_consistency(
             root / PREDICTOR_DIR / "config.json",
             "re-create the predictor for this backbone",
         )
+    lm = isinstance(predictor, LMPredictor)
+    predictor_config = root / PREDICTOR_DIR / (LM_DIR if lm else "") / "config.json"
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     for name, size, where in (
         ("backbone", cfg.vocab_size, root / BACKBONE_DIR / "config.json"),
-        ("predictor", pcfg.vocab_size, root / PREDICTOR_DIR / "config.json"),
+        ("predictor", pcfg.vocab_size, predictor_config),
     ):
         if size < vocab:
             raise IFPError(
@@ -205,40 +260,81 @@ def keep_to_k(keep: float, intermediate_size: int, path: str | Path | None = Non
     return max(1, round(keep * intermediate_size))
 
 
+def copy_hf_dir(source: Path, destination: Path) -> None:
+    """A validated HF save_pretrained dir, byte for byte: config, weights (single file or index + shards)."""
+    destination.mkdir(parents=True)
+    for name in (*HF_FILES, "model.safetensors.index.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        for shard in sorted(set(check_weight_map(read_json(index), index).values())):
+            shutil.copyfile(source / shard, destination / shard)
+
+
+def check_same_tokenizer(lm_dir: Path, tokenizer: Tokenizer) -> None:
+    """The predictor reads the backbone's token ids: an LM shipped with a different vocabulary is refused."""
+    path = lm_dir / TOKENIZER_FILE
+    if path.is_file() and read_tokenizer(path).get_vocab(with_added_tokens=True) != tokenizer.get_vocab(
+        with_added_tokens=True
+    ):
+        raise IFPError(
+            "the predictor LM's tokenizer differs from the backbone's (the predictor reads the same token ids)",
+            path,
+            "use a predictor LM trained with the backbone's tokenizer",
+        )
+
+
 def create_checkpoint(
-    backbone_dir: Path, tasks_path: Path, out_dir: Path, keep: float, tokenizer_path: Path | None = None, seed: int = 0
+    backbone_dir: Path,
+    tasks_path: Path,
+    out_dir: Path,
+    keep: float,
+    tokenizer_path: Path | None = None,
+    seed: int = 0,
+    predictor_backbone: Path | None = None,
+    pooling: str = "last",
 ) -> Checkpoint:
     """Wrap a HF backbone with a freshly initialized (seeded) predictor into `out_dir` (which must be empty).
 
-    The backbone files are copied byte for byte after validation; tasks.jsonl and the tokenizer likewise.
+    The predictor is our small encoder, or with `predictor_backbone` that HF LM plus a new MLP head (`pooling`
+    over the prompt: last token or masked mean). HF directories, tasks.jsonl and the tokenizer are copied byte
+    for byte after validation.
     """
     backbone = load_decoder(backbone_dir)
+    read_generation_config(backbone_dir)  # refused here, naming the source, not the staged copy
     tokenizer_path = tokenizer_path or backbone_dir / TOKENIZER_FILE
     tokenizer = read_tokenizer(tokenizer_path)
     read_tasks(tasks_path)
     cfg = backbone.config
     k = keep_to_k(keep, cfg.intermediate_size)
-    torch.manual_seed(seed)
-    predictor = SparsityPredictor(
-        PredictorConfig(
-            vocab_size=max(cfg.vocab_size, tokenizer.get_vocab_size(with_added_tokens=True)),
-            target_layers=cfg.num_hidden_layers,
-            target_intermediate_size=cfg.intermediate_size,
+    if predictor_backbone is None:
+        torch.manual_seed(seed)
+        predictor: Predictor = SparsityPredictor(
+            PredictorConfig(
+                vocab_size=max(cfg.vocab_size, tokenizer.get_vocab_size(with_added_tokens=True)),
+                target_layers=cfg.num_hidden_layers,
+                target_intermediate_size=cfg.intermediate_size,
+            )
         )
-    )
-    (out_dir / BACKBONE_DIR).mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", INDEX_FILE):
-        if (backbone_dir / name).is_file():
-            shutil.copyfile(backbone_dir / name, out_dir / BACKBONE_DIR / name)
-    for shard in shard_files(backbone_dir)[0]:
-        shutil.copyfile(shard, out_dir / BACKBONE_DIR / shard.name)
-    save_predictor(predictor, out_dir / PREDICTOR_DIR)
+    else:
+        check_same_tokenizer(predictor_backbone, tokenizer)
+        head = HeadConfig(cfg.num_hidden_layers, cfg.intermediate_size, pooling=pooling)
+        predictor = new_lm_predictor(predictor_backbone, head, seed)
+    copy_hf_dir(backbone_dir, out_dir / BACKBONE_DIR)
+    if predictor_backbone is not None:
+        copy_hf_dir(predictor_backbone, out_dir / PREDICTOR_DIR / LM_DIR)
+        save_head(predictor, out_dir / PREDICTOR_DIR)
+    else:
+        save_predictor(predictor, out_dir / PREDICTOR_DIR)
+    del backbone, predictor  # the check below loads both again: never hold two copies
     shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
     shutil.copyfile(tasks_path, out_dir / TASKS_FILE)
+    untrained = "predictor" if predictor_backbone is None else f"head on the {predictor_backbone.name} predictor LM"
     write_spec(
         out_dir,
         [k] * cfg.num_hidden_layers,
         temperature=0.05,
-        description=f"untrained predictor (seed {seed}) over {backbone_dir.name}; train it before relying on routing",
+        description=f"untrained {untrained} (seed {seed}) over {backbone_dir.name}; train it before relying on routing",
     )
     return load_checkpoint(out_dir)

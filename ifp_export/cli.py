@@ -43,7 +43,7 @@ def cli() -> None:
     type=click.Choice(["none", "int8", "int4"]),
     default="none",
     show_default=True,
-    help="Weight-only quantization (ONNX: ORT dynamic int8 / MatMulNBits int4; Core ML decoder: coremltools "
+    help="Weight-only quantization (ONNX: MatMulNBits with 8 or 4 bits; Core ML decoder: coremltools "
     "int8 per channel / int4 block 32).",
 )
 @click.option(
@@ -141,15 +141,25 @@ def run(
     from ifp_export.runtime import Runtime
 
     runtime = Runtime(output)
+    runtime.encode(prompt)  # an empty prompt: the one-line error before any session runs
+    truncated = False
     if dynamic:
         click.echo("dynamic mode: FFN neurons pruned for this prompt", err=True)
+        truncated = runtime.predict(prompt).truncated
     elif variant is None:
         route = runtime.route(prompt)
-        variant = route.variant
+        variant, truncated = route.variant, route.truncated
         scores = ", ".join(f"{name} {score:+.3f}" for name, score in route.scores.items())
         click.echo(f"routed to {variant} (variant_scores: {scores})", err=True)
     elif variant != "dense":
         runtime.output.variant(variant)
+    if truncated:
+        limit = runtime.output.manifest["predictor"]["max_length"]
+        click.echo(
+            f"warning: prompt truncated for the predictor, which reads only its first {limit} tokens (routing "
+            "ignores the rest; the model still sees the whole prompt)",
+            err=True,
+        )
     tokens = runtime.generate(prompt, None if dynamic else variant, max_new_tokens, temperature, seed, dynamic)
     for piece in runtime.stream_text(tokens):
         click.echo(piece, nl=False)
@@ -179,8 +189,7 @@ def inspect(output: Path, as_json: bool) -> None:
     for column in ("variant", "task", "coverage", "routing acc.", "ONNX model + own data", "Core ML function"):
         table.add_column(column)
     for v in manifest["variants"]:
-        onnx_files = v["files"].get("onnx", {})
-        own = [onnx_files["model"], *(d for d in onnx_files.get("data", []) if v["name"] in d)] if onnx_files else []
+        own = variant_own_files(manifest, v)
         routing = v.get("routing_accuracy")
         table.add_row(
             v["name"],
@@ -194,23 +203,54 @@ def inspect(output: Path, as_json: bool) -> None:
     Console().print(table)
 
 
+def variant_own_files(manifest: dict, variant: dict) -> list[str]:
+    """A variant's ONNX model and the data files no other model lists (its FFN slices), matched by exact path."""
+    onnx_files = variant["files"].get("onnx")
+    if not onnx_files:
+        return []
+    others = [*(v for v in manifest["variants"] if v is not variant), manifest["dense"]]
+    shared = {d for other in others for d in other["files"].get("onnx", {}).get("data", [])}
+    return [onnx_files["model"], *(d for d in onnx_files.get("data", []) if d not in shared)]
+
+
 @cli.command("new-checkpoint")
 @click.option("--backbone", required=True, type=click.Path(path_type=Path), help="HF save_pretrained directory.")
 @click.option("--tasks", required=True, type=click.Path(path_type=Path), help="Calibration prompts (JSONL).")
 @click.option("--keep", type=float, default=0.25, show_default=True, help="Fraction of FFN neurons kept per layer.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: BACKBONE/tokenizer.json).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the predictor's initialization.")
+@click.option(
+    "--predictor-backbone",
+    type=click.Path(path_type=Path),
+    help="HF save_pretrained dir of a small LM to use as the predictor (with a new MLP head); default: our encoder.",
+)
+@click.option(
+    "--predictor-pooling",
+    type=click.Choice(["last", "mean"]),
+    help="How the LM predictor's head pools the prompt: last real token (default) or masked mean.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="New checkpoint directory.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 def new_checkpoint(
-    backbone: Path, tasks: Path, keep: float, tokenizer: Path | None, seed: int, output: Path, force: bool
+    backbone: Path,
+    tasks: Path,
+    keep: float,
+    tokenizer: Path | None,
+    seed: int,
+    predictor_backbone: Path | None,
+    predictor_pooling: str | None,
+    output: Path,
+    force: bool,
 ) -> None:
     """Wrap a Hugging Face checkpoint with a fresh, untrained predictor, to try the export pipeline on it."""
     from ifp_export.checkpoint import create_checkpoint
     from ifp_export.staging import staged_directory
 
+    if predictor_pooling is not None and predictor_backbone is None:
+        raise IFPError("--predictor-pooling applies to an LM predictor only", None, "add --predictor-backbone LM_DIR")
+    pooling = predictor_pooling or "last"
     with staged_directory(output, force=force) as stage:
-        ckpt = create_checkpoint(backbone, tasks, stage, keep, tokenizer, seed)
+        ckpt = create_checkpoint(backbone, tasks, stage, keep, tokenizer, seed, predictor_backbone, pooling)
     click.echo(f"wrote {output} (k={ckpt.k_per_layer[0]} of {ckpt.backbone.config.intermediate_size} per layer)")
 
 

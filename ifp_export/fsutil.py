@@ -25,6 +25,21 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
+def check_no_symlink_below(root: Path, path: Path, fix: str) -> None:
+    """Refuse `path` if it or a directory between `root` and it is a symlink, or it resolves outside `root` (the
+    output loader's rule, artifacts.contained_path, applied to inputs). A missing path is left to its reader."""
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            raise IFPError("is (or passes through) a symlink, which is never followed", current, fix)
+        if not current.exists():
+            return
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise IFPError("resolves outside its directory", path, fix)
+
+
 @contextmanager
 def atomic_writer(path: Path) -> Iterator[BinaryIO]:
     """A file to write `path` through: a temp file beside it, fsynced and renamed over `path` on success."""

@@ -11,14 +11,20 @@ from collections.abc import Callable
 import torch
 from tokenizers import Tokenizer
 
-from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.model.lm_predictor import Predictor
 from ifp_export.model.softtopk import hard_topk_mask
+
+# The one truncation rule of every predictor client (export, runtime, predictor.onnx and the Core ML predictor, whose
+# input is capped at max_length): keep the FIRST max_length tokens. The instruction leads an IFPruning prompt and
+# decides the task; what is cut is the tail of its input. Stated in the manifest as predictor.truncation.
+TRUNCATION = "keep_first"
 
 
 def encode_prompts(
     tokenizer: Tokenizer, prompts: list[str], max_length: int, pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """Right-padded input_ids and attention_mask [B, T] (T <= max_length) and which prompts were truncated."""
+    """Right-padded input_ids and attention_mask [B, T] (T <= max_length) and which prompts were truncated
+    (`TRUNCATION`: each keeps its first max_length tokens)."""
     encoded = [tokenizer.encode(p).ids for p in prompts]
     truncated = [len(ids) > max_length for ids in encoded]
     encoded = [ids[:max_length] for ids in encoded]
@@ -33,7 +39,7 @@ def encode_prompts(
 
 @torch.no_grad()
 def predict_scores(
-    predictor: SparsityPredictor,
+    predictor: Predictor,
     tokenizer: Tokenizer,
     prompts: list[str],
     batch_size: int = 64,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -28,6 +29,13 @@ from ifp_export.targets.onnx import DENSE_NAME, DYNAMIC_NAME, SHARED_DATA, gathe
 class Route:
     variant: str
     scores: dict[str, float]
+    truncated: bool = False  # the predictor read only the prompt's first max_length tokens
+
+
+class Prediction(NamedTuple):
+    scores: np.ndarray  # [L, d_ff] neuron scores
+    variant_scores: np.ndarray  # [V]
+    truncated: bool  # the prompt was longer than the manifest's predictor.max_length (its first tokens were read)
 
 
 class Runtime:
@@ -56,21 +64,28 @@ class Runtime:
         options.add_session_config_entry("session.disable_prepacking", "1")
         return options
 
-    def predict(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-        """The predictor graph on one prompt: neuron scores [L, d_ff] and variant_scores [V]."""
-        ids, mask, _ = encode_prompts(self.tokenizer, [prompt], self.output.manifest["predictor"]["max_length"])
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids; an empty prompt (or one that encodes to nothing) is refused."""
+        ids = self.tokenizer.encode(prompt).ids if prompt else []
+        if not ids:
+            raise IFPError(f"the prompt {prompt!r} encodes to no tokens", None, "pass a non-empty --prompt")
+        return ids
+
+    def predict(self, prompt: str) -> Prediction:
+        """The predictor graph on one prompt (its first max_length tokens, `masks.TRUNCATION`)."""
+        self.encode(prompt)
+        ids, mask, truncated = encode_prompts(self.tokenizer, [prompt], self.output.manifest["predictor"]["max_length"])
         scores, variant_scores = self.predictor.run(
             ["scores", "variant_scores"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         )
-        return scores[0], variant_scores[0]
+        return Prediction(scores[0], variant_scores[0], truncated[0])
 
     def route(self, prompt: str) -> Route:
         """Run the predictor graph once and pick the argmax variant."""
-        _, variant_scores = self.predict(prompt)
-        variant_scores = variant_scores[None]
+        prediction = self.predict(prompt)
         order = self.output.manifest["predictor"]["routing"]["variant_order"]
-        scores = {name: float(s) for name, s in zip(order, variant_scores[0], strict=True)}
-        return Route(order[int(variant_scores[0].argmax())], scores)
+        scores = {name: float(s) for name, s in zip(order, prediction.variant_scores, strict=True)}
+        return Route(order[int(prediction.variant_scores.argmax())], scores, prediction.truncated)
 
     def model_path(self, name: str) -> Path:
         files = self.output.manifest["dense"] if name == DENSE_NAME else self.output.variant(name)
@@ -99,8 +114,7 @@ class Runtime:
             path = self.output.path(spec["model"])
             self.sessions[DYNAMIC_NAME] = self.resident_session(path)
         decoder = self.sessions[DYNAMIC_NAME]
-        scores, _ = self.predict(prompt)
-        kept = top_k_indices(scores, self.output.manifest["model"]["k"])
+        kept = top_k_indices(self.predict(prompt).scores, self.output.manifest["model"]["k"])
         decoder.extra_feeds = gather_dynamic_feeds(spec["ffn_inputs"], kept, self.source)
         return decoder
 
@@ -153,11 +167,11 @@ class Runtime:
         The model is `variant`, else the dynamic decoder pruned for this prompt if `dynamic`, else the variant
         the predictor routes the prompt to.
         """
+        ids = self.encode(prompt)
         if dynamic and variant is None:
             decoder = self.dynamic_decoder(prompt)
         else:
             decoder = self.decoder(variant or self.route(prompt).variant)
-        ids = self.tokenizer.encode(prompt).ids
         yield from decode_tokens(decoder, ids, max_new_tokens, self.eos_ids, temperature, np.random.default_rng(seed))
 
     def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:

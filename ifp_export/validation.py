@@ -31,13 +31,16 @@ def validate_output(output: Path, checkpoint: Path) -> ExportContext:
             )
     options = ExportOptions(checkpoint=checkpoint, output=output)
     ctx = ExportContext(options, workdir=output, console=Console(stderr=True))
-    ctx.checkpoint, ctx.k_per_layer = ckpt, ckpt.k_per_layer
+    # k is the output's (an export made with --keep differs from the checkpoint's ifp.json)
+    ctx.checkpoint, ctx.k_per_layer = ckpt, [int(manifest["model"]["k"])] * ckpt.backbone.config.num_hidden_layers
     for name, task, idx in kept:
         prompts = [i for i, t in enumerate(ckpt.tasks) if t.task == task] or list(range(len(ckpt.tasks)))
         ctx.variants.append(Variant(name, task, mask_from_indices(idx, d_ff), prompts))
-    folded = fold_variants(ckpt.backbone, {name: idx for name, _, idx in kept})
-    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, list(folded), ckpt.backbone, folded, manifest)
+    names = [name for name, _, _ in kept]
+    folded = fold_variants(ckpt.backbone, {name: idx for name, _, idx in kept})  # open_artifacts sizes their FFNs
+    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, folded, manifest)
     if (output / coreml.COREML_DIR).is_dir():
         quantize = manifest.get("quantization", {}).get("coreml", "none")
-        ctx.emitted["coreml"] = coreml.open_artifacts(output / coreml.COREML_DIR, ckpt.backbone, folded, quantize)
+        max_positions = ckpt.backbone.config.max_position_embeddings
+        ctx.emitted["coreml"] = coreml.open_artifacts(output / coreml.COREML_DIR, max_positions, names, quantize)
     return ValidatePass().run(ctx)

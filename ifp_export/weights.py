@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -267,19 +267,26 @@ def weights_file(directory: Path) -> Path:
     return index if index.is_file() else directory / SINGLE_FILE
 
 
+def check_weight_map(raw: Any, path: str | Path) -> dict[str, str]:
+    """The `weight_map` of a parsed `model.safetensors.index.json`: tensor name -> shard file name (strings only)."""
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise IFPError("safetensors index has no weight_map object", path, "re-save with save_pretrained")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise IFPError(
+                f"weight_map entry {name!r} is {shard!r}, not a shard file name", path, "re-save with save_pretrained"
+            )
+    return weight_map
+
+
 def shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     """`model.safetensors`, or the shards a `model.safetensors.index.json` names (plain files beside it) and its
     weight_map."""
     index = directory / INDEX_FILE
     if not index.is_file():
         return [directory / SINGLE_FILE], None
-    raw = read_json(index, "safetensors index")
-    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise IFPError("safetensors index has no weight_map object", index, "re-save with save_pretrained")
-    bad = [v for v in weight_map.values() if not (isinstance(v, str) and v)]
-    if bad:
-        raise IFPError(f"weight_map value {bad[0]!r} is not a file name", index, "re-save with save_pretrained")
+    weight_map = check_weight_map(read_json(index, "safetensors index"), index)
     root = directory.resolve()
     shards = []
     for shard in sorted(set(weight_map.values())):

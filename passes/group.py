@@ -15,12 +15,43 @@ import torch
 from ifp_export.masks import aggregate_topk, mask_iou, routing_scores
 from ifp_export.pipeline import ExportContext, Predictions, Variant
 
+# Stems of the files, directories and Core ML functions the tool writes itself (targets' decoder/predictor/dense/
+# dynamic/shared-data files, the HF and GenAI configs beside them, the output's top-level files, coremltools'
+# default function). tests/test_variant_names.py checks every stem an export writes is listed here.
+RESERVED_NAMES = frozenset(
+    {
+        "config",
+        "coreml",
+        "decoder",
+        "decoder_shared",
+        "dense",
+        "dynamic",
+        "genai_config",
+        "generation_config",
+        "main",
+        "manifest",
+        "mask_overlap",
+        "onnx",
+        "predictor",
+        "report",
+        "tokenizer",
+        "tokenizer_config",
+        "variants",
+    }
+)
+
 
 def variant_name(task: str, taken: set[str]) -> str:
-    """A file- and function-name-safe name for a task ([a-z0-9_], unique)."""
+    """A file- and function-name-safe name for a task ([a-z0-9_], unique, never a reserved name).
+
+    Deterministic renames: a leading digit gets `t_`, a reserved name gets `task_` (`dense` -> `task_dense`), and a
+    name already taken (two tasks equal after sanitizing) gets `_2`, `_3`, ... in file order.
+    """
     base = re.sub(r"[^a-z0-9_]+", "_", task.lower()).strip("_") or "task"
     if base[0].isdigit():
         base = f"t_{base}"
+    if base in RESERVED_NAMES:
+        base = f"task_{base}"
     name, n = base, 1
     while name in taken:
         n += 1

@@ -17,6 +17,7 @@ from typing import Any
 from ifp_export.artifacts import MANIFEST_FILE, SCHEMA_VERSION, check_manifest
 from ifp_export.checkpoint import TOKENIZER_FILE
 from ifp_export.fsutil import write_json
+from ifp_export.masks import TRUNCATION
 from ifp_export.passes.fold import KEPT_INDICES_FILE
 from ifp_export.passes.report import REPORT_FILE
 from ifp_export.pipeline import ExportContext
@@ -71,6 +72,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
     per_model: dict[str, dict[str, Any]] = {}
     predictor: dict[str, Any] = {
         "max_length": ckpt.predictor.config.max_length,
+        "truncation": TRUNCATION,
         "routing": {
             "rule": "standardize scores per layer, variant_scores = mean over layers of the mean standardized "
             "score of each variant's kept neurons; run the variant at argmax(variant_scores)",
@@ -104,7 +106,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
         "tokenizer": {
             "file": TOKENIZER_FILE,
             "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id,
+            "eos_token_id": ckpt.eos_token_ids or None,
             "pad_token_id": cfg.pad_token_id,
         },
         "kv_cache": {

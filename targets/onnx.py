@@ -32,6 +32,7 @@ from ifp_export.fold import as_float32, fold_variants, relative_difference
 from ifp_export.fsutil import write_json
 from ifp_export.generate import greedy_generate, left_pad
 from ifp_export.masks import encode_prompts, standardize
+from ifp_export.model.config import GENERATION_CONFIG_FILE, generation_config
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.model.softtopk import hard_topk_mask
@@ -81,6 +82,8 @@ class PredictorRouter(nn.Module):
         self.register_buffer("routing", weights.flatten(1).T.contiguous())  # [L*d, V]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        limit = self.predictor.config.max_length  # masks.TRUNCATION: a longer prompt keeps its first tokens
+        input_ids, attention_mask = input_ids[:, :limit], attention_mask[:, :limit]
         scores = self.predictor(input_ids, attention_mask)
         return scores, standardize(scores).flatten(1) @ self.routing
 
@@ -293,12 +296,6 @@ def hf_config(model: CausalLM) -> dict:
     return {**model.config.to_hf_dict(), "use_cache": True}
 
 
-def generation_config(model: CausalLM) -> dict:
-    cfg = model.config
-    raw = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
-    return {k: v for k, v in raw.items() if v is not None}
-
-
 def emit(
     directory: Path,
     dense: CausalLM,
@@ -307,6 +304,7 @@ def emit(
     variant_masks: torch.Tensor,
     quantize: str = "none",
     dynamic: bool = False,
+    generation: dict | None = None,
 ) -> OnnxArtifacts:
     """Write every variant, the dense model and the predictor under `directory` (created, must be new).
 
@@ -347,7 +345,7 @@ def emit(
     ir.save(predictor_graph, predictor_path)
 
     write_json(directory / "config.json", hf_config(folded[names[0]]))
-    write_json(directory / "generation_config.json", generation_config(dense))
+    write_json(directory / GENERATION_CONFIG_FILE, generation_config(dense.config, generation or {}))
 
     if quantize == "none":
         shared, dense_ffn = weight_bytes(dense)
@@ -661,6 +659,7 @@ class EmitOnnxPass:
             torch.stack([v.mask for v in variants]),
             ctx.options.quantize,
             ctx.options.mode == "dynamic",
+            ckpt.generation,
         )
         ctx.emitted[self.name] = artifacts
         ctx.console.log(

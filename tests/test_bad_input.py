@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, edit_config, run_cli, snapshot
 from safetensors.torch import load_file, save_file
-from tiny import make_checkpoint
+from tiny import make_checkpoint, save_backbone
 
 from ifp_export.artifacts import MANIFEST_FILE
+from ifp_export.checkpoint import create_checkpoint
 from ifp_export.passes.manifest import sha256_file
 from ifp_export.pipeline import ExportContext
 
@@ -138,8 +139,8 @@ def export_corrupt_spec(w: World) -> tuple[list[str], tuple[str, ...]]:
 
 
 def export_wrong_format_version(w: World) -> tuple[list[str], tuple[str, ...]]:
-    edit_json(w.ckpt / "ifp.json", format_version=2)
-    return export_args(w), ("ifp.json", "format_version 2 is not supported", "Fix:")
+    edit_json(w.ckpt / "ifp.json", format_version=3)
+    return export_args(w), ("ifp.json", "format_version 3 is not supported", "Fix:")
 
 
 def export_truncated_safetensors(w: World) -> tuple[list[str], tuple[str, ...]]:
@@ -157,6 +158,46 @@ def export_wrong_predictor_shape(w: World) -> tuple[list[str], tuple[str, ...]]:
     return export_args(w), ("predictor/model.safetensors", "shape", "Fix:")
 
 
+def predictor_lm(w: World) -> Path:
+    """A small HF LM (our writer; the backbone's tokenizer) to use as the predictor."""
+    path = w.tmp / "src" / "lm"
+    save_backbone(path, seed=1, intermediate_size=32)
+    return path
+
+
+def with_lm_predictor(w: World) -> None:
+    """Replace the case's checkpoint by one whose predictor is an HF LM + MLP head (issue 17)."""
+    shutil.rmtree(w.ckpt)
+    w.ckpt.mkdir()
+    create_checkpoint(w.backbone, w.tasks, w.ckpt, 0.25, predictor_backbone=predictor_lm(w))
+
+
+def export_lm_predictor_head_shape(w: World) -> tuple[list[str], tuple[str, ...]]:
+    with_lm_predictor(w)
+    edit_tensors(w.ckpt / "predictor" / "head.safetensors", reshape_first)
+    return export_args(w), ("predictor/head.safetensors", "shape", "Fix:")
+
+
+def export_lm_predictor_nan_lm(w: World) -> tuple[list[str], tuple[str, ...]]:
+    with_lm_predictor(w)
+    lm_weights = w.ckpt / "predictor" / "lm" / "model.safetensors"
+    edit_tensors(lm_weights, lambda t: t["model.norm.weight"].fill_(float("nan")))  # not lm_head: unused, ignored
+    return export_args(w), ("predictor/lm/model.safetensors", "NaN or Inf", "Fix:")
+
+
+def export_lm_predictor_bad_pooling(w: World) -> tuple[list[str], tuple[str, ...]]:
+    with_lm_predictor(w)
+    config = json.loads((w.ckpt / "predictor" / "config.json").read_text())
+    edit_json(w.ckpt / "predictor" / "config.json", head={**config["head"], "pooling": "max"})
+    return export_args(w), ("predictor/config.json", "pooling 'max' is not supported", "Fix:")
+
+
+def export_lm_predictor_in_version_1(w: World) -> tuple[list[str], tuple[str, ...]]:
+    with_lm_predictor(w)
+    edit_json(w.ckpt / "ifp.json", format_version=1)
+    return export_args(w), ("ifp.json", "needs ifp.json format_version 2", "Fix:")
+
+
 def export_nan_weights(w: World) -> tuple[list[str], tuple[str, ...]]:
     edit_tensors(w.ckpt / "backbone" / "model.safetensors", set_first(float("nan")))
     return export_args(w), ("backbone/model.safetensors", "NaN or Inf", "Fix:")
@@ -170,6 +211,51 @@ def export_inf_predictor_weights(w: World) -> tuple[list[str], tuple[str, ...]]:
 def export_unsupported_architecture(w: World) -> tuple[list[str], tuple[str, ...]]:
     edit_config(w.ckpt / "backbone", model_type="gpt2")
     return export_args(w), ("backbone/config.json", "unsupported architecture model_type='gpt2'", "Fix:")
+
+
+def export_llama3_rope_without_low_freq_factor(w: World) -> tuple[list[str], tuple[str, ...]]:
+    rope = {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    edit_config(w.ckpt / "backbone", rope_scaling=rope)
+    return export_args(w), ("backbone/config.json", "rope_scaling.low_freq_factor is missing", "Fix:")
+
+
+def export_fractional_heads(w: World) -> tuple[list[str], tuple[str, ...]]:
+    edit_config(w.ckpt / "backbone", num_attention_heads=4.7)
+    return export_args(w), ("backbone/config.json", "num_attention_heads must be an integer", "Fix:")
+
+
+def export_weight_map_value_not_a_file_name(w: World) -> tuple[list[str], tuple[str, ...]]:
+    index = w.ckpt / "backbone" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": 3, "model.norm.weight": "model.safetensors"}}))
+    return export_args(w), (str(index), "'lm_head.weight' is 3", "Fix:")
+
+
+def symlink_outside(w: World, relative: str) -> Path:
+    """Move ckpt/relative outside the checkpoint and leave a symlink to it: the content is valid, the place is not."""
+    inside, outside = w.ckpt / relative, w.tmp / ("outside-" + relative.replace("/", "-"))
+    shutil.move(inside, outside)
+    inside.symlink_to(outside)
+    return inside
+
+
+def export_tokenizer_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "tokenizer.json")
+    return export_args(w), ("tokenizer.json", "symlink", "Fix:")
+
+
+def export_tasks_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "tasks.jsonl")
+    return export_args(w), ("tasks.jsonl", "symlink", "Fix:")
+
+
+def export_weights_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "backbone/model.safetensors")
+    return export_args(w), ("backbone/model.safetensors", "symlink", "Fix:")
+
+
+def export_backbone_dir_symlink_outside(w: World) -> tuple[list[str], tuple[str, ...]]:
+    symlink_outside(w, "backbone")
+    return export_args(w), ("backbone", "symlink", "Fix:")
 
 
 def export_k_above_d_ff(w: World) -> tuple[list[str], tuple[str, ...]]:
@@ -253,6 +339,28 @@ def new_checkpoint_pickle_backbone(w: World) -> tuple[list[str], tuple[str, ...]
 def new_checkpoint_unsupported_architecture(w: World) -> tuple[list[str], tuple[str, ...]]:
     edit_config(w.backbone, model_type="mamba")
     return new_checkpoint_args(w), ("config.json", "model_type='mamba'", "Fix:")
+
+
+def new_checkpoint_missing_predictor_backbone(w: World) -> tuple[list[str], tuple[str, ...]]:
+    missing = w.tmp / "no-such-lm"
+    args = new_checkpoint_args(w, "--predictor-backbone", str(missing))
+    return args, (str(missing), "predictor LM directory not found", "Fix:")
+
+
+def new_checkpoint_unsupported_predictor_backbone(w: World) -> tuple[list[str], tuple[str, ...]]:
+    lm = predictor_lm(w)
+    edit_config(lm, model_type="gpt2")
+    return new_checkpoint_args(w, "--predictor-backbone", str(lm)), ("lm/config.json", "model_type='gpt2'", "Fix:")
+
+
+def new_checkpoint_pooling_without_predictor_backbone(w: World) -> tuple[list[str], tuple[str, ...]]:
+    args = new_checkpoint_args(w, "--predictor-pooling", "mean")
+    return args, ("--predictor-pooling applies to an LM predictor only", "--predictor-backbone", "Fix:")
+
+
+def new_checkpoint_bad_generation_config(w: World) -> tuple[list[str], tuple[str, ...]]:
+    (w.backbone / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
+    return new_checkpoint_args(w), (str(w.backbone / "generation_config.json"), "eos_token_id", "Fix:")
 
 
 def new_checkpoint_keep_zero(w: World) -> tuple[list[str], tuple[str, ...]]:
@@ -358,9 +466,20 @@ CASES = [
     Case(export_truncated_safetensors),
     Case(export_wrong_tensor_shape),
     Case(export_wrong_predictor_shape),
+    Case(export_lm_predictor_head_shape),
+    Case(export_lm_predictor_nan_lm),
+    Case(export_lm_predictor_bad_pooling),
+    Case(export_lm_predictor_in_version_1),
     Case(export_nan_weights),
     Case(export_inf_predictor_weights),
     Case(export_unsupported_architecture),
+    Case(export_llama3_rope_without_low_freq_factor),
+    Case(export_fractional_heads),
+    Case(export_weight_map_value_not_a_file_name),
+    Case(export_tokenizer_symlink_outside),
+    Case(export_tasks_symlink_outside),
+    Case(export_weights_symlink_outside),
+    Case(export_backbone_dir_symlink_outside),
     Case(export_k_above_d_ff),
     Case(export_k_zero),
     Case(export_empty_tasks),
@@ -376,6 +495,10 @@ CASES = [
     Case(export_no_write_permission),
     Case(new_checkpoint_pickle_backbone),
     Case(new_checkpoint_unsupported_architecture),
+    Case(new_checkpoint_missing_predictor_backbone),
+    Case(new_checkpoint_unsupported_predictor_backbone),
+    Case(new_checkpoint_pooling_without_predictor_backbone),
+    Case(new_checkpoint_bad_generation_config),
     Case(new_checkpoint_keep_zero),
     Case(new_checkpoint_malformed_tasks),
     Case(new_checkpoint_missing_tasks),

@@ -24,7 +24,8 @@ from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor
 from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.targets import coreml
-from ifp_export.targets.onnx import DENSE_NAME
+from ifp_export.targets.onnx import DENSE_NAME, weight_bytes
+from ifp_export.weights import ModuleWeights
 
 LAYERS, D_FF, KEEP = 1, 2048, 496
 
@@ -55,10 +56,14 @@ def models() -> tuple[CausalLM, dict[str, CausalLM], SparsityPredictor, torch.Te
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def quantized(request: pytest.FixtureRequest, models, tmp_path_factory: pytest.TempPathFactory):
-    dense, folded, predictor, masks = models
+    dense, _, predictor, masks = models
     directory = tmp_path_factory.mktemp(request.param) / "coreml"
-    art = coreml.emit(directory, dense, folded, predictor, masks, quantize=request.param)
+    art = coreml.emit(directory, ModuleWeights(dense), kept(masks), predictor, masks, quantize=request.param)
     return request.param, art
+
+
+def kept(masks: torch.Tensor) -> dict[str, np.ndarray]:
+    return {f"v{i}": kept_indices(m).numpy() for i, m in enumerate(masks)}
 
 
 def references(models) -> dict[str, CausalLM]:
@@ -66,10 +71,21 @@ def references(models) -> dict[str, CausalLM]:
     return {**folded, DENSE_NAME: dense}
 
 
+def check(art: coreml.CoreMLArtifacts, models) -> list[coreml.FunctionCheck]:
+    return coreml.check_decoder_package(art, references(models).__getitem__)
+
+
+def fp16_ideal(models) -> int:
+    """Shared weights once + every function's FFN slices, fp16 (the unquantized package's weights)."""
+    dense, folded, _, _ = models
+    shared, dense_ffn = weight_bytes(dense)
+    return (shared + dense_ffn + sum(weight_bytes(m)[1] for m in folded.values())) // 2
+
+
 def test_validation_passes_under_the_mode_tolerance(quantized, models) -> None:
     mode, art = quantized
     assert art.quantize == mode  # what the manifest records as quantization.coreml
-    rows = coreml.check_decoder_package(art, references(models))
+    rows = check(art, models)
     for row in rows:
         assert row.ok, row
         assert row.quantize == mode
@@ -94,7 +110,7 @@ def test_quantization_ops_cover_every_linear_and_ffn_weight(quantized, models) -
         two_d = [n for n, t in model.state_dict().items() if t.dim() == 2]
         assert len(two_d) == 1 + 7 * LAYERS + 1  # embeddings, q/k/v/o + FFN per layer, lm_head (untied)
         for param in two_d:
-            ref = refs[coreml.ffn_const_name(param) + coreml.QUANTIZED_SUFFIX]
+            ref = refs[coreml.const_name(param) + coreml.QUANTIZED_SUFFIX]
             data = coreml.read_blob(weights, ref.data)
             scale = coreml.read_blob(weights, ref.scale)
             assert data.dtype == np.int8 and scale.dtype == np.float16 and ref.offset is None  # symmetric
@@ -107,7 +123,7 @@ def test_quantization_ops_cover_every_linear_and_ffn_weight(quantized, models) -
                 assert scale.shape == (data.shape[0], data.shape[1] // blocks), (name, param)
         assert not {n for n in coreml.function_blobs(spec, name) if n.endswith("_weight_to_fp16") and "norm" not in n}
     if mode == "int4":  # both granularities are exercised: dense down_proj block-wise, pruned down_proj per channel
-        down = coreml.ffn_const_name("model.layers.0.mlp.down_proj.weight") + coreml.QUANTIZED_SUFFIX
+        down = coreml.const_name("model.layers.0.mlp.down_proj.weight") + coreml.QUANTIZED_SUFFIX
         shapes = {
             n: coreml.read_blob(weights, coreml.function_quantized(spec, n)[down].scale).shape for n in art.functions
         }
@@ -116,12 +132,11 @@ def test_quantization_ops_cover_every_linear_and_ffn_weight(quantized, models) -
 
 def test_quantized_package_is_smaller_and_shared_weights_stored_once(quantized, models) -> None:
     """weight.bin vs the fp16 ideal (shared once + every function's FFN slices); the dedup ratio against the
-    honest ideal: every distinct quantized blob (data, scales, fp16 norms) once, measured before the merge."""
+    honest ideal: every distinct quantized blob (data, scales, fp16 norms) once, counted from the program."""
     mode, art = quantized
-    dense, folded, _, _ = models
-    fp16_ideal = coreml.ideal_fp16_bytes(dense, folded)
-    assert art.weights_bytes < (0.55 if mode == "int8" else 0.32) * fp16_ideal, (art.weights_bytes, fp16_ideal)
-    assert art.disk_bytes < (0.6 if mode == "int8" else 0.4) * fp16_ideal
+    fp16 = fp16_ideal(models)
+    assert art.weights_bytes < (0.55 if mode == "int8" else 0.32) * fp16, (art.weights_bytes, fp16)
+    assert art.disk_bytes < (0.6 if mode == "int8" else 0.4) * fp16
     assert art.weights_bytes <= 1.01 * art.ideal_bytes  # weight.bin: distinct blobs + 64-byte blob headers only
     assert art.dedup_ratio <= 1.05, (art.disk_bytes, art.ideal_bytes)  # + ~0.1 MB of program description
     assert coreml.distinct_blob_bytes([art.decoder]) == art.ideal_bytes  # no blob stored twice after the merge
@@ -146,17 +161,16 @@ def test_tampered_quantized_weight_fails_validation(quantized, models, tmp_path:
     package = copy / coreml.DECODER_PACKAGE
     spec = coreml.coremltools().utils.load_spec(str(package))
     name = art.functions[1]
-    qname = coreml.ffn_const_name("model.layers.0.mlp.up_proj.weight") + coreml.QUANTIZED_SUFFIX
+    qname = coreml.const_name("model.layers.0.mlp.up_proj.weight") + coreml.QUANTIZED_SUFFIX
     ref = coreml.function_quantized(spec, name)[qname]
     path = coreml.package_weights_path(package)
     data = bytearray(path.read_bytes())
     _, start, _ = coreml.blob_data_range(data, ref.data.offset)
     data[start] ^= 0x44  # int8: +-68 steps; int4: the high nibble of two values, +-4 steps
     path.write_bytes(bytes(data))
-    dense, folded, _, _ = models
-    tampered = coreml.open_artifacts(copy, dense, folded, mode)
+    tampered = coreml.open_artifacts(copy, models[0].config.max_position_embeddings, list(models[1]), mode)
     assert tampered.ideal_bytes == art.ideal_bytes
-    rows = {r.function: r for r in coreml.check_decoder_package(tampered, references(models))}
+    rows = {r.function: r for r in check(tampered, models)}
     assert not rows[name].ok and rows[name].bound_ratio > 1
     assert all(r.ok for f, r in rows.items() if f != name)
 
@@ -165,8 +179,8 @@ def test_quantized_emit_is_reproducible(quantized, models, tmp_path: Path) -> No
     mode, art = quantized
     if mode != "int4":
         pytest.skip("one mode is enough to show reproducibility (each emit takes ~10 s)")
-    dense, folded, predictor, masks = models
-    again = coreml.emit(tmp_path / "coreml", dense, folded, predictor, masks, quantize=mode)
+    dense, _, predictor, masks = models
+    again = coreml.emit(tmp_path / "coreml", ModuleWeights(dense), kept(masks), predictor, masks, quantize=mode)
 
     def digests(root: Path) -> dict[str, str]:
         files = sorted(p for p in root.rglob("*") if p.is_file())
@@ -176,7 +190,7 @@ def test_quantized_emit_is_reproducible(quantized, models, tmp_path: Path) -> No
 
 
 def test_unknown_mode_is_refused(models, tmp_path: Path) -> None:
-    dense, folded, predictor, masks = models
+    dense, _, predictor, masks = models
     with pytest.raises(ValueError, match="quantize"):
-        coreml.emit(tmp_path / "coreml", dense, folded, predictor, masks, quantize="int2")
+        coreml.emit(tmp_path / "coreml", ModuleWeights(dense), kept(masks), predictor, masks, quantize="int2")
     assert not (tmp_path / "coreml").exists()

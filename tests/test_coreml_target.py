@@ -1,7 +1,7 @@
 """Core ML target: one multifunction decoder package (a function per variant + dense, stateful KV cache) and the
 predictor package, checked structurally from the spec and by reading the weights back from weight.bin. Core ML
-cannot predict on Linux: the traced stateful wrapper (what is converted) is checked against the decoder in
-PyTorch instead, and the Core ML prediction parity test runs only on macOS."""
+cannot predict on Linux: the program's fp16 norm/RoPE arithmetic is emulated in tests/test_coreml_numerics.py,
+and the Core ML prediction parity test runs only on macOS."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ import torch
 from tiny import make_checkpoint, run_export
 
 from ifp_export.cli import bundled_sample
-from ifp_export.fold import fold_decoder, fold_variants, kept_indices
+from ifp_export.fold import fold_decoder, kept_indices
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor
 from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets import coreml
-from ifp_export.targets.onnx import DENSE_NAME
+from ifp_export.targets.coreml import numerics
+from ifp_export.targets.onnx import DENSE_NAME, weight_bytes
+from ifp_export.weights import ModuleWeights, is_ffn
 
 PARAMS = ["llama", "qwen2", "sample"]
 
@@ -50,12 +52,18 @@ def artifacts(ctx: ExportContext) -> coreml.CoreMLArtifacts:
     return ctx.emitted["coreml"]
 
 
-def folded(ctx: ExportContext) -> dict[str, CausalLM]:
-    return fold_variants(ctx.checkpoint.backbone, {v.name: v.kept for v in ctx.variants})
+def kept(ctx: ExportContext) -> dict[str, np.ndarray]:
+    return {v.name: v.kept.numpy() for v in ctx.variants}
 
 
 def references(ctx: ExportContext) -> dict[str, CausalLM]:
-    return {**folded(ctx), DENSE_NAME: ctx.checkpoint.backbone}
+    """Every function's reference (the tiny test models only; the target itself folds one at a time)."""
+    reference = coreml.reference_models(ctx.checkpoint.backbone, kept(ctx))
+    return {name: reference(name) for name in artifacts(ctx).functions}
+
+
+def ffn_params(model: CausalLM) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.state_dict().items() if is_ffn(n)}
 
 
 def test_one_function_per_variant_plus_dense(exported: ExportContext) -> None:
@@ -110,10 +118,10 @@ def test_ffn_weights_read_back_equal_folded_weights(exported: ExportContext) -> 
     weights = coreml.package_weights_path(art.decoder).read_bytes()
     for name, model in references(exported).items():
         blobs = coreml.function_blobs(spec, name)
-        params = coreml.ffn_params(model)
+        params = ffn_params(model)
         assert len(params) == 3 * model.config.num_hidden_layers
         for param, tensor in params.items():
-            stored = coreml.read_blob(weights, blobs[coreml.ffn_const_name(param)])
+            stored = coreml.read_blob(weights, blobs[coreml.const_name(param)])
             assert stored.dtype == np.float16 and stored.shape == tuple(tensor.shape)
             assert np.array_equal(stored, tensor.numpy().astype(np.float16)), (name, param)
             ulp = np.abs(tensor.numpy()) * 2.0**-11 + 2.0**-24
@@ -125,8 +133,8 @@ def test_shared_weights_are_stored_once(exported: ExportContext) -> None:
     art = artifacts(exported)
     spec = coreml.coremltools().utils.load_spec(str(art.decoder))
     blobs = {name: coreml.function_blobs(spec, name) for name in art.functions}
-    shared = {  # the model's own tensors (the converter's zero biases of the FFN linears differ in width)
-        name: {n: r.offset for n, r in refs.items() if n.startswith("model_") and "_mlp_" not in n}
+    shared = {  # the model's own tensors and the RoPE tables
+        name: {n: r.offset for n, r in refs.items() if (n.startswith("model_") or "rope" in n) and "_mlp_" not in n}
         for name, refs in blobs.items()
     }
     first = shared[art.functions[0]]
@@ -135,8 +143,8 @@ def test_shared_weights_are_stored_once(exported: ExportContext) -> None:
         assert shared[name] == first, name
     by_offset: dict[int, list[np.ndarray]] = {}
     for name, model in references(exported).items():
-        for param, tensor in coreml.ffn_params(model).items():
-            offset = blobs[name][coreml.ffn_const_name(param)].offset
+        for param, tensor in ffn_params(model).items():
+            offset = blobs[name][coreml.const_name(param)].offset
             by_offset.setdefault(offset, []).append(tensor.numpy().astype(np.float16))
     for tensors in by_offset.values():  # two variants keeping the same neurons in a layer may share a slice
         assert all(np.array_equal(t, tensors[0]) for t in tensors[1:])
@@ -149,17 +157,42 @@ def test_tampered_ffn_weight_fails_validation(exported: ExportContext, tmp_path:
     shutil.copytree(art.directory, copy)
     spec = coreml.coremltools().utils.load_spec(str(copy / coreml.DECODER_PACKAGE))
     name = art.functions[1]
-    ref = coreml.function_blobs(spec, name)[coreml.ffn_const_name("model.layers.0.mlp.down_proj.weight")]
+    ref = coreml.function_blobs(spec, name)[coreml.const_name("model.layers.0.mlp.down_proj.weight")]
     path = coreml.package_weights_path(copy / coreml.DECODER_PACKAGE)
     data = bytearray(path.read_bytes())
     _, start, size = coreml.blob_data_range(data, ref.offset)
     values = np.frombuffer(bytes(data[start : start + size]), dtype="<f2") * np.float16(1.5)
     data[start : start + size] = values.astype("<f2").tobytes()
     path.write_bytes(bytes(data))
-    tampered = coreml.open_artifacts(copy, exported.checkpoint.backbone, folded(exported))
-    rows = {r.function: r for r in coreml.check_decoder_package(tampered, references(exported))}
+    names = [v.name for v in exported.variants]
+    tampered = coreml.open_artifacts(copy, exported.checkpoint.backbone.config.max_position_embeddings, names)
+    reference = coreml.reference_models(exported.checkpoint.backbone, kept(exported))
+    rows = {r.function: r for r in coreml.check_decoder_package(tampered, reference)}
     assert not rows[name].ok
     assert all(r.ok for f, r in rows.items() if f != name)
+
+
+def test_norm_and_rope_structure_is_checked(exported: ExportContext, tmp_path: Path) -> None:
+    """Validation ties the package to the numerics emulation: the max-scaled fp16 norms are found in every
+    function and the stored RoPE table must equal the fp32 table rounded to fp16 (a shifted table fails)."""
+    art = artifacts(exported)
+    spec = coreml.coremltools().utils.load_spec(str(art.decoder))
+    weights = coreml.package_weights_path(art.decoder).read_bytes()
+    cfg = exported.checkpoint.backbone.config
+    for name in art.functions:
+        assert numerics.check_numerics(spec, name, weights, cfg, art.max_context) == []
+    copy = tmp_path / "coreml"
+    shutil.copytree(art.directory, copy)
+    path = coreml.package_weights_path(copy / coreml.DECODER_PACKAGE)
+    data = bytearray(path.read_bytes())
+    _, start, size = coreml.blob_data_range(data, coreml.function_blobs(spec, name)["rope_cos_table"].offset)
+    table = np.frombuffer(bytes(data[start : start + size]), dtype="<f2").reshape(art.max_context, -1)
+    data[start : start + size] = np.roll(table, 1, axis=0).tobytes()  # positions off by one
+    path.write_bytes(bytes(data))
+    names = [v.name for v in exported.variants]
+    tampered = coreml.open_artifacts(copy, cfg.max_position_embeddings, names)
+    rows = coreml.check_decoder_package(tampered, coreml.reference_models(exported.checkpoint.backbone, kept(exported)))
+    assert all(not r.ok and any("rope_cos_table" in m for m in r.missing) for r in rows)
 
 
 def test_emit_is_reproducible(exported: ExportContext, tmp_path: Path, request: pytest.FixtureRequest) -> None:
@@ -169,9 +202,7 @@ def test_emit_is_reproducible(exported: ExportContext, tmp_path: Path, request: 
     ckpt = exported.checkpoint
     masks = torch.stack([v.mask for v in exported.variants])
     art = artifacts(exported)
-    again = coreml.emit(
-        tmp_path / "coreml", ckpt.backbone, folded(exported), ckpt.predictor, masks, art.default_function
-    )
+    again = coreml.emit(tmp_path / "coreml", ckpt.weights, kept(exported), ckpt.predictor, masks, art.default_function)
 
     def digests(root: Path) -> dict[str, str]:
         files = sorted(p for p in root.rglob("*") if p.is_file())
@@ -183,33 +214,13 @@ def test_emit_is_reproducible(exported: ExportContext, tmp_path: Path, request: 
     assert "rootModelIdentifier" in manifest
 
 
-def test_traced_stateful_decoder_matches_pytorch(exported: ExportContext) -> None:
-    """The TorchScript module that coremltools converts (fp16 cache buffers written in place, prefix read back,
-    positions from the mask width) gives the decoder's logits over prefill + 8 cached decode steps."""
-    ckpt = exported.checkpoint
-    variant = exported.variants[0]
-    prompt = ckpt.tokenizer.encode(ckpt.tasks[variant.prompt_indices[0]].prompt).ids
-    model = fold_decoder(ckpt.backbone, variant.kept)
-    wrapper = coreml.StatefulDecoder(model, coreml.context_length(model)).eval()
-    example = (torch.zeros(1, 2, dtype=torch.int32), coreml.causal_mask(3, 2))
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
-        traced.keyCache.zero_(), traced.valueCache.zero_()
-
-        def step(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-            return traced(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-
-        got, tokens = coreml.run_cached(step, prompt, decode_steps=8)
-    expected = coreml.reference_cached(model, prompt, tokens)
-    assert len(got) == 9 and got[0].shape == (1, len(prompt), model.config.vocab_size)
-    assert coreml.relative_diff(got, expected) <= 5e-3  # the cache holds fp16 keys/values
-
-
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predicts only on macOS; coremltools on Linux converts")
 def test_coreml_predictions_match_pytorch(exported: ExportContext) -> None:
     ckpt = exported.checkpoint
     prompt = ckpt.tokenizer.encode(ckpt.tasks[exported.variants[0].prompt_indices[0]].prompt).ids
-    parity = coreml.coreml_parity(artifacts(exported), references(exported), prompt, decode_steps=8)
+    art = artifacts(exported)
+    reference = coreml.reference_models(exported.checkpoint.backbone, kept(exported))
+    parity = coreml.coreml_parity(art.decoder, art.functions, reference, prompt, decode_steps=8)
     assert set(parity) == set(artifacts(exported).functions)
     assert max(parity.values()) <= coreml.PARITY_TOLERANCE, parity
 
@@ -236,9 +247,14 @@ def test_dedup_ratio_on_a_model_where_weights_dominate(tmp_path: Path) -> None:
     dense = CausalLM(cfg).eval()
     predictor = SparsityPredictor(PredictorConfig(vocab_size=64, target_layers=layers, target_intermediate_size=d_ff))
     masks = torch.stack([hard_topk_mask(torch.randn(layers, d_ff), torch.tensor(d_ff // 4)) for _ in range(3)])
-    folded = {f"v{i}": fold_decoder(dense, kept_indices(m)) for i, m in enumerate(masks)}
-    art = coreml.emit(tmp_path / "coreml", dense, folded, predictor.eval(), masks)
-    assert art.ideal_bytes > 20_000_000
+    indices = {f"v{i}": kept_indices(m).numpy() for i, m in enumerate(masks)}
+    art = coreml.emit(tmp_path / "coreml", ModuleWeights(dense), indices, predictor.eval(), masks)
+    shared, dense_ffn = weight_bytes(dense)  # fp32 bytes
+    slices = sum(weight_bytes(fold_decoder(dense, torch.from_numpy(k)))[1] for k in indices.values())
+    rope = 2 * coreml.context_length(cfg.max_position_embeddings) * cfg.head_dim * 2  # cos/sin tables, fp16
+    ideal = (shared + dense_ffn + slices) // 2 + rope
+    assert ideal > 20_000_000
+    assert art.disk_bytes / ideal <= 1.02, (art.disk_bytes, ideal)
     assert art.dedup_ratio <= 1.02, (art.disk_bytes, art.ideal_bytes, art.dedup_ratio)
-    rows = coreml.check_decoder_package(art, {**folded, DENSE_NAME: dense})
+    rows = coreml.check_decoder_package(art, coreml.reference_models(dense, indices))
     assert all(r.ok for r in rows)

@@ -43,6 +43,7 @@ CASES = {
     "qwen2-sliding-all-layers": ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}),
     "qwen2-sliding-flag-no-layers": ("qwen2", {"use_sliding_window": True, "sliding_window": 5}),
     "mistral-sliding-window": ("mistral", {"sliding_window": 6, "head_dim": 8}),
+    "mistral-attention-bias-ignored": ("mistral", {"attention_bias": True}),  # MistralAttention has no biases
     "llama-rope-llama3": ("llama", {"hidden_size": 64, "rope_scaling": LLAMA3_ROPE}),
     "llama-rope-linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "llama-rope-linear-legacy-key": ("llama", {"rope_scaling": {"type": "linear", "factor": 3.0}}),

@@ -97,8 +97,7 @@ def test_dynamic_logits_equal_masked_full_model(dynamic_export: ExportContext) -
         ids, mask, _ = encode_prompts(ckpt.tokenizer, [prompt], ckpt.predictor.config.max_length)
         with torch.no_grad():
             neuron_mask = hard_topk_mask(ckpt.predictor(ids, mask)[0], ctx.k_per_layer[0])
-        scores, _ = runtime.predict(prompt)
-        kept = top_k_indices(scores, ctx.k_per_layer[0])
+        kept = top_k_indices(runtime.predict(prompt).scores, ctx.k_per_layer[0])
         assert np.array_equal(kept, torch.stack([r.nonzero().flatten() for r in neuron_mask]).numpy())
         decoder = runtime.dynamic_decoder(prompt)
         tokens = torch.tensor([ckpt.tokenizer.encode(prompt).ids])

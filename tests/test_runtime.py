@@ -74,6 +74,10 @@ def test_sampling_is_seeded(exported: ExportContext) -> None:
     greedy = list(runtime.generate("add 1+2=", "add", 12))
     assert a == b
     assert len(a) >= 1 and len(greedy) >= 1
+    # The seed and the temperature really drive the sampler: other seeds (and a near-greedy temperature) differ.
+    others = {tuple(runtime.generate("add 1+2=", "add", 12, temperature=1.0, seed=s)) for s in range(8, 12)}
+    assert others - {tuple(a)}, "no other seed changed the sampled tokens"
+    assert list(runtime.generate("add 1+2=", "add", 12, temperature=1e-4, seed=7)) == greedy != a
 
 
 def test_routing_matches_the_predictor_rule(exported: ExportContext) -> None:

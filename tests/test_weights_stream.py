@@ -195,7 +195,7 @@ def misplaced_tensor(weight_map: dict, directory: Path) -> None:
     [
         (absolute_shard, "outside the model directory"),
         (symlinked_shard, "symbolic link"),
-        (number_shard, "not a file name"),
+        (number_shard, "not a shard file name"),
         (misplaced_tensor, "does not hold it"),
     ],
 )

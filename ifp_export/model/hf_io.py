@@ -7,10 +7,16 @@ from pathlib import Path
 import torch
 
 from ifp_export.errors import IFPError
-from ifp_export.fsutil import read_json, write_json, write_safetensors
+from ifp_export.fsutil import read_json, read_safetensors, write_json, write_safetensors
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM, decoder_from_state
-from ifp_export.weights import SafetensorsWeights
+from ifp_export.weights import (  # noqa: F401 - IGNORED_SUFFIXES, weights_file: re-exported for the LM predictor
+    IGNORED_SUFFIXES,
+    INDEX_FILE,
+    SafetensorsWeights,
+    check_weight_map,
+    weights_file,
+)
 
 
 def read_config(hf_dir: Path) -> DecoderConfig:
@@ -21,6 +27,22 @@ def read_config(hf_dir: Path) -> DecoderConfig:
     if not isinstance(raw, dict):
         raise IFPError("model config must be a JSON object", path, "re-save it with save_pretrained")
     return DecoderConfig.from_hf_dict(raw, path)
+
+
+def read_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of `model.safetensors` or of a sharded `model.safetensors.index.json`, at once (small models:
+    the predictor LM; the backbone is opened with `open_decoder`)."""
+    index = hf_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = check_weight_map(read_json(index, "safetensors index"), index)
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = (hf_dir / shard).resolve()
+            if hf_dir.resolve() not in shard_path.parents:
+                raise IFPError(f"shard {shard!r} is outside the model directory", index, "fix the index")
+            tensors.update(read_safetensors(shard_path))
+        return tensors
+    return read_safetensors(hf_dir / "model.safetensors")
 
 
 def open_decoder(hf_dir: str | Path) -> tuple[CausalLM, SafetensorsWeights]:

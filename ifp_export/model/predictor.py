@@ -94,21 +94,26 @@ def load_predictor(directory: str | Path) -> SparsityPredictor:
     tensors = read_safetensors(weights_path, "re-create the predictor (ifp-export new-checkpoint)")
     with torch.device("meta"):
         model = SparsityPredictor(cfg)
-    expected = model.state_dict()
-    if set(tensors) != set(expected):
-        diff = sorted(set(tensors) ^ set(expected))[:3]
-        raise IFPError(f"predictor tensors do not match its config ({diff})", weights_path, "re-save the predictor")
-    for name, ref in expected.items():
-        if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise IFPError(
-                f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}",
-                weights_path,
-                "make the predictor config and weights agree",
-            )
+    check_state(tensors, shapes(model), weights_path, "make the predictor config and weights agree")
     check_finite(tensors, weights_path)
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
     model.encoder.rotary_emb.reset_parameters()
     return model.eval().requires_grad_(False)
+
+
+def shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
+
+
+def check_state(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: Path, fix: str) -> None:
+    """Tensor names and shapes as expected (e.g. a module's `shapes`), else one IFPError naming the first mismatch."""
+    if set(tensors) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise IFPError(f"tensors do not match the config ({detail})", path, fix)
+    for name, ref in expected.items():
+        if tuple(tensors[name].shape) != tuple(ref):
+            raise IFPError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(ref)}", path, fix)
 
 
 def save_predictor(model: SparsityPredictor, directory: str | Path) -> None:

@@ -1,0 +1,284 @@
+"""Write decoder.mlpackage (one MIL-builder function per variant + "dense", shared weights stored once) and
+predictor.mlpackage.
+
+Each function is built from the config (`build.decoder_function`), run through coremltools' main and
+`backend_mlprogram` pass pipelines on its own (and quantized, if asked), then its weight consts get their
+`weight_id`: the const name for a shared tensor (the same numpy array in every function, so identical by
+construction; no value comparison), function-qualified for everything else. All functions go into one
+`mil.Program` with `export_as_multifunction`, converted with every pass skipped (they already ran), so the
+backend writes one blob per `weight_id`. This replaces `ct.utils.save_multifunction`, which reloads every package
+and compares constants pairwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.pipeline import ExportContext
+from ifp_export.quiet import quiet
+from ifp_export.targets.coreml.build import DECODER_STATES, ZEROS_PREFIX, SharedWeights, decoder_function
+from ifp_export.targets.coreml.package import (
+    COREML_DIR,
+    DECODER_PACKAGE,
+    PREDICTOR_PACKAGE,
+    QUANTIZE_MODES,
+    context_length,
+    coremltools,
+    package_bytes,
+    package_weights_path,
+    save_model,
+)
+from ifp_export.targets.coreml.predictor import convert_predictor
+from ifp_export.targets.coreml.quantize import QUANTIZED_SUFFIX, quantize_program
+from ifp_export.targets.onnx import DENSE_NAME
+from ifp_export.weights import WeightSource, ffn_slice
+
+with quiet():
+    from coremltools.converters.mil import mil
+    from coremltools.converters.mil.backend.mil.load import should_use_weight_file
+    from coremltools.converters.mil.converter import _construct_other_pipelines
+    from coremltools.converters.mil.converter import mil_convert as _mil_convert
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline, PassPipelineManager
+
+QUANTIZER_COUNTER = re.compile(r"(_quantized_(?:data|scale|offset))_\d+$")
+SPEC_VERSION = 9  # iOS 18: states, multifunction, int4
+
+Progress = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
+
+
+@contextlib.contextmanager
+def no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n=1: None
+
+
+def most_general(names: list[str], variant_masks: torch.Tensor, prompt_masks: torch.Tensor | None) -> str:
+    """The variant whose mask overlaps most (mean IoU) with every calibration prompt's own mask (first on ties,
+    or without predictions): the best fallback for an app that loads the package without routing."""
+    if prompt_masks is None or len(names) == 1:
+        return names[0]
+    inter = torch.einsum("vld,nld->vnl", variant_masks, prompt_masks)
+    union = variant_masks.sum(-1)[:, None] + prompt_masks.sum(-1)[None] - inter
+    iou = (inter / union.clamp(min=1)).mean((1, 2))
+    return names[int(torch.argmax(iou))]
+
+
+def run_passes(fn: Any, quantize: str) -> Any:
+    """coremltools' main pipeline (no fp16 cast: the program is fp16 already), quantization, then the
+    `backend_mlprogram` pipeline, on one function; returns the function."""
+    prog = mil.Program()
+    prog.add_function("main", fn)
+    main = PassPipeline()
+    main.remove_passes({"common::add_fp16_cast", "common::add_int16_cast"})
+    _, backend = _construct_other_pipelines(main, "milinternal", "mlprogram")
+    with quiet(), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        PassPipelineManager.apply_pipeline(prog, main)
+        if quantize != "none":
+            quantize_program(prog, quantize)
+        PassPipelineManager.apply_pipeline(prog, backend)
+    return prog.functions["main"]
+
+
+def blob_bytes(op: Any) -> int:
+    """Bytes the backend writes to weight.bin for a const (0 if it is inlined in the spec)."""
+    var = op.outputs[0]
+    if not should_use_weight_file(var.val, SPEC_VERSION):
+        return 0
+    return (var.val.size + 1) // 2 if var.dtype in (types.int4, types.uint4) else var.val.nbytes
+
+
+def assign_weight_ids(fn: Any, function: str, shared: set[str]) -> dict[str, int]:
+    """Shared consts (and the data/scales quantization made of them) get their name as `weight_id`, so every
+    function points at one blob; the rest are qualified by the function. Returns weight_id -> weight.bin bytes."""
+    sizes = {}
+    for op in fn.operations:
+        if op.op_type != "const":
+            continue
+        if op.name.startswith(ZEROS_PREFIX + "_"):  # zero biases: one blob per width
+            op.weight_id = f"{ZEROS_PREFIX}_{op.outputs[0].val.size}"
+        elif op.name.split(QUANTIZED_SUFFIX)[0] in shared:  # the quantizer numbers its consts across calls
+            op.weight_id = QUANTIZER_COUNTER.sub(r"\1", op.name)
+        else:
+            op.weight_id = f"{function}::{op.name}"
+        sizes[op.weight_id] = blob_bytes(op)
+    return sizes
+
+
+def build_program(
+    source: WeightSource,
+    kept: dict[str, np.ndarray | None],
+    max_context: int,
+    quantize: str,
+    default: str,
+    progress: Progress = no_progress,
+) -> tuple[Any, int]:
+    """The multifunction program (one function per `kept` entry, in order) and its ideal weight bytes: shared
+    consts once + every function's own."""
+    cfg = source.config
+    shared = SharedWeights.load(source, max_context)
+    shared_names = set(shared.names())
+    prog = mil.Program()
+    sizes: dict[str, int] = {}
+    with progress("Core ML functions", len(kept)) as advance:
+        for name, indices in kept.items():
+
+            def ffn(layer: int, proj: str, indices: np.ndarray | None = indices) -> np.ndarray:
+                rows = None if indices is None else indices[layer]
+                array = ffn_slice(source, layer, proj, rows).astype(np.float16)
+                source.release()
+                return array
+
+            fn = run_passes(decoder_function(cfg, shared, ffn, max_context), quantize)
+            sizes.update(assign_weight_ids(fn, name, shared_names))
+            prog.add_function(name, fn)
+            advance(1)
+    prog.export_as_multifunction = True
+    prog.skip_all_passes = True
+    prog.default_function_name = default
+    return prog, sum(sizes.values())
+
+
+@dataclass
+class CoreMLArtifacts:
+    directory: Path
+    decoder: Path  # multifunction .mlpackage
+    predictor: Path
+    functions: list[str]  # variant names, then "dense"
+    default_function: str
+    ideal_bytes: int  # weight consts stored once: shared ones once + every function's own (FFN slices)
+    disk_bytes: int  # every file of the decoder package
+    max_context: int
+    quantize: str = "none"  # decoder weights: none (fp16) | int8 | int4; the predictor is always fp32
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.disk_bytes / self.ideal_bytes
+
+    @property
+    def weights_bytes(self) -> int:
+        """Size of the decoder's weights/weight.bin."""
+        return package_weights_path(self.decoder).stat().st_size
+
+    def manifest_entries(self, root: Path) -> tuple[dict[str, dict], dict]:
+        """Per model name {"package", "function"} (relative to `root`), and the predictor's entry (read by the
+        manifest pass)."""
+        package = self.decoder.relative_to(root).as_posix()
+        models = {name: {"package": package, "function": name} for name in self.functions}
+        predictor = {
+            "package": self.predictor.relative_to(root).as_posix(),
+            "inputs": {
+                "input_ids": "int32 [1, T], T in 1..max_length",
+                "attention_mask": "int32 [1, T], ones (batch 1 needs no padding)",
+            },
+            "outputs": {"scores": "float32 [1, layers, d_ff]", "variant_scores": "float32 [1, variants]"},
+            "decoder": {
+                "package": package,
+                "default_function": self.default_function,
+                "inputs": {
+                    "inputIds": f"int32 [1, T], T in 1..{self.max_context}",
+                    "causalMask": "float16 [1, 1, T, P+T]: 0 = attend, -inf = blocked; P = tokens already cached",
+                },
+                "outputs": {"logits": "float16 [1, T, vocab]"},
+                "states": {n: f"float16 [layers, 1, kv_heads, {self.max_context}, head_dim]" for n in DECODER_STATES},
+            },
+        }
+        return models, predictor
+
+
+def variant_kept(kept: dict[str, Any]) -> dict[str, np.ndarray | None]:
+    """Variant name -> [L, k] kept indices (int64 numpy), then "dense" -> None (every neuron)."""
+    out: dict[str, np.ndarray | None] = {n: np.asarray(k, dtype=np.int64) for n, k in kept.items()}
+    if DENSE_NAME in out:
+        raise ValueError(f"a variant may not be called {DENSE_NAME!r}: that is the dense function's name")
+    out[DENSE_NAME] = None
+    return out
+
+
+def emit(
+    directory: Path,
+    source: WeightSource,
+    kept: dict[str, Any],
+    predictor: SparsityPredictor,
+    variant_masks: torch.Tensor,
+    default_function: str | None = None,
+    quantize: str = "none",
+    progress: Progress = no_progress,
+) -> CoreMLArtifacts:
+    """Write `decoder.mlpackage` (one function per variant of `kept` + "dense") and `predictor.mlpackage` under
+    `directory` (created, must be new)."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    functions = variant_kept(kept)
+    default = default_function or next(iter(kept))
+    max_context = context_length(source.config.max_position_embeddings)
+    prog, ideal = build_program(source, functions, max_context, quantize, default, progress)
+    ct = coremltools()
+    directory.mkdir(parents=True)
+    decoder = directory / DECODER_PACKAGE
+    with quiet(), contextlib.redirect_stderr(io.StringIO()):
+        mlmodel = _mil_convert(
+            prog,
+            convert_to="mlprogram",
+            convert_from="milinternal",
+            specification_version=ct.target.iOS18,
+            compute_units=ct.ComputeUnit.CPU_ONLY,
+            export_multi_functions=True,
+            skip_model_load=True,
+        )
+    del prog
+    cfg = source.config
+    mlmodel.short_description = f"IFPruning decoder ({cfg.num_hidden_layers} layers, d_ff {cfg.intermediate_size})"
+    save_model(mlmodel, decoder)
+    del mlmodel
+    predictor_path = directory / PREDICTOR_PACKAGE
+    convert_predictor(predictor, variant_masks, predictor_path)
+    return CoreMLArtifacts(
+        directory,
+        decoder,
+        predictor_path,
+        list(functions),
+        default,
+        ideal,
+        package_bytes(decoder),
+        max_context,
+        quantize,
+    )
+
+
+class EmitCoreMLPass:
+    name = "coreml"
+
+    def run(self, ctx: ExportContext) -> ExportContext:
+        ckpt = ctx.require("checkpoint", self.name)
+        variants = ctx.require("variants", self.name)
+        masks = torch.stack([v.mask for v in variants])
+        names = [v.name for v in variants]
+        prompt_masks = None if ctx.predictions is None else ctx.predictions.masks
+        artifacts = emit(
+            ctx.workdir / COREML_DIR,
+            ckpt.weights,
+            {v.name: v.kept.numpy() for v in variants},
+            ckpt.predictor,
+            masks,
+            most_general(names, masks, prompt_masks),
+            ctx.options.quantize,
+            ctx.progress,
+        )
+        ctx.emitted[self.name] = artifacts
+        weights = "fp16" if artifacts.quantize == "none" else f"{artifacts.quantize} weights"
+        ctx.console.log(
+            f"Core ML: {DECODER_PACKAGE} ({weights}) with functions {', '.join(artifacts.functions)} (default "
+            f"{artifacts.default_function}) + {PREDICTOR_PACKAGE} (fp32); bytes on disk {artifacts.disk_bytes:,} / "
+            f"ideal {artifacts.ideal_bytes:,} = dedup ratio {artifacts.dedup_ratio:.4f}"
+        )
+        return ctx

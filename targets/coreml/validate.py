@@ -1,0 +1,392 @@
+"""Validation of the Core ML packages (structural: Core ML cannot predict on Linux): IO, states and dtypes from the
+spec, the norm/RoPE numerics structure (`numerics.check_numerics`), and every weight read back from weight.bin by
+the blob offsets in the spec against the PyTorch weights (fp16-exact, or within half a quantization step). The
+references are built one at a time (`fold_decoder` per variant) and dropped; on macOS the logits are compared too.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch import nn
+
+from ifp_export.errors import IFPError, ValidationFailed
+from ifp_export.fold import fold_decoder
+from ifp_export.model.decoder import CausalLM
+from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.pipeline import ExportContext
+from ifp_export.quiet import quiet
+from ifp_export.targets.coreml.blobs import (
+    BlobRef,
+    QuantizedRef,
+    Weights,
+    dequantize,
+    distinct_blob_bytes,
+    function_blobs,
+    function_quantized,
+    open_weights,
+    read_blob,
+)
+from ifp_export.targets.coreml.build import DECODER_STATES, const_name
+from ifp_export.targets.coreml.emit import CoreMLArtifacts, Progress, no_progress, variant_kept
+from ifp_export.targets.coreml.numerics import check_numerics
+from ifp_export.targets.coreml.package import (
+    DECODER_PACKAGE,
+    PREDICTOR_PACKAGE,
+    context_length,
+    coremltools,
+    package_bytes,
+    package_spec_path,
+    package_weights_path,
+)
+from ifp_export.targets.coreml.parity import coreml_parity, parity_tolerance
+from ifp_export.targets.coreml.predictor import PREDICTOR_INPUTS, CoreMLPredictorRouter
+from ifp_export.targets.coreml.quantize import INT4_BLOCK_SIZE, QUANTIZED_SUFFIX
+from ifp_export.targets.onnx import DENSE_NAME, FFN_PARAMS
+
+
+def feature_signature(feature: Any) -> tuple[str, str, str]:
+    """(name, kind, "dtype[shape ranges]") of a spec input/output/state, for the table and the checks."""
+    kind = feature.type.WhichOneof("Type")
+    array = feature.type.stateType.arrayType if kind == "stateType" else feature.type.multiArrayType
+    dtype = type(array).ArrayDataType.Name(array.dataType)
+    ranges = array.shapeRange.sizeRanges
+    if ranges:
+        dims = [
+            str(r.lowerBound) if r.lowerBound == r.upperBound else f"{r.lowerBound}..{r.upperBound}" for r in ranges
+        ]
+    else:
+        dims = [str(d) for d in array.shape] or ["?"]
+    return feature.name, kind, f"{dtype}[{', '.join(dims)}]"
+
+
+def expected_decoder_io(model: CausalLM, max_context: int) -> dict[str, list[tuple[str, str, str]]]:
+    cfg = model.config
+    seq = f"1..{max_context}"
+    cache = f"FLOAT16[{cfg.num_hidden_layers}, 1, {cfg.num_key_value_heads}, {max_context}, {cfg.head_dim}]"
+    return {
+        "inputs": [
+            ("inputIds", "multiArrayType", f"INT32[1, {seq}]"),
+            ("causalMask", "multiArrayType", f"FLOAT16[1, 1, {seq}, {seq}]"),
+        ],
+        "outputs": [("logits", "multiArrayType", "FLOAT16[?]")],
+        "states": [(name, "stateType", cache) for name in DECODER_STATES],
+    }
+
+
+@dataclass
+class FunctionCheck:
+    function: str
+    inputs: list[tuple[str, str, str]]
+    outputs: list[tuple[str, str, str]]
+    states: list[tuple[str, str, str]]
+    io_ok: bool
+    tensors_checked: int
+    ffn_tensors_checked: int
+    max_abs_diff: float  # max |weight read back (dequantized if quantized) - PyTorch fp32| over the weights
+    fp16_exact: bool  # fp16 blobs equal the fp16 rounding of their tensor; quantized ones within their bound
+    missing: list[str]  # tensors not found, of the wrong shape, or (quantized mode) left unquantized
+    expect_ffn: bool = True  # decoder functions must have had their FFN weights found and checked
+    quantize: str = "none"
+    quantized_tensors: int = 0  # tensors read back through a constexpr_blockwise_shift_scale op
+    bound_ratio: float = 0.0  # max over quantized elements of |dequantized - fp32| / its bound (ok <= 1)
+
+    @property
+    def ok(self) -> bool:
+        found = self.tensors_checked > 0 and (self.ffn_tensors_checked > 0 or not self.expect_ffn)
+        quantized = self.quantize == "none" or self.quantized_tensors > 0
+        return self.io_ok and self.fp16_exact and not self.missing and found and quantized
+
+
+def quantization_bound(expected: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Allowed |dequantized - fp32| per element: half a quantization step (round to nearest), plus the fp16
+    rounding of the weight before quantization and of the stored scale (2^-11 relative each, doubled)."""
+    return 0.5 * scales + 2.0**-10 * (np.abs(expected) + scales) + 2.0**-24
+
+
+def tolerance_text(quantize: str) -> str:
+    if quantize == "none":
+        return "fp16 weights: every blob == fp16 rounding of the PyTorch weight"
+    granularity = "per output channel" if quantize == "int8" else f"blocks of {INT4_BLOCK_SIZE} input channels"
+    return (
+        f"{quantize} weights (symmetric, {granularity}): every 2-D weight quantized, dequantized (data x scale) "
+        "within scale/2 (+ fp16 rounding) of the PyTorch weight; norms/biases fp16-exact"
+    )
+
+
+def check_weights(
+    weights: Weights,
+    refs: dict[str, BlobRef],
+    model: nn.Module,
+    const_name: Any,
+    skip: set[str],
+    quantized: dict[str, QuantizedRef] | None = None,
+) -> tuple[int, int, float, bool, list[str], int, float]:
+    """Read every tensor of `model` back from weight.bin by its const name; (checked, FFN checked, max |diff|,
+    all equal to the tensor's fp16 rounding / within the quantization bound, names not found, quantized checked,
+    max |diff| / bound over quantized elements). With `quantized` (the function's constexpr weights), every 2-D
+    tensor must be one of them."""
+    checked = ffn = nquantized = 0
+    worst, exact, missing, ratio = 0.0, True, [], 0.0
+    for name, tensor in model.state_dict().items():
+        ref = refs.get(const_name(name))
+        qref = None if quantized is None else quantized.get(const_name(name) + QUANTIZED_SUFFIX)
+        if qref is not None:
+            expected = tensor.detach().float().numpy()
+            if qref.shape != expected.shape:
+                missing.append(name)
+                continue
+            stored, scales = dequantize(weights, qref)
+            error = np.abs(stored - expected)
+            worst = max(worst, float(error.max(initial=0.0)))
+            ratio = max(ratio, float((error / quantization_bound(expected, scales)).max(initial=0.0)))
+            checked += 1
+            nquantized += 1
+            ffn += name.rsplit(".", 2)[-2] in FFN_PARAMS
+            continue
+        if quantized is not None and tensor.dim() == 2 and name not in skip:
+            missing.append(f"{name} (not quantized)")
+            continue
+        if ref is None:
+            # no blob: tied (lm_head), tiny (inlined), or an identity the converter removed (x * ones, x + zeros)
+            identity = bool((tensor == 1).all() or (tensor == 0).all())
+            if name not in skip and tensor.numel() >= 2 and not identity:
+                missing.append(name)
+            continue
+        stored = read_blob(weights, ref)
+        expected = tensor.detach().float().numpy()
+        if stored.shape != expected.shape:
+            missing.append(name)
+            continue
+        worst = max(worst, float(np.abs(stored.astype(np.float32) - expected).max(initial=0.0)))
+        exact &= bool(np.array_equal(stored, expected.astype(stored.dtype)))
+        checked += 1
+        ffn += name.rsplit(".", 2)[-2] in FFN_PARAMS
+    return checked, ffn, worst, exact and ratio <= 1.0, missing, nquantized, ratio
+
+
+def reference_models(dense: CausalLM, kept: dict[str, Any]) -> Callable[[str], CausalLM]:
+    """Function name -> its PyTorch reference, folded on demand (one at a time: never every variant at once)."""
+    functions = variant_kept(kept)
+
+    def reference(name: str) -> CausalLM:
+        indices = functions[name]
+        return dense if indices is None else fold_decoder(dense, torch.from_numpy(indices))
+
+    return reference
+
+
+def check_decoder_package(
+    artifacts: CoreMLArtifacts, reference: Callable[[str], CausalLM], progress: Progress = no_progress
+) -> list[FunctionCheck]:
+    """Per function: IO/states/dtypes from the spec, the norm/RoPE structure, and every weight read back from
+    weight.bin by the blob offsets in the spec, against the function's PyTorch reference (built, checked and
+    dropped one at a time; equal to its fp16 rounding; quantized: dequantized, within half a step)."""
+    ct = coremltools()
+    with quiet():
+        ct.models.MLModel(str(artifacts.decoder), skip_model_load=True)  # coremltools parses the package
+    spec = ct.utils.load_spec(str(artifacts.decoder))
+    described = {f.name: f for f in spec.description.functions}
+    if list(described) != artifacts.functions or spec.description.defaultFunctionName != artifacts.default_function:
+        raise ValidationFailed(
+            f"decoder.mlpackage has functions {list(described)} (default {spec.description.defaultFunctionName!r}),"
+            f" expected {artifacts.functions} (default {artifacts.default_function!r})"
+        )
+    weights = open_weights(artifacts.decoder)
+    rows = []
+    with progress("Core ML validation", len(artifacts.functions)) as advance:
+        for name in artifacts.functions:
+            rows.append(check_function(spec, weights, described[name], name, reference(name), artifacts))
+            advance(1)
+    return rows
+
+
+def check_function(
+    spec: Any, weights: Weights, desc: Any, name: str, model: CausalLM, artifacts: CoreMLArtifacts
+) -> FunctionCheck:
+    """One function's row of the table."""
+    io = {
+        "inputs": [feature_signature(f) for f in desc.input],
+        "outputs": [feature_signature(f) for f in desc.output],
+        "states": [feature_signature(f) for f in desc.state],
+    }
+    skip = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    quantized = None if artifacts.quantize == "none" else function_quantized(spec, name)
+    checked, ffn, worst, exact, missing, nquantized, ratio = check_weights(
+        weights, function_blobs(spec, name), model, const_name, skip, quantized
+    )
+    missing += check_numerics(spec, name, weights, model.config, artifacts.max_context)
+    io_ok = io == expected_decoder_io(model, artifacts.max_context)
+    return FunctionCheck(
+        name,
+        io["inputs"],
+        io["outputs"],
+        io["states"],
+        io_ok,
+        checked,
+        ffn,
+        worst,
+        exact,
+        missing,
+        quantize=artifacts.quantize,
+        quantized_tensors=nquantized,
+        bound_ratio=ratio,
+    )
+
+
+def check_predictor_package(
+    artifacts: CoreMLArtifacts, predictor: SparsityPredictor, variant_masks: torch.Tensor
+) -> FunctionCheck:
+    """IO of predictor.mlpackage and its weights (fp32) read back against the PyTorch predictor."""
+    ct = coremltools()
+    spec = ct.utils.load_spec(str(artifacts.predictor))
+    desc = spec.description
+    io = {
+        "inputs": [feature_signature(f) for f in desc.input],
+        "outputs": [feature_signature(f) for f in desc.output],
+        "states": [feature_signature(f) for f in desc.state],
+    }
+    cfg = predictor.config
+    seq = f"1..{cfg.max_length}"
+    expected = {
+        "inputs": [(n, "multiArrayType", f"INT32[1, {seq}]") for n in PREDICTOR_INPUTS],
+        "outputs": [
+            ("scores", "multiArrayType", f"FLOAT32[1, {cfg.target_layers}, {cfg.target_intermediate_size}]"),
+            ("variant_scores", "multiArrayType", f"FLOAT32[1, {variant_masks.shape[0]}]"),
+        ],
+        "states": [],
+    }
+    weights = open_weights(artifacts.predictor)
+    refs = function_blobs(spec, "main")
+    checked, _, worst, exact, missing, _, _ = check_weights(
+        weights, refs, predictor, lambda n: "predictor_" + n.replace(".", "_"), set()
+    )
+    routing = CoreMLPredictorRouter(predictor, variant_masks).routing.numpy()
+    stored = [read_blob(weights, r) for r in refs.values() if r.shape in (routing.shape, routing.T.shape)]
+    if not any(np.array_equal(s, routing) or np.array_equal(s, routing.T) for s in stored):
+        missing.append("routing")
+    return FunctionCheck(
+        PREDICTOR_PACKAGE,
+        io["inputs"],
+        io["outputs"],
+        io["states"],
+        io == expected,
+        checked,
+        0,
+        worst,
+        exact,
+        missing,
+        expect_ffn=False,
+    )
+
+
+def validation_table(rows: list[FunctionCheck], predictor: FunctionCheck, artifacts: CoreMLArtifacts) -> Table:
+    table = Table(
+        title="Core ML validation (structure + weights read back from weight.bin; no prediction on Linux)\n"
+        f"decoder: {tolerance_text(artifacts.quantize)}; {PREDICTOR_PACKAGE}: fp32, == PyTorch"
+    )
+    for column in ("function", "inputs", "outputs", "states", "tensors (FFN)", "max|Δ| vs fp32", "weights", "ok"):
+        table.add_column(column, justify="left" if column in ("function", "inputs", "outputs", "states") else "right")
+
+    def fmt(features: list[tuple[str, str, str]]) -> str:
+        return "\n".join(f"{n} {t}" for n, _, t in features) or "-"
+
+    for r in [*rows, predictor]:
+        default = " (default)" if r.function == artifacts.default_function else ""
+        table.add_row(
+            r.function + default,
+            fmt(r.inputs),
+            fmt(r.outputs),
+            fmt(r.states),
+            f"{r.tensors_checked} ({r.ffn_tensors_checked})",
+            f"{r.max_abs_diff:.1e}",
+            weights_cell(r),
+            "yes" if r.ok else f"NO {r.missing[:2] if r.missing else ''}",
+        )
+    ideal = "ideal fp16" if artifacts.quantize == "none" else f"ideal ({artifacts.quantize}: distinct blobs once)"
+    table.caption = (
+        f"{DECODER_PACKAGE}: {artifacts.disk_bytes:,} bytes on disk / {artifacts.ideal_bytes:,} {ideal} "
+        f"= dedup ratio {artifacts.dedup_ratio:.4f}; weight.bin {artifacts.weights_bytes:,} bytes; "
+        f"KV cache {artifacts.max_context} tokens"
+    )
+    return table
+
+
+def weights_cell(row: FunctionCheck) -> str:
+    if row.quantize == "none":
+        exact = "=fp16" if row.expect_ffn else "=fp32"  # decoder functions are fp16, the predictor fp32
+        return exact if row.fp16_exact else "NO"
+    verdict = "ok" if row.fp16_exact else "NO"
+    return f"{row.quantized_tensors} {row.quantize}, {row.bound_ratio:.3f}x bound {verdict}"
+
+
+def open_artifacts(
+    directory: Path, max_position_embeddings: int, names: list[str], quantize: str = "none"
+) -> CoreMLArtifacts:
+    """The CoreMLArtifacts of an existing output directory (for `ifp-export validate`; variant `names` in order,
+    `quantize` as recorded in the manifest). The ideal size is every distinct blob once."""
+    decoder, predictor = directory / DECODER_PACKAGE, directory / PREDICTOR_PACKAGE
+    for path in (decoder, predictor):
+        if not package_spec_path(path).is_file() or not package_weights_path(path).is_file():
+            raise IFPError("Core ML package missing or incomplete", path, "re-run ifp-export export")
+    default = coremltools().utils.load_spec(str(decoder)).description.defaultFunctionName
+    return CoreMLArtifacts(
+        directory,
+        decoder,
+        predictor,
+        [*names, DENSE_NAME],
+        default,
+        distinct_blob_bytes([decoder]),
+        package_bytes(decoder),
+        context_length(max_position_embeddings),
+        quantize,
+    )
+
+
+def validate_export(ctx: ExportContext) -> None:
+    """Check the context's Core ML packages structurally, print the table, raise if anything is off."""
+    artifacts: CoreMLArtifacts = ctx.emitted["coreml"]
+    ckpt = ctx.checkpoint
+    masks = torch.stack([v.mask for v in ctx.variants])
+    reference = reference_models(ckpt.backbone, {v.name: v.kept.numpy() for v in ctx.variants})
+    rows = check_decoder_package(artifacts, reference, ctx.progress)
+    predictor = check_predictor_package(artifacts, ckpt.predictor, masks)
+    ctx.console.print(validation_table(rows, predictor, artifacts))
+    ctx.report["coreml_validation"] = {
+        "functions": [
+            {
+                "function": r.function,
+                "ok": r.ok,
+                "tensors": r.tensors_checked,
+                "quantized_tensors": r.quantized_tensors,
+                "max_abs_diff": r.max_abs_diff,
+                "bound_ratio": r.bound_ratio,
+            }
+            for r in [*rows, predictor]
+        ],
+        "quantize": artifacts.quantize,
+        "tolerance": tolerance_text(artifacts.quantize),
+        "weights_bytes": artifacts.weights_bytes,
+        "default_function": artifacts.default_function,
+        "dedup_ratio": artifacts.dedup_ratio,
+        "decoder_bytes": artifacts.disk_bytes,
+        "ideal_bytes": artifacts.ideal_bytes,
+        "max_context": artifacts.max_context,
+    }
+    bad = [r.function for r in [*rows, predictor] if not r.ok]
+    if sys.platform == "darwin":  # Core ML can predict only on macOS
+        first = ctx.variants[0].prompt_indices[0]
+        prompt = ckpt.tokenizer.encode(ckpt.tasks[first].prompt).ids
+        parity = coreml_parity(artifacts.decoder, artifacts.functions, reference, prompt)
+        ctx.report["coreml_validation"]["parity_relative_max_abs_diff"] = parity
+        ctx.console.log(f"Core ML vs PyTorch logits (prefill + 8 decode steps), relative max|Δ|: {parity}")
+        bad += [name for name, diff in parity.items() if diff > parity_tolerance(artifacts.quantize)]
+    if bad:
+        raise ValidationFailed(f"Core ML functions {bad} do not match the folded PyTorch models (see table)")

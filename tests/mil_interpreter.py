@@ -1,0 +1,114 @@
+"""A numpy interpreter for the ops of our MIL-builder decoder functions (test helper).
+
+Core ML cannot run on Linux, so the tests execute the pymil function that `emit` converts (after coremltools'
+passes, weights as stored: fp16 / dequantized) op by op in float32 and compare its logits with PyTorch. It
+checks the graph (RoPE layout, head transposes, GQA, cache writes at P..P+T-1, masks), not Core ML's fp16
+kernels. Only the ops our builder emits are implemented; anything else raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _slice(x: np.ndarray, op: Any, get: Any) -> tuple[slice, ...]:
+    begin, end = get("begin"), get("end")
+    stride = get("stride") if "stride" in op.inputs else np.ones(x.ndim, np.int32)
+    bmask = get("begin_mask") if "begin_mask" in op.inputs else np.zeros(x.ndim, bool)
+    emask = get("end_mask") if "end_mask" in op.inputs else np.zeros(x.ndim, bool)
+    return tuple(
+        slice(None if bm else int(b), None if em else int(e), int(s))
+        for b, e, s, bm, em in zip(begin, end, stride, bmask, emask, strict=True)
+    )
+
+
+def _sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]) + mask
+    scores = np.exp(scores - scores.max(-1, keepdims=True))
+    return (scores / scores.sum(-1, keepdims=True)) @ v
+
+
+def _dequantize(get: Any) -> np.ndarray:
+    data, scale = get("data").astype(np.float32), get("scale").astype(np.float32)
+    for axis in range(data.ndim):
+        scale = np.repeat(scale, data.shape[axis] // scale.shape[axis], axis=axis)
+    return data * scale
+
+
+def run_function(fn: Any, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray]) -> np.ndarray:
+    """Execute `fn` on `inputs`; `states` (name -> array) are updated in place. Returns the first output."""
+    env: dict[str, Any] = dict(inputs)
+    for op in fn.operations:
+
+        def get(key: str, op: Any = op) -> Any:
+            var = op.inputs[key]
+            if isinstance(var, list | tuple):
+                return [env.get(v.name, v.val) for v in var]
+            return env.get(var.name, var.val)
+
+        kind = op.op_type
+        if kind == "const":
+            out = op.outputs[0].val
+        elif kind == "constexpr_blockwise_shift_scale":
+            out = _dequantize(get)
+        elif kind in ("add", "sub", "mul", "real_div", "maximum", "greater_equal"):
+            fns = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide}
+            fns |= {"maximum": np.maximum, "greater_equal": np.greater_equal}
+            x, y = get("x"), get("y")
+            out = fns[kind](x, y)
+            if kind == "real_div" and np.issubdtype(np.asarray(x).dtype, np.integer):
+                raise NotImplementedError("integer real_div")
+        elif kind == "abs":
+            out = np.abs(get("x"))
+        elif kind == "rsqrt":
+            out = 1.0 / np.sqrt(get("x") + (get("epsilon") if "epsilon" in op.inputs else 1e-12))
+        elif kind == "silu":
+            x = get("x")
+            out = x / (1.0 + np.exp(-x))
+        elif kind in ("reduce_max", "reduce_mean"):
+            fn_ = np.max if kind == "reduce_max" else np.mean
+            out = fn_(get("x"), axis=tuple(int(a) for a in get("axes")), keepdims=bool(get("keep_dims")))
+        elif kind == "reshape":
+            out = get("x").reshape([int(s) for s in get("shape")])
+        elif kind == "transpose":
+            out = np.transpose(get("x"), [int(p) for p in get("perm")])
+        elif kind == "expand_dims":
+            out = np.expand_dims(get("x"), tuple(int(a) for a in get("axes")))
+        elif kind == "squeeze":
+            out = np.squeeze(get("x"), None if "axes" not in op.inputs else tuple(int(a) for a in get("axes")))
+        elif kind == "shape":
+            out = np.array(get("x").shape, np.int32)
+        elif kind == "slice_by_index":
+            x = get("x")
+            out = x[_slice(x, op, get)]
+            if "squeeze_mask" in op.inputs and np.any(get("squeeze_mask")):
+                raise NotImplementedError("slice_by_index squeeze_mask")
+        elif kind == "slice_update":
+            out = np.array(get("x"), copy=True)
+            out[_slice(out, op, get)] = get("update")
+        elif kind == "concat":
+            out = np.concatenate([np.asarray(v) for v in get("values")], axis=int(get("axis")))
+        elif kind == "gather":
+            out = np.take(get("x"), get("indices"), axis=int(get("axis")))
+        elif kind == "range_1d":
+            out = np.arange(get("start"), get("end"), get("step"), dtype=np.int32)
+        elif kind == "select":
+            out = np.where(get("cond"), get("a"), get("b"))
+        elif kind == "linear":
+            out = get("x") @ get("weight").T + get("bias")
+        elif kind == "tile":
+            out = np.tile(get("x"), [int(r) for r in get("reps")])
+        elif kind == "read_state":
+            out = states[op.inputs["input"].name].copy()
+        elif kind == "coreml_update_state":
+            states[op.inputs["state"].name][...] = get("value")
+            out = get("value")
+        elif kind == "scaled_dot_product_attention":
+            out = _sdpa(get("query"), get("key"), get("value"), get("attn_mask"))
+        else:
+            raise NotImplementedError(f"MIL op {kind} in the test interpreter")
+        value = np.asarray(out)
+        env[op.outputs[0].name] = value.astype(np.float32) if value.dtype == np.float16 else value
+    return env[fn.outputs[0].name]

@@ -1,0 +1,77 @@
+"""The MIL-builder decoder program against PyTorch on Linux: the pymil functions `emit` converts (after
+coremltools' passes, weights as stored) run op by op in numpy (tests/mil_interpreter.py, float32 arithmetic on
+the fp16 / dequantized weights) over prefill + cached decode steps, per function (variants and dense). This
+checks the graph — RoPE tables and layout, GQA, cache writes at P..P+T-1, masks, biases, tied head — not Core
+ML's fp16 kernels (macOS-only parity in test_coreml_target.py; fp16 norm/RoPE in test_coreml_numerics.py)."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from mil_interpreter import run_function
+
+from ifp_export.fold import fold_decoder
+from ifp_export.model.config import DecoderConfig
+from ifp_export.model.decoder import CausalLM
+from ifp_export.targets.coreml import DECODER_STATES, causal_mask, reference_cached, relative_diff
+from ifp_export.targets.onnx import DENSE_NAME
+from ifp_export.weights import ModuleWeights
+
+emit_module = importlib.import_module("ifp_export.targets.coreml.emit")
+CONTEXT = 32
+TOLERANCE = {"none": 5e-3, "int8": 3e-2}  # fp16-rounded / int8 weights vs the fp32 model, relative to max |logit|
+
+
+def model(model_type: str) -> CausalLM:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        model_type=model_type,
+        rope_theta=5e5,
+        max_position_embeddings=CONTEXT,
+        tie_word_embeddings=model_type == "qwen2",
+    )
+    dense = CausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, param in dense.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.1)
+    return dense
+
+
+@pytest.mark.parametrize(("model_type", "quantize"), [("llama", "none"), ("qwen2", "none"), ("llama", "int8")])
+def test_program_matches_pytorch_over_prefill_and_cached_decode(model_type: str, quantize: str) -> None:
+    dense = model(model_type)
+    cfg = dense.config
+    kept = {"v0": np.stack([np.sort(np.random.default_rng(i).choice(128, 48, replace=False)) for i in range(2)])}
+    functions = emit_module.variant_kept(kept)
+    prog, _ = emit_module.build_program(ModuleWeights(dense), functions, CONTEXT, quantize, "v0")
+    prompt = [3, 17, 42, 5, 77, 9]
+    for name, indices in functions.items():
+        reference = dense if indices is None else fold_decoder(dense, torch.from_numpy(indices))
+        shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, CONTEXT, cfg.head_dim)
+        states = {n: np.zeros(shape, np.float32) for n in DECODER_STATES}
+
+        def step(ids: np.ndarray, mask: np.ndarray, fn=prog.functions[name], states=states) -> np.ndarray:
+            return run_function(fn, {"inputIds": ids, "causalMask": mask}, states)
+
+        logits = [step(np.array([prompt], np.int32), causal_mask(0, len(prompt)).numpy())]
+        tokens = [11, 60, 2, 95]
+        for past, token in enumerate(tokens, start=len(prompt)):
+            logits.append(step(np.array([[token]], np.int32), causal_mask(past, 1).numpy()))
+        expected = reference_cached(reference, prompt, tokens)
+        assert logits[0].shape == (1, len(prompt), cfg.vocab_size)
+        assert relative_diff(logits, expected) <= TOLERANCE[quantize], (name, relative_diff(logits, expected))
+        assert np.abs(states["keyCache"][:, :, :, len(prompt) + len(tokens) :]).max() == 0  # nothing written past P+T
+    assert DENSE_NAME in functions
