@@ -5,7 +5,7 @@
 Runs the default pipeline like `ifp-export export` (without the staging rename) and writes to RESULT.json:
 per-pass seconds, peak RSS after each pass (VmHWM), the ONNX emit broken down into the first variant (trace +
 bind + save) and each further variant (re-bind + save), and the ONNX / Core ML bytes-on-disk ratios. With
---save-variants, the folded variants are then saved as HF checkpoints with the same `save_decoder` call
+--save-variants, the folded variants are then saved as HF checkpoints with the same `write_variant_checkpoint` writer
 `--until fold` makes (same bytes), after the measurements, so they do not count.
 """
 
@@ -121,11 +121,11 @@ def main() -> None:
             "dedup_ratio": art.dedup_ratio,
         }
     args.result.write_text(json.dumps(result, indent=2))
-    if args.save_variants:  # what `ifp-export export --until fold` writes to OUT/variants/<name>/, same call
-        from ifp_export.model.hf_io import save_decoder
+    if args.save_variants:  # what `ifp-export export --until fold` writes to OUT/variants/<name>/, same writer
+        from ifp_export.fold import write_variant_checkpoint
 
-        for name, model in ctx.folded.items():
-            save_decoder(model, args.save_variants / name)
+        for variant in ctx.variants:
+            write_variant_checkpoint(ctx.checkpoint.weights, variant.kept, args.save_variants / variant.name)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,10 +33,10 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.model import SIZES, build_checkpoint, build_lm_predictor, synthetic_prompt
+from benchmarks.proc import ROOT, checkpoint_weight_bytes, run_child
 from ifp_export.model.hf_io import load_decoder
 from ifp_export.ort import OrtDecoder, session
 
-ROOT = Path(__file__).resolve().parent
 README = ROOT / "README.md"
 TABLE_BEGIN, TABLE_END = "<!-- results:begin -->", "<!-- results:end -->"
 SHORT_PROMPT = 16  # tokens prefilled before timing decode steps (P3, P4)
@@ -93,32 +92,6 @@ def machine() -> dict[str, str | int]:
         "onnxruntime": ort.__version__,
         "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
-
-
-def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> tuple[float, int, int | None]:
-    """Run `cmd` (stdout+stderr to `log`); (wall seconds, exit code, the command's peak RSS in bytes or None).
-
-    The peak RSS comes from GNU time (`/usr/bin/time -f %M`), whose own child is forked from a small process:
-    os.wait4's ru_maxrss would include this (large) process's RSS, which Linux carries over fork + exec.
-    """
-    gnu_time = shutil.which("time", path="/usr/bin:/bin")
-    rss_file = log.with_suffix(".maxrss")
-    full = [gnu_time, "-f", "%M", "-o", str(rss_file), *cmd] if gnu_time else cmd
-    start = time.perf_counter()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT.parent)
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return time.perf_counter() - start, -9, None
-    wall = time.perf_counter() - start
-    try:
-        rss = int(rss_file.read_text().split()[-1]) * 1024
-    except (OSError, ValueError, IndexError):
-        rss = None
-    return wall, code, rss
 
 
 def decode_rate(decoder: OrtDecoder, prompt: list[int], steps: int) -> float:
@@ -188,7 +161,7 @@ class Bench:
         ckpt = load_checkpoint(self.work / "ckpt") if reuse else build_checkpoint(self.work, self.args.size, seed=0)
         self.ckpt = ckpt.root
         cfg = ckpt.backbone.config
-        self.weight_bytes = sum((ckpt.root / d / "model.safetensors").stat().st_size for d in ("backbone", "predictor"))
+        self.weight_bytes = checkpoint_weight_bytes(ckpt.root)
         n_params = sum(p.numel() for p in ckpt.backbone.parameters())
         self.raw["model"] = {
             "parameters": n_params,
@@ -212,7 +185,7 @@ class Bench:
 
     def export(self) -> None:
         """Our export in a child process: every default pass, then the folded variants saved as HF checkpoints
-        (with the same `save_decoder` call `ifp-export export --until fold` makes, untimed)."""
+        (with the same `write_variant_checkpoint` writer `ifp-export export --until fold` makes, untimed)."""
         self.out = self.work / "export"
         result = self.work / "export.json"
         cmd = [sys.executable, "-m", "benchmarks.export_child", str(self.ckpt), str(self.out), str(result)]

@@ -27,7 +27,7 @@ from ifp_export.errors import IFPError
 from ifp_export.fsutil import check_no_symlink_below, read_json, write_json
 from ifp_export.model.config import eos_token_ids, read_generation_config
 from ifp_export.model.decoder import CausalLM
-from ifp_export.model.hf_io import check_weight_map, load_decoder
+from ifp_export.model.hf_io import check_weight_map, load_decoder, open_decoder
 from ifp_export.model.lm_predictor import (
     LM_DIR,
     LM_PREDICTOR_FORMAT,
@@ -39,7 +39,7 @@ from ifp_export.model.lm_predictor import (
     save_head,
 )
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor, load_predictor, save_predictor
-from ifp_export.weights import ModuleWeights, WeightSource
+from ifp_export.weights import SafetensorsWeights
 
 FORMAT = "ifp-checkpoint"
 FORMAT_VERSION = 2  # written; 2 added the LM predictor (predictor/config.json "ifp-lm-predictor")
@@ -65,10 +65,11 @@ class TaskPrompt:
 class Checkpoint:
     root: Path
     spec: dict[str, Any]
-    backbone: CausalLM
+    backbone: CausalLM  # the PyTorch reference; its parameters are views of `weights`' mapping (no second copy)
     predictor: Predictor
     tokenizer: Tokenizer
     tasks: list[TaskPrompt]
+    weights: SafetensorsWeights  # the backbone's weights, one tensor at a time: what the targets bind from
     generation: dict[str, Any] = field(default_factory=dict)  # backbone/generation_config.json ({} if absent)
 
     @property
@@ -79,11 +80,6 @@ class Checkpoint:
     @property
     def k_per_layer(self) -> list[int]:
         return list(self.spec["k_per_layer"])
-
-    @property
-    def weights(self) -> WeightSource:
-        """The backbone's weights, one tensor at a time: what the targets build and bind from."""
-        return ModuleWeights(self.backbone)
 
     @property
     def temperature(self) -> float:
@@ -196,13 +192,13 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
         raise IFPError("checkpoint directory not found", root, "pass an IFPruning checkpoint directory")
     check_containment(root)
     spec = read_spec(root)
-    backbone = load_decoder(root / BACKBONE_DIR)
+    backbone, weights = open_decoder(root / BACKBONE_DIR)
     predictor = read_predictor(root / PREDICTOR_DIR, spec["format_version"])
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     tasks = read_tasks(root / TASKS_FILE)
     generation = read_generation_config(root / BACKBONE_DIR)
     check_consistency(root, spec, backbone, predictor, tokenizer)
-    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks, generation)
+    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks, weights, generation)
 
 
 def check_consistency(

@@ -7,6 +7,8 @@ Row j of gate_proj/up_proj and column j of down_proj go with neuron j, so keepin
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +16,65 @@ import torch
 from safetensors import safe_open
 
 from ifp_export.errors import IFPError
-from ifp_export.fsutil import read_safetensors, write_safetensors
-from ifp_export.model.decoder import CausalLM
+from ifp_export.fsutil import TensorEntry, read_safetensors, stream_safetensors, write_json, write_safetensors
+from ifp_export.model.decoder import CausalLM, decoder_from_state
+from ifp_export.weights import SafetensorsWeights, is_ffn
 
 
-def fold_decoder(model: CausalLM, kept: torch.Tensor) -> CausalLM:
-    """A decoder keeping `kept[l]` (ascending neuron indices, [L, k]) in layer l; shares non-FFN weights."""
-    cfg = model.config.replace(intermediate_size=int(kept.shape[1]))
-    with torch.device("meta"):
-        folded = CausalLM(cfg)
+def fold_decoder(
+    model: CausalLM, kept: torch.Tensor, gathered: Callable[[list[torch.Tensor]], None] = lambda tensors: None
+) -> CausalLM:
+    """A decoder keeping `kept[l]` (ascending neuron indices, [L, k]) in layer l; shares non-FFN weights.
+
+    `gathered(tensors)` gets each layer's source FFN matrices once sliced (e.g. `SafetensorsWeights.release_tensors`,
+    so the gather does not leave every FFN matrix resident)."""
     state = dict(model.state_dict())
     for layer, idx in enumerate(kept):
-        prefix = f"model.layers.{layer}.mlp."
-        for name in ("gate_proj", "up_proj"):
-            state[prefix + name + ".weight"] = state[prefix + name + ".weight"].index_select(0, idx)
-        state[prefix + "down_proj.weight"] = state[prefix + "down_proj.weight"].index_select(1, idx)
-    if cfg.tie_word_embeddings:
+        names = [f"model.layers.{layer}.mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
+        sources = [state[name] for name in names]
+        for name, source in zip(names, sources, strict=True):
+            state[name] = source.index_select(1 if name.endswith("down_proj.weight") else 0, idx)
+        gathered(sources)
+    return decoder_from_state(model.config.replace(intermediate_size=int(kept.shape[1])), state)
+
+
+def as_float32(model: CausalLM) -> CausalLM:
+    """`model` itself when its weights are float32, else a float32 copy: only for the traced target emitters, which
+    read parameters as float32 arrays (the graph builders bind `Checkpoint.weights` instead)."""
+    state = model.state_dict()
+    if all(t.dtype == torch.float32 for t in state.values()):
+        return model
+    if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    folded.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
-    if cfg.tie_word_embeddings:
-        folded.lm_head.weight = folded.model.embed_tokens.weight
-    folded.model.rotary_emb.reset_parameters()
-    return folded.eval()
+    return decoder_from_state(model.config, {k: v.float() for k, v in state.items()})
+
+
+def fold_variants(model: CausalLM, kept: dict[str, torch.Tensor]) -> dict[str, CausalLM]:
+    """`fold_decoder` for every variant at once: the FFN slices of all of them are held together, so use it only
+    where every folded model is needed at the same time (the traced targets); prefer one at a time."""
+    return {name: fold_decoder(model, idx) for name, idx in kept.items()}
+
+
+def write_variant_checkpoint(weights: SafetensorsWeights, kept: torch.Tensor, directory: Path) -> None:
+    """A variant as a Hugging Face checkpoint (config.json + model.safetensors), streamed tensor by tensor from the
+    mapped source in its stored dtype: shared tensors copied as they are, FFN slices gathered per tensor."""
+    cfg = weights.config.replace(intermediate_size=int(kept.shape[1]))
+    entries = {}
+    for name in weights.names():
+        info = weights.info(name)
+        shape, data = info.shape, partial(weights.raw, name)
+        if is_ffn(name):
+            layer, axis = int(name.split(".")[2]), 1 if name.endswith("down_proj.weight") else 0
+            shape = tuple(cfg.intermediate_size if i == axis else d for i, d in enumerate(info.shape))
+            data = partial(gather, weights.raw, name, kept[layer].numpy(), axis)
+        entries[name] = TensorEntry(info.dtype, shape, info.itemsize * int(np.prod(shape)), data)
+    release = lambda name: weights.release_tensors([weights.tensor(name)])  # noqa: E731
+    stream_safetensors(directory / "model.safetensors", entries, written=release)
+    write_json(directory / "config.json", cfg.to_hf_dict())
+
+
+def gather(read: Callable[[str], np.ndarray], name: str, kept: np.ndarray, axis: int) -> np.ndarray:
+    return np.ascontiguousarray(np.take(read(name), kept, axis=axis))
 
 
 def kept_indices(mask: torch.Tensor) -> torch.Tensor:

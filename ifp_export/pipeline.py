@@ -20,7 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ifp_export.checkpoint import Checkpoint, TaskPrompt
 from ifp_export.errors import IFPError
-from ifp_export.model.decoder import CausalLM
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,6 @@ class ExportContext:
     heldout_prompts: list[TaskPrompt] = field(default_factory=list)  # read and checked by the load pass
     heldout: Predictions | None = None
     variants: list[Variant] = field(default_factory=list)
-    folded: dict[str, CausalLM] = field(default_factory=dict)
     emitted: dict[str, Any] = field(default_factory=dict)  # target name -> what its emit pass wrote
     report: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)

@@ -10,7 +10,7 @@ from rich.console import Console
 from ifp_export.artifacts import open_output
 from ifp_export.checkpoint import load_checkpoint
 from ifp_export.errors import IFPError
-from ifp_export.fold import fold_decoder, mask_from_indices, read_kept_indices
+from ifp_export.fold import fold_variants, mask_from_indices, read_kept_indices
 from ifp_export.passes.fold import KEPT_INDICES_FILE
 from ifp_export.passes.validate import ValidatePass
 from ifp_export.pipeline import ExportContext, ExportOptions, Variant
@@ -42,9 +42,9 @@ def validation_context(output: Path, checkpoint: Path) -> ExportContext:
     for name, task, idx in kept:
         prompts = [i for i, t in enumerate(ckpt.tasks) if t.task == task] or list(range(len(ckpt.tasks)))
         ctx.variants.append(Variant(name, task, mask_from_indices(idx, d_ff), prompts))
-        ctx.folded[name] = fold_decoder(ckpt.backbone, idx)
     names = [name for name, _, _ in kept]
-    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, ctx.folded, manifest)
+    folded = fold_variants(ckpt.backbone, {name: idx for name, _, idx in kept})  # open_artifacts sizes their FFNs
+    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, folded, manifest)
     if (output / coreml.COREML_DIR).is_dir():
         quantize = manifest.get("quantization", {}).get("coreml", "none")
         max_positions = ckpt.backbone.config.max_position_embeddings

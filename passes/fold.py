@@ -1,9 +1,10 @@
-"""fold: slice each variant's kept FFN neurons into a smaller dense decoder, and prove it exact.
+"""fold: check that each variant's kept FFN neurons fold exactly into a smaller dense decoder, one at a time.
 
 Exactness: folded logits == masked full-model logits (fp32, max abs diff <= 1e-5 in units of
-max(1, max |logits|)) on the variant's own calibration prompts. When the run stops here (`--until fold`), each
-folded variant is also saved as a Hugging Face checkpoint under `variants/<name>/` so `transformers` and
-`optimum-cli` load it directly.
+max(1, max |logits|)) on the variant's own calibration prompts. Each folded reference is built (an index_select of
+the FFN over the mapped weights), checked and dropped: a variant stays its kept indices until a target writes it.
+When the run stops here (`--until fold`), each variant is written as a Hugging Face checkpoint under
+`variants/<name>/`, streamed tensor by tensor in the source's dtype, so `transformers` and `optimum-cli` load it.
 Always written: `variants.safetensors`, each variant's kept neuron indices ([L, k] int32, ascending), from
 which any tool can rebuild or check a variant.
 """
@@ -11,13 +12,13 @@ which any tool can rebuild or check a variant.
 from __future__ import annotations
 
 from ifp_export.checkpoint import Checkpoint
-from ifp_export.fold import fold_decoder, fold_error, kept_indices, write_kept_indices
+from ifp_export.fold import fold_decoder, fold_error, write_kept_indices, write_variant_checkpoint
 from ifp_export.generate import left_pad
-from ifp_export.model.hf_io import save_decoder
 from ifp_export.pipeline import ExportContext
 
 FOLD_TOLERANCE = 1e-5
 KEPT_INDICES_FILE = "variants.safetensors"
+VARIANTS_DIR = "variants"
 CHECK_PROMPTS = 4
 
 
@@ -27,22 +28,25 @@ class FoldPass:
     def run(self, ctx: ExportContext) -> ExportContext:
         ckpt: Checkpoint = ctx.require("checkpoint", self.name)
         variants = ctx.require("variants", self.name)
-        for variant in variants:
-            folded = fold_decoder(ckpt.backbone, kept_indices(variant.mask))
-            prompts = [ckpt.tasks[i].prompt for i in variant.prompt_indices[:CHECK_PROMPTS]]
-            ids, _ = left_pad([ckpt.tokenizer.encode(p).ids for p in prompts])
-            variant.fold_error = fold_error(ckpt.backbone, folded, variant.mask, ids)
-            if variant.fold_error > FOLD_TOLERANCE:
-                raise RuntimeError(
-                    f"folded variant {variant.name!r} differs from the masked model by {variant.fold_error:.2e}"
-                )
-            ctx.folded[variant.name] = folded
-            if ctx.options.until == self.name:
-                save_decoder(folded, ctx.workdir / "variants" / variant.name)
+        save = ctx.options.until == self.name
+        with ctx.progress("fold: variants checked" + (" and written" if save else ""), len(variants)) as advance:
+            for variant in variants:
+                folded = fold_decoder(ckpt.backbone, variant.kept, ckpt.weights.release_tensors)
+                prompts = [ckpt.tasks[i].prompt for i in variant.prompt_indices[:CHECK_PROMPTS]]
+                ids, _ = left_pad([ckpt.tokenizer.encode(p).ids for p in prompts])
+                with ckpt.weights.streaming(ckpt.backbone, folded):
+                    variant.fold_error = fold_error(ckpt.backbone, folded, variant.mask, ids)
+                del folded
+                if variant.fold_error > FOLD_TOLERANCE:
+                    raise RuntimeError(
+                        f"folded variant {variant.name!r} differs from the masked model by {variant.fold_error:.2e}"
+                    )
+                if save:
+                    write_variant_checkpoint(ckpt.weights, variant.kept, ctx.workdir / VARIANTS_DIR / variant.name)
+                ckpt.weights.release()
+                advance(1)
         write_kept_indices(
-            ctx.workdir / KEPT_INDICES_FILE,
-            {v.name: kept_indices(v.mask) for v in variants},
-            {v.name: v.task for v in variants},
+            ctx.workdir / KEPT_INDICES_FILE, {v.name: v.kept for v in variants}, {v.name: v.task for v in variants}
         )
         worst = max(v.fold_error for v in variants)
         ctx.console.log(

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ifp_export.errors import IFPError, ValidationFailed
-from ifp_export.fold import relative_difference
+from ifp_export.fold import as_float32, fold_variants, relative_difference
 from ifp_export.fsutil import write_json
 from ifp_export.generate import greedy_generate, left_pad
 from ifp_export.masks import encode_prompts, standardize
@@ -630,7 +630,10 @@ def validation_inputs(ctx: ExportContext) -> dict:
     firsts = [v.prompt_indices[0] for v in ctx.variants][:VALIDATION_PROMPTS]
     prompts[DENSE_NAME] = [encode(ckpt.tasks[i].prompt).ids for i in firsts]
     return {
-        "references": {**ctx.folded, DENSE_NAME: ckpt.backbone},
+        "references": {
+            **fold_variants(ckpt.backbone, {v.name: v.kept for v in ctx.variants}),
+            DENSE_NAME: ckpt.backbone,
+        },
         "prompts": prompts,
         "predictor": ckpt.predictor,
         "variant_masks": torch.stack([v.mask for v in ctx.variants]),
@@ -650,8 +653,8 @@ class EmitOnnxPass:
         variants = ctx.require("variants", self.name)
         artifacts = emit(
             ctx.workdir / ONNX_DIR,
-            ckpt.backbone,
-            ctx.require("folded", self.name),
+            dense := as_float32(ckpt.backbone),
+            fold_variants(dense, {v.name: v.kept for v in variants}),
             ckpt.predictor,
             torch.stack([v.mask for v in variants]),
             ctx.options.quantize,

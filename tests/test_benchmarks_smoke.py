@@ -38,3 +38,23 @@ def test_benchmarks_table_is_complete(tmp_path: Path) -> None:
     assert (out / "ratios.png").stat().st_size > 0
     for figure in FIGURES:
         assert figure in done.stdout
+
+
+def test_scale_benchmark_runs_a_bf16_sharded_model_as_a_user_would(tmp_path: Path) -> None:
+    """`benchmarks.scale --size tiny`: a bf16 sharded model written by `transformers`, `new-checkpoint` + `export
+    --until fold` as subprocesses; the result names every pass run, a peak RSS and the checkpoint's bytes."""
+    result_path = tmp_path / "scale.json"
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--size", "tiny", "--until", "fold"]
+    cmd += ["--workdir", str(tmp_path / "work"), "--json", str(result_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+    assert [name for name, _ in result["passes"]] == ["load", "predict", "group", "fold"]
+    shards = sorted((tmp_path / "work" / "ckpt" / "backbone").glob("model-*.safetensors"))
+    assert len(shards) > 1 and result["dtype"] == "bfloat16"
+    predictor = tmp_path / "work" / "ckpt" / "predictor" / "model.safetensors"
+    assert result["checkpoint_weight_bytes"] == sum(p.stat().st_size for p in [*shards, predictor])
+    assert result["peak_rss_bytes"] > result["checkpoint_weight_bytes"]  # the interpreter alone outweighs it
+    variants = sorted((tmp_path / "work" / "out" / "variants").iterdir())
+    assert len(variants) == 8
+    assert "RSS / weight bytes" in done.stdout

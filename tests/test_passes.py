@@ -11,8 +11,9 @@ from tiny import TASK_PROMPTS, console_text, make_checkpoint, run_export, write_
 from transformers import AutoModelForCausalLM
 
 from ifp_export.errors import IFPError
+from ifp_export.fold import fold_decoder
 from ifp_export.masks import mask_iou
-from ifp_export.model.hf_io import load_decoder
+from ifp_export.model.hf_io import load_decoder, save_decoder
 from ifp_export.pipeline import ExportContext
 
 
@@ -85,7 +86,8 @@ def test_keep_all_folds_to_the_dense_model_exactly(checkpoint: Path, tmp_path: P
     ctx = run_export(checkpoint, tmp_path, until="fold", keep=1.0)
     ids = torch.tensor([[1, 4, 7, 7, 40, 31, 32]])
     dense, _ = ctx.checkpoint.backbone(ids)
-    for folded in ctx.folded.values():
+    for variant in ctx.variants:
+        folded = fold_decoder(ctx.checkpoint.backbone, variant.kept)
         assert folded.config.intermediate_size == 48
         assert torch.equal(folded(ids)[0], dense)
 
@@ -94,7 +96,7 @@ def test_keep_one_neuron_folds_within_tolerance(checkpoint: Path, tmp_path: Path
     ctx = run_export(checkpoint, tmp_path, until="fold", keep=1 / 48)
     assert ctx.k_per_layer == [1, 1]
     for variant in ctx.variants:
-        assert ctx.folded[variant.name].config.intermediate_size == 1
+        assert variant.kept.shape == (2, 1)
         assert variant.fold_error <= 1e-5
 
 
@@ -117,7 +119,12 @@ def test_until_fold_saves_hf_checkpoints_that_transformers_loads(checkpoint: Pat
             theirs = hf(ids).logits
         masked, _ = ctx.checkpoint.backbone(ids, ffn_masks=variant.mask)
         assert float((theirs - masked).abs().max()) <= 1e-5
-        assert torch.equal(load_decoder(directory)(ids)[0], ctx.folded[variant.name](ids)[0])
+        folded = fold_decoder(ctx.checkpoint.backbone, variant.kept)
+        assert torch.equal(load_decoder(directory)(ids)[0], folded(ids)[0])
+        reference = tmp_path / "save_decoder" / variant.name  # the in-memory writer: same bytes as the streamed one
+        save_decoder(folded, reference)
+        for name in ("model.safetensors", "config.json"):
+            assert (directory / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 def test_report_writes_json_and_heatmap(tiny_export: ExportContext) -> None:

@@ -12,6 +12,7 @@ import torch
 from tiny import make_checkpoint, run_export
 
 from ifp_export.errors import IFPError
+from ifp_export.fold import fold_variants
 from ifp_export.generate import greedy_generate
 from ifp_export.masks import encode_prompts
 from ifp_export.model.softtopk import hard_topk_mask
@@ -26,7 +27,12 @@ def quantized(request: pytest.FixtureRequest, tiny_export: ExportContext, tmp_pa
     directory = tmp_path_factory.mktemp(request.param) / "onnx"
     masks = torch.stack([v.mask for v in ctx.variants])
     artifacts = emit(
-        directory, ctx.checkpoint.backbone, ctx.folded, ctx.checkpoint.predictor, masks, quantize=request.param
+        directory,
+        ctx.checkpoint.backbone,
+        fold_variants(ctx.checkpoint.backbone, {v.name: v.kept for v in ctx.variants}),
+        ctx.checkpoint.predictor,
+        masks,
+        quantize=request.param,
     )
     return request.param, artifacts
 

@@ -5,6 +5,10 @@ Module and parameter names mirror Hugging Face's (`model.layers.0.self_attn.q_pr
 The KV cache is explicit tensors in and out (no cache objects), masks are plain tensor arithmetic, and there
 is no data-dependent Python control flow, so `torch.onnx.export(dynamo=True)` and `torch.jit.trace` see one
 static graph.
+
+Weights may be stored in a lower precision than the activations (a bf16/fp16 checkpoint memory-mapped as it is):
+`Linear`, `Embedding` and `RMSNorm` cast their weight to the activation dtype (float32) inside the op, so at most
+one matrix is upcast at a time. With float32 weights no cast is made (and none is traced).
 """
 
 from __future__ import annotations
@@ -16,6 +20,32 @@ from torch import nn
 from ifp_export.model.config import DecoderConfig, rope_inverse_frequencies
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+COMPUTE_DTYPE = torch.float32
+
+
+def cast(weight: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`weight` in `dtype`; the same tensor (no op) when it already is."""
+    return weight if weight is None or weight.dtype == dtype else weight.to(dtype)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose weight may be stored in a lower precision than its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, cast(self.weight, x.dtype), cast(self.bias, x.dtype))
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` returning float32 rows whatever the stored dtype (only the looked-up rows are cast)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return cast(F.embedding(input_ids, self.weight), COMPUTE_DTYPE)
+
+    def reset_parameters(self) -> None:
+        """No init on the meta device (weights are assigned from a checkpoint): nn.Embedding's init there imports
+        torch._dynamo, seconds of every load."""
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 class RMSNorm(nn.Module):
@@ -28,7 +58,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return cast(self.weight, dtype) * x.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -37,7 +67,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+        with torch.device("cpu"):  # also when the model is built on the meta device: the table is computed, not loaded
+            self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
 
     def reset_parameters(self) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after building on the meta device."""
@@ -95,10 +126,10 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_size, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, q_size, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(
         self,
@@ -136,9 +167,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, neuron_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -176,7 +207,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
@@ -218,7 +249,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -237,3 +268,18 @@ class CausalLM(nn.Module):
         """
         hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values, ffn_masks)
         return self.lm_head(hidden), presents
+
+
+def decoder_from_state(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> CausalLM:
+    """A `CausalLM` whose parameters ARE the given tensors (no copy; built on the meta device), in eval mode.
+
+    With tied embeddings `lm_head.weight` may be absent; it is the embedding matrix either way.
+    """
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    if cfg.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ifp_export.errors import IFPError
-from ifp_export.fsutil import check_finite, read_json, read_safetensors, write_json, write_safetensors
+from ifp_export.fsutil import read_json, read_safetensors, write_json, write_safetensors
 from ifp_export.model.config import DecoderConfig
-from ifp_export.model.decoder import CausalLM
-
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+from ifp_export.model.decoder import CausalLM, decoder_from_state
+from ifp_export.weights import (  # noqa: F401 - IGNORED_SUFFIXES, weights_file: re-exported for the LM predictor
+    IGNORED_SUFFIXES,
+    INDEX_FILE,
+    SafetensorsWeights,
+    check_weight_map,
+    weights_file,
+)
 
 
 def read_config(hf_dir: Path) -> DecoderConfig:
@@ -25,22 +29,10 @@ def read_config(hf_dir: Path) -> DecoderConfig:
     return DecoderConfig.from_hf_dict(raw, path)
 
 
-def check_weight_map(raw: Any, path: str | Path) -> dict[str, str]:
-    """The `weight_map` of a parsed `model.safetensors.index.json`: tensor name -> shard file name (strings only)."""
-    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-    if not isinstance(weight_map, dict):
-        raise IFPError("safetensors index has no weight_map object", path, "re-save with save_pretrained")
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
-            raise IFPError(
-                f"weight_map entry {name!r} is {shard!r}, not a shard file name", path, "re-save with save_pretrained"
-            )
-    return weight_map
-
-
 def read_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Tensors of `model.safetensors` or of a sharded `model.safetensors.index.json`."""
-    index = hf_dir / "model.safetensors.index.json"
+    """Every tensor of `model.safetensors` or of a sharded `model.safetensors.index.json`, at once (small models:
+    the predictor LM; the backbone is opened with `open_decoder`)."""
+    index = hf_dir / INDEX_FILE
     if index.is_file():
         weight_map = check_weight_map(read_json(index, "safetensors index"), index)
         tensors: dict[str, torch.Tensor] = {}
@@ -53,45 +45,40 @@ def read_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     return read_safetensors(hf_dir / "model.safetensors")
 
 
-def weights_file(hf_dir: Path) -> Path:
-    """The file errors about the weights should name: the shard index if there is one."""
-    index = hf_dir / "model.safetensors.index.json"
-    return index if index.is_file() else hf_dir / "model.safetensors"
+def open_decoder(hf_dir: str | Path) -> tuple[CausalLM, SafetensorsWeights]:
+    """Our decoder over a HF directory's memory-mapped weights, and those weights as a `WeightSource`.
 
-
-def load_decoder(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
-    """Build our decoder from a HF directory, checking names, shapes and finiteness of every tensor."""
+    Names and shapes are checked against config.json from the headers, finiteness tensor by tensor; the
+    parameters are zero-copy views in the stored dtype (bf16/fp16 weights are cast per op, see `decoder.py`).
+    """
     hf_dir = Path(hf_dir)
     cfg = read_config(hf_dir)
-    weights_path = weights_file(hf_dir)
-    tensors = {k: v for k, v in read_state_dict(hf_dir).items() if not k.endswith(IGNORED_SUFFIXES)}
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+    weights = SafetensorsWeights(hf_dir, cfg)
     with torch.device("meta"):
-        model = CausalLM(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in CausalLM(cfg).state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    stored = set(weights.names())
+    missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise IFPError(
-            f"weights do not match config.json ({detail})", weights_path, "save the model with save_pretrained"
+            f"weights do not match config.json ({detail})", weights.path, "save the model with save_pretrained"
         )
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != tuple(shape):
+        if weights.info(name).shape != shape:
             raise IFPError(
-                f"tensor {name!r} has shape {tuple(tensors[name].shape)}, config.json implies {tuple(shape)}",
-                weights_path,
+                f"tensor {name!r} has shape {weights.info(name).shape}, config.json implies {shape}",
+                weights.path,
                 "make config.json and the weights agree",
             )
-    check_finite(tensors, weights_path)
-    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.reset_parameters()
-    return model.eval().requires_grad_(False)
+    weights.check_finite()
+    return decoder_from_state(cfg, {name: weights.tensor(name) for name in expected}), weights
+
+
+def load_decoder(hf_dir: str | Path) -> CausalLM:
+    """Our decoder over a HF directory's memory-mapped weights (see `open_decoder`)."""
+    return open_decoder(hf_dir)[0]
 
 
 def save_decoder(model: CausalLM, hf_dir: str | Path) -> None:
