@@ -1,7 +1,12 @@
-"""validate: check every emitted target against PyTorch (ONNX Runtime numerics; Core ML structure)."""
+"""validate: check the checkpoint's backbone against `transformers`, then every emitted target against PyTorch
+(ONNX Runtime numerics; Core ML structure, weights and numerics)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+from ifp_export.errors import ValidationFailed
+from ifp_export.hf_check import check_checkpoint
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets import coreml, onnx
 
@@ -12,6 +17,11 @@ class ValidatePass:
     name = "validate"
 
     def run(self, ctx: ExportContext) -> ExportContext:
+        hf = check_checkpoint(ctx.require("checkpoint", self.name))
+        ctx.report["transformers_check"] = dataclasses.asdict(hf) | {"ok": hf.ok}
+        ctx.console.log(hf.summary())
+        if not hf.ok:
+            raise ValidationFailed(f"our decoder differs from transformers' {hf.model_type}: {hf.summary()}")
         for target in ctx.emitted:
             VALIDATORS[target](ctx)
         return ctx
