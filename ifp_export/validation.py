@@ -37,7 +37,7 @@ def validate_output(output: Path, checkpoint: Path) -> ExportContext:
         ctx.variants.append(Variant(name, task, mask_from_indices(idx, d_ff), prompts))
         ctx.folded[name] = fold_decoder(ckpt.backbone, idx)
     names = [name for name, _, _ in kept]
-    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, ctx.folded, manifest)
+    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, manifest)
     if (output / coreml.COREML_DIR).is_dir():
         quantize = manifest.get("quantization", {}).get("coreml", "none")
         ctx.emitted["coreml"] = coreml.open_artifacts(output / coreml.COREML_DIR, ckpt.backbone, ctx.folded, quantize)

@@ -1,0 +1,253 @@
+"""Validation sized to the model: every ONNX decoder against its PyTorch reference, built on demand one at a time.
+
+fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
+the *same dequantized weights* (that is what catches graph and binding bugs); its error against the fp32 model is
+a quality figure (top-1 agreement, max |Δ|), reported, not gated on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from rich.table import Table
+from tokenizers import Tokenizer
+from torch import nn
+
+from ifp_export.errors import ValidationFailed
+from ifp_export.fold import fold_decoder
+from ifp_export.generate import greedy_generate, left_pad
+from ifp_export.masks import encode_prompts
+from ifp_export.model.decoder import CausalLM
+from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.ort import OrtDecoder, session
+from ifp_export.pipeline import ExportContext
+from ifp_export.targets.onnx.dynamic import DYNAMIC_TOLERANCE, check_dynamic
+from ifp_export.targets.onnx.emit import DENSE_NAME, OnnxArtifacts
+from ifp_export.targets.onnx.quantize import BITS, dequantize
+from ifp_export.targets.onnx.trace import PredictorRouter
+
+PARITY_TOLERANCE = 1e-4  # max |Δlogits| / max(1, max |logits|), fp32 (or dequantized) PyTorch vs ORT
+VALIDATION_PROMPTS = 2
+
+
+@dataclass
+class ValidationRow:
+    model: str
+    load_seconds: float
+    prefill_diff: float
+    decode_diff: float
+    decode_steps: int
+    greedy_tokens: int
+    greedy_match: bool
+    logits_scale: float
+    quantize: str = "none"
+    fp32_prefill_diff: float | None = None  # quantized only: quality vs the fp32 model (reported, not gated)
+    fp32_top1_agreement: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        worst = max(self.prefill_diff, self.decode_diff)
+        return worst <= PARITY_TOLERANCE * max(1.0, self.logits_scale) and self.greedy_match
+
+
+def dequantized(model: CausalLM, quantize: str) -> CausalLM:
+    """`model` with every Linear weight replaced by what its MatMulNBits node computes with (a tied lm_head is
+    untied: the embedding gather stays fp32, as in the graph)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            weight = dequantize(module.weight.detach().numpy(), BITS[quantize])
+            module.weight = nn.Parameter(torch.from_numpy(weight), requires_grad=False)
+    return model
+
+
+@torch.no_grad()
+def check_decoder(
+    path: Path,
+    reference: CausalLM,
+    prompts: list[list[int]],
+    quantize: str = "none",
+    decode_steps: int = 8,
+    greedy_tokens: int = 32,
+) -> ValidationRow:
+    """ONNX checker, ORT load, prefill + cached decode parity on a left-padded batch, and greedy generation of
+    `greedy_tokens` tokens (no EOS stop) against `reference` (fp32; for quantized exports, made dequantized here)."""
+    onnx.checker.check_model(str(path))
+    start = time.perf_counter()
+    decoder = OrtDecoder(session(path, threads=1))
+    load_seconds = time.perf_counter() - start
+    ids, mask = left_pad(prompts)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    valid = mask.bool().numpy()
+    quality: dict[str, float] = {}
+    if quantize != "none":
+        fp32, _ = reference(ids, mask, positions)
+        reference = dequantized(reference, quantize)
+    ref, ref_past = reference(ids, mask, positions)
+    got, past = decoder(ids.numpy(), mask.numpy(), positions.numpy(), decoder.empty_cache(len(prompts)))
+    if quantize != "none":
+        quality["fp32_prefill_diff"] = float(np.abs(got - fp32.numpy())[valid].max())
+        quality["fp32_top1_agreement"] = float((got.argmax(-1) == fp32.numpy().argmax(-1))[valid].mean())
+    prefill_diff = float(np.abs(got - ref.numpy())[valid].max())
+    scale = float(ref.abs().max())
+    decode_diff = 0.0
+    for _ in range(decode_steps):
+        token = ref[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat((mask, torch.ones_like(token)), dim=1)
+        positions = positions[:, -1:] + 1
+        ref, ref_past = reference(token, mask, positions, ref_past)
+        got, past = decoder(token.numpy(), mask.numpy(), positions.numpy(), past)
+        decode_diff = max(decode_diff, float(np.abs(got - ref.numpy()).max()))
+        scale = max(scale, float(ref.abs().max()))
+    expected = greedy_generate(reference, prompts[:1], greedy_tokens)[0]
+    produced = decoder.greedy(prompts[0], greedy_tokens)
+    return ValidationRow(
+        path.name,
+        load_seconds,
+        prefill_diff,
+        decode_diff,
+        decode_steps,
+        greedy_tokens,
+        produced == expected,
+        scale,
+        quantize,
+        **quality,
+    )
+
+
+@torch.no_grad()
+def check_predictor(
+    path: Path, predictor: SparsityPredictor, variant_masks: torch.Tensor, tokenizer: Tokenizer, prompts: list[str]
+) -> tuple[float, float]:
+    """(max |scores diff|, routing agreement) of the predictor graph vs PyTorch on the given prompts."""
+    ids, mask, _ = encode_prompts(tokenizer, prompts, predictor.config.max_length)
+    ref_scores, ref_routes = PredictorRouter(predictor, variant_masks).eval()(ids, mask)
+    scores, routes = session(path, threads=1).run(
+        ["scores", "variant_scores"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    )
+    diff = float(np.abs(scores - ref_scores.numpy()).max())
+    agreement = float((routes.argmax(-1) == ref_routes.argmax(-1).numpy()).mean())
+    return diff, agreement
+
+
+def references(backbone: CausalLM, kept: dict[str, torch.Tensor | None]) -> Iterator[tuple[str, CausalLM]]:
+    """Each model's PyTorch reference, built when asked for and dropped by the caller before the next."""
+    for name, idx in kept.items():
+        yield name, (backbone if idx is None else fold_decoder(backbone, idx))
+
+
+def validate(
+    artifacts: OnnxArtifacts,
+    backbone: CausalLM,
+    kept: dict[str, torch.Tensor | None],
+    prompts: dict[str, list[list[int]]],
+    predictor: SparsityPredictor,
+    variant_masks: torch.Tensor,
+    tokenizer: Tokenizer,
+    routing_prompts: list[str],
+) -> tuple[list[ValidationRow], tuple[float, float]]:
+    """Check every decoder model against its PyTorch reference (one reference alive at a time) and the predictor
+    graph's routing."""
+    rows = []
+    for name, reference in references(backbone, kept):
+        if artifacts.quantize != "none" and reference is backbone:
+            reference = fold_decoder(
+                backbone, torch.arange(backbone.config.intermediate_size).expand(backbone.config.num_hidden_layers, -1)
+            )  # a twin to dequantize, the backbone stays fp32
+        rows.append(check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize))
+        del reference
+    routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
+    return rows, routing
+
+
+def tolerance_text(quantize: str) -> str:
+    if quantize == "none":
+        return f"fp32: max|Δlogits| <= {PARITY_TOLERANCE:g} x max(1, max|logits|) and greedy tokens identical"
+    return (
+        f"{quantize} weights vs PyTorch on the same dequantized weights: max|Δlogits| <= {PARITY_TOLERANCE:g} x "
+        "max(1, max|logits|) and greedy tokens identical; vs fp32 reported only"
+    )
+
+
+def validation_table(rows: list[ValidationRow], routing: tuple[float, float]) -> Table:
+    table = Table(title=f"ONNX validation vs PyTorch ({tolerance_text(rows[0].quantize)})")
+    quantized = rows[0].quantize != "none"
+    columns = ["model", "load s", "prefill max|Δ|", "decode max|Δ|", "steps", "greedy", "ok"]
+    if quantized:
+        columns[-1:-1] = ["vs fp32 max|Δ|", "vs fp32 top-1"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        greedy = f"{r.greedy_tokens} tok {'same' if r.greedy_match else 'DIFFERENT'}"
+        cells = [r.model, f"{r.load_seconds:.2f}", f"{r.prefill_diff:.1e}", f"{r.decode_diff:.1e}"]
+        cells += [str(r.decode_steps), greedy]
+        if quantized:
+            cells += [f"{r.fp32_prefill_diff:.2e}", f"{r.fp32_top1_agreement:.1%}"]
+        table.add_row(*cells, "yes" if r.ok else "NO")
+    diff, agreement = routing
+    table.caption = f"predictor.onnx: scores max|Δ| {diff:.1e}, routing = PyTorch's on {agreement:.1%} of prompts"
+    return table
+
+
+def validation_inputs(ctx: ExportContext) -> dict:
+    """Backbone, kept indices, prompts and routing inputs for `validate` from an export context."""
+    ckpt = ctx.checkpoint
+    encode = ckpt.tokenizer.encode
+    prompts = {
+        v.name: [encode(ckpt.tasks[i].prompt).ids for i in v.prompt_indices[:VALIDATION_PROMPTS]] for v in ctx.variants
+    }
+    firsts = [v.prompt_indices[0] for v in ctx.variants][:VALIDATION_PROMPTS]
+    prompts[DENSE_NAME] = [encode(ckpt.tasks[i].prompt).ids for i in firsts]
+    return {
+        "backbone": ckpt.backbone,
+        "kept": {**{v.name: v.kept for v in ctx.variants}, DENSE_NAME: None},
+        "prompts": prompts,
+        "predictor": ckpt.predictor,
+        "variant_masks": torch.stack([v.mask for v in ctx.variants]),
+        "tokenizer": ckpt.tokenizer,
+        "routing_prompts": [t.prompt for t in ckpt.tasks],
+    }
+
+
+def validate_export(ctx: ExportContext) -> None:
+    """Run `validate` on the context's ONNX artifacts, print the table, raise if anything is off."""
+    artifacts: OnnxArtifacts = ctx.emitted["onnx"]
+    inputs = validation_inputs(ctx)
+    rows, routing = validate(artifacts, **inputs)
+    ctx.console.print(validation_table(rows, routing))
+    for row in (models := [dataclasses.asdict(r) | {"ok": r.ok} for r in rows]):
+        del row["load_seconds"]  # wall-clock: kept out of report.json so the same inputs give the same bytes
+    ctx.report["onnx_validation"] = {
+        "models": models,
+        "predictor_scores_max_abs_diff": routing[0],
+        "predictor_routing_agreement": routing[1],
+        "dedup_ratio": artifacts.dedup_ratio,
+        "quantize": artifacts.quantize,
+        "tolerance": tolerance_text(artifacts.quantize),
+    }
+    if artifacts.dynamic_inputs is not None:
+        dynamic_diff = check_dynamic(
+            artifacts.directory,
+            artifacts.dynamic_inputs,
+            ctx.checkpoint.backbone,
+            ctx.checkpoint.predictor,
+            ctx.checkpoint.tokenizer,
+            inputs["routing_prompts"][: VALIDATION_PROMPTS * 2],
+            ctx.k_per_layer[0],
+        )
+        ctx.report["onnx_validation"]["dynamic_max_abs_diff"] = dynamic_diff
+        ctx.console.log(
+            f"dynamic.onnx vs masked dense model (per-prompt masks): max|Δlogits| / max(1, max|logits|) "
+            f"{dynamic_diff:.1e} (tolerance {DYNAMIC_TOLERANCE:g})"
+        )
+        if dynamic_diff > DYNAMIC_TOLERANCE:
+            raise ValidationFailed(f"dynamic.onnx differs from the masked dense model by {dynamic_diff:.2e}")
+    bad = [r.model for r in rows if not r.ok]
+    if bad or routing[1] < 1.0 or routing[0] > PARITY_TOLERANCE:
+        raise ValidationFailed(f"ONNX models {bad or ['predictor.onnx']} differ from PyTorch (see table)")
