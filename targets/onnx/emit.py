@@ -24,6 +24,8 @@ from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.targets.onnx.binding import Binding, materialize
+from ifp_export.targets.onnx.dynamic import emit_dynamic
+from ifp_export.targets.onnx.genai import write_genai_config
 from ifp_export.targets.onnx.quantize import BITS, to_matmul_nbits
 from ifp_export.targets.onnx.trace import trace_predictor, traced_decoder
 from ifp_export.weights import WeightSource, ffn_slice
@@ -144,7 +146,7 @@ class OnnxArtifacts:
     disk_bytes: int  # every decoder file on disk (graphs + data)
     quantize: str = "none"
     dynamic_inputs: list[dict] | None = None  # per FFN input of dynamic.onnx: where to gather it from
-    genai: dict[str, Path] = field(default_factory=dict)  # model name -> directory with genai_config.json
+    genai: Path | None = None  # genai_config.json (dense; a variant overlays its file name)
     clients: tuple[str, ...] = ("ifp_export.runtime", "onnxruntime-genai", "optimum")
 
     @property
@@ -194,9 +196,6 @@ def emit(
 ) -> OnnxArtifacts:
     """Write every variant (`kept`: name -> [L, k] kept indices), the dense model and the predictor under
     `directory` (created, must be new)."""
-    from ifp_export.targets.onnx.dynamic import emit_dynamic
-    from ifp_export.targets.onnx.genai import write_genai_configs
-
     if dynamic and quantize != "none":
         raise IFPError("--mode dynamic gathers fp32 FFN rows at run time", None, "drop --quantize or --mode dynamic")
     cfg = source.config
@@ -230,7 +229,7 @@ def emit(
 
     write_json(directory / "config.json", hf_config(cfg.replace(intermediate_size=next(iter(kept.values())).shape[1])))
     write_json(directory / "generation_config.json", generation_config(cfg))
-    genai = write_genai_configs(directory, paths, cfg)
+    genai = write_genai_config(directory, paths[DENSE_NAME], cfg)
     decoder_files = [*paths.values(), *(directory / f for f in writer.sizes)]
     disk = sum(p.stat().st_size for p in decoder_files)
     return OnnxArtifacts(

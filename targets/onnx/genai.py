@@ -1,9 +1,10 @@
-"""genai_config.json: what onnxruntime-genai's `og.Model(dir)` needs to load each decoder.
+"""genai_config.json: what onnxruntime-genai's `og.Model` needs to load each decoder (the same .onnx and data
+files Optimum loads; no second copy).
 
-og reads one `genai_config.json` per directory, so each model gets `genai/<name>/genai_config.json` pointing at
-the model's graph two levels up (the same .onnx and data files Optimum loads; no second copy). The app feeds
-token ids (`og.Generator.append_tokens`); the tokenizer is the output's `tokenizer.json`, which `og.Tokenizer`
-does not read from these directories.
+og reads exactly one `genai_config.json` per directory and refuses `..` in `model.decoder.filename`, so there is
+one config beside the graphs, naming the dense model; a variant is that config with its file overlaid:
+`config = og.Config(onnx_dir); config.overlay(genai_overlay(name)); og.Model(config)`. The app feeds token ids
+(`og.Generator.append_tokens`) from the output's `tokenizer.json`; no og tokenizer files are written.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from ifp_export.fsutil import write_json
 from ifp_export.model.config import DecoderConfig
 
-GENAI_DIR = "genai"
 GENAI_CONFIG = "genai_config.json"
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
@@ -70,12 +70,12 @@ def genai_config(cfg: DecoderConfig, filename: str) -> dict:
     }
 
 
-def write_genai_configs(directory: Path, models: dict[str, Path], cfg: DecoderConfig) -> dict[str, Path]:
-    """One `genai/<name>/genai_config.json` per decoder model; returns name -> that directory."""
-    out = {}
-    for name, path in models.items():
-        folder = directory / GENAI_DIR / name
-        folder.mkdir(parents=True)
-        write_json(folder / GENAI_CONFIG, genai_config(cfg, f"../../{path.name}"))
-        out[name] = folder
-    return out
+def genai_overlay(filename: str) -> dict:
+    """What `og.Config.overlay` takes (as JSON) to load `filename` instead of the dense model."""
+    return {"model": {"decoder": {"filename": filename}}}
+
+
+def write_genai_config(directory: Path, dense: Path, cfg: DecoderConfig) -> Path:
+    path = directory / GENAI_CONFIG
+    write_json(path, genai_config(cfg, dense.name))
+    return path

@@ -17,7 +17,7 @@ from ifp_export.targets.onnx.emit import (
     external_data_files,
     stored_tensor_bytes,
 )
-from ifp_export.targets.onnx.genai import GENAI_CONFIG, GENAI_DIR
+from ifp_export.targets.onnx.genai import GENAI_CONFIG, genai_overlay
 
 ONNX_DIR = "onnx"
 
@@ -64,14 +64,14 @@ def open_artifacts(directory: Path, names: list[str], manifest: dict) -> OnnxArt
     data = [p for p in directory.glob("*.onnx_data") if not p.name.startswith(PREDICTOR_NAME)]
     ideal = stored_tensor_bytes(list(models.values()))
     disk = sum(p.stat().st_size for p in [*models.values(), *data])
-    genai = {name: directory / GENAI_DIR / name for name in models if (directory / GENAI_DIR / name).is_dir()}
+    genai = directory / GENAI_CONFIG if (directory / GENAI_CONFIG).is_file() else None
     predictor = directory / f"{PREDICTOR_NAME}.onnx"
     clients = tuple(manifest["dense"]["files"]["onnx"].get("clients", ()))
     return OnnxArtifacts(directory, models, predictor, ideal, disk, quantize, dynamic_inputs, genai, clients)
 
 
 def manifest_entries(artifacts: OnnxArtifacts, root: Path) -> tuple[dict[str, dict], dict]:
-    """Per model name {"model", "data", "genai_config", "clients"} paths relative to `root`, and the predictor's."""
+    """Per model name {"model", "data", "clients", "genai"} paths relative to `root`, and the predictor's."""
 
     def entry(path: Path) -> dict:
         data = [(path.parent / location).relative_to(root).as_posix() for location in external_data_files(path)]
@@ -85,8 +85,9 @@ def manifest_entries(artifacts: OnnxArtifacts, root: Path) -> tuple[dict[str, di
     models = {}
     for name, path in artifacts.models.items():
         models[name] = {**entry(path), "clients": list(artifacts.clients)}
-        if name in artifacts.genai:
-            models[name]["genai_config"] = (artifacts.genai[name] / GENAI_CONFIG).relative_to(root).as_posix()
+        if artifacts.genai is not None:
+            config = artifacts.genai.relative_to(root).as_posix()
+            models[name]["genai"] = {"config": config, "overlay": genai_overlay(path.name)}
     if artifacts.dynamic_inputs is not None:
         models[DYNAMIC_NAME] = {
             **entry(artifacts.directory / f"{DYNAMIC_NAME}.onnx"),
