@@ -41,7 +41,7 @@ def main() -> None:
     import onnx_ir
     from rich.console import Console
 
-    import ifp_export.targets.onnx.emit as onnx_emit
+    import ifp_export.targets.onnx.emitter as onnx_emit
     from ifp_export.passes import default_passes
     from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
 

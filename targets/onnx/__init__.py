@@ -2,7 +2,7 @@
 stored once, and the shared predictor graph with the routing head folded in."""
 
 from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME, gather_dynamic_feeds
-from ifp_export.targets.onnx.emit import (
+from ifp_export.targets.onnx.emitter import (
     DENSE_NAME,
     FFN_PARAMS,
     PREDICTOR_NAME,

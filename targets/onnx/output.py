@@ -9,7 +9,7 @@ import torch
 from ifp_export.errors import IFPError
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME
-from ifp_export.targets.onnx.emit import (
+from ifp_export.targets.onnx.emitter import (
     DENSE_NAME,
     PREDICTOR_NAME,
     OnnxArtifacts,

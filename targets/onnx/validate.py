@@ -29,7 +29,7 @@ from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.ort import OrtDecoder, session
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx.dynamic import DYNAMIC_TOLERANCE, check_dynamic
-from ifp_export.targets.onnx.emit import DENSE_NAME, OnnxArtifacts
+from ifp_export.targets.onnx.emitter import DENSE_NAME, OnnxArtifacts
 from ifp_export.targets.onnx.quantize import BITS, dequantize
 from ifp_export.targets.onnx.trace import PredictorRouter
 
