@@ -198,7 +198,7 @@ def test_genai_graph_exact_on_one_unpadded_sequence(case: str, tmp_path: Path) -
     model, bindings = build_decoder(cfg, cfg.intermediate_size, flavor="genai")
     assert "position_ids" not in [v.name for v in model.graph.inputs]
     assert Counter(n.op_type for n in model.graph)["GroupQueryAttention"] == cfg.num_hidden_layers
-    optimum, optimum_bindings = build_decoder(cfg, cfg.intermediate_size)
+    _, optimum_bindings = build_decoder(cfg, cfg.intermediate_size)
     assert bindings == optimum_bindings, "both flavours bind the same external data"
     session = ort_session(model, bindings, state_getter(hf), tmp_path / "g.onnx")
     assert worst(onnx_logits(session, cfg, ids, mask, tokens), expected) <= BOUND
