@@ -174,6 +174,7 @@ def test_fused_op_counts_fp32_and_int4() -> None:
     assert ops["RMSNormalization"] == 1
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * cfg.num_hidden_layers
     assert ops["RotaryEmbedding"] == 2 * cfg.num_hidden_layers
+    assert ops["Attention"] == cfg.num_hidden_layers
     assert not {"Pow", "ReduceMean", "Sqrt", "Expand"} & set(ops)
     qkv = [b for b in bindings if b.initializer.endswith(".qkv")]
     assert [b.sources for b in qkv] == [
