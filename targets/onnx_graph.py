@@ -174,16 +174,14 @@ def build_decoder(
             f"l{i}.post_norm", (f"model.layers.{i}.post_attention_layernorm.weight",), "as_is", (cfg.hidden_size,),
             False,
         )  # fmt: skip
-        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", attn, residual, post, domain=MS, outputs=4,
-                                 epsilon=eps)  # fmt: skip
+        h, residual = _skip_norm(g, attn, residual, post, eps)
         mlp = _mlp(g, cfg, h, i, ffn_width)
         if i + 1 < cfg.num_hidden_layers:
             name, source = f"l{i + 1}.in_norm", f"model.layers.{i + 1}.input_layernorm.weight"
         else:
             name, source = "norm", "model.norm.weight"
         norm = g.weight(name, (source,), "as_is", (cfg.hidden_size,), False)
-        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", mlp, residual, norm, domain=MS, outputs=4,
-                                 epsilon=eps)  # fmt: skip
+        h, residual = _skip_norm(g, mlp, residual, norm, eps)
     if cfg.tie_word_embeddings and not g.bits:
         logits = g.op("FusedMatMul", h, embed, domain=MS, transA=0, transB=1, alpha=1.0)
     else:
@@ -213,6 +211,14 @@ def bind_lazy(model: ir.Model, bindings: list[Binding], get: Callable[[str], np.
 
         value.const_value = ir.LazyTensor(make, dtype, shape, name=binding.initializer)
     return model
+
+
+def _skip_norm(g: _Builder, x: ir.Value, skip: ir.Value, weight: ir.Value, eps: float) -> tuple[ir.Value, ir.Value]:
+    """RMSNorm(x + skip) and x + skip (the residual stream), in one kernel; mean / inv_std are not computed."""
+    out, mean, inv_std, residual = g.op("SkipSimplifiedLayerNormalization", x, skip, weight, domain=MS, outputs=4,
+                                        epsilon=eps)  # fmt: skip
+    mean.name = inv_std.name = ""  # omitted optional outputs
+    return out, residual
 
 
 def _qkv(g: _Builder, cfg: DecoderConfig, h: ir.Value, i: int) -> ir.Value:
