@@ -129,6 +129,8 @@ def build_decoder(
         raise ValueError(f"unknown ONNX flavor {flavor!r} (expected one of {', '.join(FLAVORS)})")
     if quantize not in QUANT_BITS:
         raise ValueError(f"unknown quantization {quantize!r} (expected one of {', '.join(QUANT_BITS)})")
+    if not 0 < ffn_width <= cfg.intermediate_size:
+        raise ValueError(f"ffn_width must be in 1..{cfg.intermediate_size}, got {ffn_width}")
     if flavor == "genai" and cfg.head_dim % 16:
         raise IFPError(
             f"onnxruntime's GroupQueryAttention needs head_dim to be a multiple of 16, got {cfg.head_dim}",
@@ -158,7 +160,7 @@ def build_decoder(
     embed = g.weight("embed", ("model.embed_tokens.weight",), "as_is", (cfg.vocab_size, cfg.hidden_size), False)
     x = g.op("Gather", embed, input_ids)
     if flavor == "optimum":
-        attention = _plain_attention(g, cfg, input_ids, attention_mask, position_ids)
+        attention = _optimum_attention(g, cfg, input_ids, attention_mask, position_ids)
     else:
         attention = _gqa_attention(g, cfg, attention_mask)
 
@@ -256,7 +258,7 @@ def _inverse_frequencies(g: _Builder, cfg: DecoderConfig) -> ir.Value:
     return g.const(rope_inverse_frequencies(cfg).numpy(), np.float32)
 
 
-def _plain_attention(
+def _optimum_attention(
     g: _Builder, cfg: DecoderConfig, input_ids: ir.Value, attention_mask: ir.Value, position_ids: ir.Value
 ) -> Callable:
     """Optimum flavour: fused RoPE + ONNX Attention with a boolean mask (exact with left padding)."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import hf_greedy_logits, left_padded_batch, make_hf_model, ours_logits_for_tokens, positions_from_mask
 
+from ifp_export.errors import IFPError
 from ifp_export.fold import fold_decoder, relative_difference
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
@@ -165,6 +166,17 @@ def test_graph_is_deterministic_and_declares_no_data() -> None:
     assert ir.to_proto(first).SerializeToString() == ir.to_proto(second).SerializeToString()
     names = [v.name for node in first.graph for v in node.outputs]
     assert max(len(n) for n in names if not n.startswith("present")) <= 8, "short value names"
+
+
+def test_refuses_what_it_cannot_build() -> None:
+    _, cfg = hf_case("llama")  # head_dim 8
+    with pytest.raises(IFPError, match="multiple of 16"):
+        build_decoder(cfg, cfg.intermediate_size, flavor="genai")
+    for kwargs in ({"flavor": "tflite"}, {"quantize": "int3"}):
+        with pytest.raises(ValueError, match="unknown"):
+            build_decoder(cfg, cfg.intermediate_size, **kwargs)
+    with pytest.raises(ValueError, match="ffn_width"):
+        build_decoder(cfg, cfg.intermediate_size + 1)
 
 
 def test_fused_op_counts_fp32_and_int4() -> None:
