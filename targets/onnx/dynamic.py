@@ -20,7 +20,7 @@ from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.ort import OrtDecoder, session
-from ifp_export.targets.onnx.binding import Binding
+from ifp_export.targets.onnx_ops import Binding
 
 DYNAMIC_NAME = "dynamic"
 DYNAMIC_TOLERANCE = 1e-5
@@ -29,26 +29,29 @@ DYNAMIC_TOLERANCE = 1e-5
 def emit_dynamic(
     directory: Path, graph: ir.Model, bindings: list[Binding], dense: ir.Model, dense_bindings: list[Binding]
 ) -> list[dict]:
-    """Write `dynamic.onnx` from the (bound) pruned graph; returns, per FFN input `ffn.{layer}.{proj}`, its source
-    tensor in the dense data file and the axis that indexes neurons."""
+    """Write `dynamic.onnx` from the (bound) pruned graph; returns, per FFN input `ffn.<initializer>`, its source
+    tensor in the dense data file, the axis that indexes neurons and how many projections are packed on it."""
     dense_values = {
         (b.sources, b.layout): dense.graph.initializers[b.initializer].const_value for b in dense_bindings if b.ffn
     }
     inputs = []
     for binding in sorted((b for b in bindings if b.ffn), key=lambda b: b.sources):
-        (hf_name,) = binding.sources
-        layer, proj = int(hf_name.split(".")[2]), hf_name.split(".")[4]
+        if binding.layout != "transposed":
+            raise RuntimeError(f"dynamic mode gathers fp32 [in, out] FFN weights, not {binding.layout!r}")
+        layer, proj = int(binding.sources[0].split(".")[2]), binding.sources[0].split(".")[4]
         value = graph.graph.initializers.pop(binding.initializer)
         value.const_value = None
-        value.name = f"ffn.{layer}.{proj}"
+        value.name = f"ffn.{binding.initializer}"
         graph.graph.inputs.append(value)
         source = dense_values[(binding.sources, binding.layout)]
         if not isinstance(source, ir.ExternalTensor):
-            raise RuntimeError(f"dense {hf_name} is not in external data: dynamic mode cannot gather it")
-        neuron_axis = int(proj == "down_proj") ^ int(binding.layout == "transposed")  # W: gate/up rows, down columns
+            raise RuntimeError(f"dense {binding.sources} is not in external data: dynamic mode cannot gather it")
+        # MatMul's B is [in, out]: gate/up's neurons are its columns (gate and up packed side by side), down's rows
+        neuron_axis = 0 if proj == "down_proj" else 1
         spec = {"file": source.location, "offset": source.offset or 0, "length": source.length}
         spec |= {"shape": [int(d) for d in source.shape], "dtype": "float32"}
-        inputs.append({"name": value.name, "layer": layer, "neuron_axis": neuron_axis, "source": spec})
+        entry = {"name": value.name, "layer": layer, "neuron_axis": neuron_axis, "packed": len(binding.sources)}
+        inputs.append(entry | {"source": spec})
     ir.save(graph, directory / f"{DYNAMIC_NAME}.onnx")
     return inputs
 
@@ -56,11 +59,16 @@ def emit_dynamic(
 def gather_dynamic_feeds(
     ffn_inputs: list[dict], kept: np.ndarray, source: Callable[[dict], np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """The dynamic decoder's FFN inputs for one prompt: kept neurons [L, k] gathered from the dense tensors."""
-    return {
-        ffn["name"]: np.ascontiguousarray(np.take(source(ffn["source"]), kept[ffn["layer"]], axis=ffn["neuron_axis"]))
-        for ffn in ffn_inputs
-    }
+    """The dynamic decoder's FFN inputs for one prompt: kept neurons [L, k] gathered from the dense tensors (from
+    each of the `packed` blocks side by side along the neuron axis: gate then up)."""
+    feeds = {}
+    for ffn in ffn_inputs:
+        dense = source(ffn["source"])
+        packed = ffn.get("packed", 1)
+        width = dense.shape[ffn["neuron_axis"]] // packed
+        index = np.concatenate([kept[ffn["layer"]] + j * width for j in range(packed)])
+        feeds[ffn["name"]] = np.ascontiguousarray(np.take(dense, index, axis=ffn["neuron_axis"]))
+    return feeds
 
 
 @torch.no_grad()

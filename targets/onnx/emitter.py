@@ -1,9 +1,14 @@
 """Emit: one decoder graph per distinct FFN width, each model's weights bound tensor by tensor into external data.
 
-Every variant shares the pruned graph (uniform k) and the dense model has its own (width d_ff). Weights stream
-from the checkpoint's `WeightSource` at write time: a tensor every model uses is written once to
-`decoder_shared.onnx_data` (the dense model and every variant point at it), each model's FFN tensors (a
-variant's gathered with `ffn_slice`) to `<name>.onnx_data`. No model's weights are ever all in memory.
+Every variant shares the pruned graph (uniform k) and the dense model has its own (width d_ff), both built from
+the config (`build_decoder`, milliseconds, no weights). Weights stream from the checkpoint's `WeightSource` at
+write time: a tensor every model uses is written once to `decoder_shared.onnx_data` (the dense model and every
+variant point at it), each model's FFN tensors (a variant's gathered with `ffn_slice`) to `<name>.onnx_data`.
+No model's weights are ever all in memory.
+
+Two graph files per model when the GenAI flavour can be built (head_dim a multiple of 16): `<name>.onnx`
+(Optimum flavour: what Optimum and our runtime load, exact on left-padded batches) and `<name>.genai.onnx`
+(GroupQueryAttention, what onnxruntime-genai loads; exact on unpadded sequences), over the same data files.
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ from ifp_export.fsutil import write_json
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
-from ifp_export.targets.onnx.binding import Binding, materialize
 from ifp_export.targets.onnx.dynamic import emit_dynamic
 from ifp_export.targets.onnx.genai import write_genai_config
-from ifp_export.targets.onnx.quantize import BITS, to_matmul_nbits
-from ifp_export.targets.onnx.trace import trace_predictor, traced_decoder
+from ifp_export.targets.onnx.trace import trace_predictor
+from ifp_export.targets.onnx_graph import build_decoder
+from ifp_export.targets.onnx_ops import Binding, materialize
 from ifp_export.weights import WeightSource, ffn_slice
 
 SHARED_DATA = "decoder_shared.onnx_data"
 DENSE_NAME = "dense"
 PREDICTOR_NAME = "predictor"
+GENAI_SUFFIX = ".genai.onnx"
 EXTERNAL_THRESHOLD = 256  # bytes; smaller tensors stay inside each .onnx file
 ALIGNMENT = 64
 FFN_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -126,15 +132,21 @@ def model_getter(source: WeightSource, kept: np.ndarray | None) -> Callable[[str
 
 
 def decoder_graph(cfg: DecoderConfig, ffn_width: int, quantize: str) -> tuple[ir.Model, list[Binding]]:
-    """The Optimum-flavour graph of one FFN width (the config-built graph replaces the trace here)."""
-    graph, bindings = traced_decoder(cfg, ffn_width)
-    for b in bindings:  # bound values keep their shape and dtype for shared references
-        value = graph.graph.initializers[b.initializer]
-        if value.dtype is None:
-            value.type = ir.TensorType(ir.DataType.FLOAT)
-    if quantize != "none":
-        bindings = to_matmul_nbits(graph, bindings, BITS[quantize])
-    return graph, bindings
+    """The Optimum-flavour graph of one FFN width, initializers declared but not bound."""
+    return build_decoder(cfg, ffn_width, "optimum", quantize)
+
+
+def genai_graph(cfg: DecoderConfig, ffn_width: int, quantize: str) -> ir.Model | None:
+    """The GenAI-flavour graph of one FFN width, or None when GroupQueryAttention cannot run it."""
+    if cfg.head_dim % 16:
+        return None
+    return build_decoder(cfg, ffn_width, "genai", quantize)[0]
+
+
+def share_initializers(source: ir.Model, target: ir.Model) -> None:
+    """Point every initializer of `target` at the same (already bound) data as `source`'s of the same name."""
+    for name, value in target.graph.initializers.items():
+        value.const_value = source.graph.initializers[name].const_value
 
 
 @dataclass
@@ -148,6 +160,7 @@ class OnnxArtifacts:
     dynamic_inputs: list[dict] | None = None  # per FFN input of dynamic.onnx: where to gather it from
     genai: Path | None = None  # genai_config.json (dense; a variant overlays its file name)
     clients: tuple[str, ...] = ("ifp_export.runtime", "onnxruntime-genai", "optimum")
+    genai_models: dict[str, Path] = field(default_factory=dict)  # model name -> <name>.genai.onnx (og's graph)
 
     @property
     def dedup_ratio(self) -> float:
@@ -204,17 +217,29 @@ def emit(
     widths = {int(k.shape[1]) for k in kept.values()}
     if len(widths) != 1:
         raise IFPError(f"variants keep different FFN widths {sorted(widths)}", None, "use one k for every variant")
-    pruned = decoder_graph(cfg, widths.pop(), quantize)
+    width = widths.pop()
+    pruned = decoder_graph(cfg, width, quantize)
     dense = decoder_graph(cfg, cfg.intermediate_size, quantize)
-    plan = [(name, idx, pruned) for name, idx in kept.items()] + [(DENSE_NAME, None, dense)]
+    genai_graphs = {
+        width: genai_graph(cfg, width, quantize),
+        cfg.intermediate_size: genai_graph(cfg, cfg.intermediate_size, quantize),
+    }
+    plan = [(name, idx, pruned, width) for name, idx in kept.items()] + [
+        (DENSE_NAME, None, dense, cfg.intermediate_size)
+    ]
     paths: dict[str, Path] = {}
-    total = sum(len(bindings) for _, _, (_, bindings) in plan)
+    genai_paths: dict[str, Path] = {}
+    total = sum(len(bindings) for _, _, (_, bindings), _ in plan)
     with (progress or no_progress)("ONNX: tensors written", total) as advance:
-        for name, idx, (graph, bindings) in plan:
+        for name, idx, (graph, bindings), graph_width in plan:
             bind_model(graph, bindings, model_getter(source, idx), writer, f"{name}.onnx_data", advance)
             source.release()
             paths[name] = directory / f"{name}.onnx"
             ir.save(graph, paths[name])
+            if (twin := genai_graphs[graph_width]) is not None:
+                share_initializers(graph, twin)
+                genai_paths[name] = directory / f"{name}{GENAI_SUFFIX}"
+                ir.save(twin, genai_paths[name])
     dynamic_inputs = emit_dynamic(directory, *pruned, *dense) if dynamic else None
 
     predictor_graph = trace_predictor(predictor, variant_masks)
@@ -229,8 +254,9 @@ def emit(
 
     write_json(directory / "config.json", hf_config(cfg.replace(intermediate_size=next(iter(kept.values())).shape[1])))
     write_json(directory / "generation_config.json", generation_config(cfg))
-    genai = write_genai_config(directory, paths[DENSE_NAME], cfg)
-    decoder_files = [*paths.values(), *(directory / f for f in writer.sizes)]
+    genai_dense = genai_paths.get(DENSE_NAME, paths[DENSE_NAME])
+    genai = write_genai_config(directory, genai_dense, cfg, position_ids=not genai_paths)
+    decoder_files = [*paths.values(), *genai_paths.values(), *(directory / f for f in writer.sizes)]
     disk = sum(p.stat().st_size for p in decoder_files)
     return OnnxArtifacts(
         directory,

@@ -2,7 +2,8 @@
 files Optimum loads; no second copy).
 
 og reads exactly one `genai_config.json` per directory and refuses `..` in `model.decoder.filename`, so there is
-one config beside the graphs, naming the dense model; a variant is that config with its file overlaid:
+one config beside the graphs, naming the dense model (its `.genai.onnx` graph when there is one, else the
+Optimum-flavour graph, which og also runs); a variant is that config with its file overlaid:
 `config = og.Config(onnx_dir); config.overlay(genai_overlay(name)); og.Model(config)`. The app feeds token ids
 (`og.Generator.append_tokens`) from the output's `tokenizer.json`; no og tokenizer files are written.
 """
@@ -18,9 +19,13 @@ GENAI_CONFIG = "genai_config.json"
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
-def genai_config(cfg: DecoderConfig, filename: str) -> dict:
-    """The og 0.18 config for an Optimum-layout decoder graph (separate past/present buffers)."""
+def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool) -> dict:
+    """The og 0.18 config for our decoder graphs (separate past/present buffers); the GenAI-flavour graph
+    (GroupQueryAttention, rotary inside) takes no position_ids."""
     eos = cfg.eos_token_id
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if position_ids:
+        inputs["position_ids"] = "position_ids"
     return {
         "model": {
             "bos_token_id": cfg.bos_token_id,
@@ -30,10 +35,8 @@ def genai_config(cfg: DecoderConfig, filename: str) -> dict:
                 "filename": filename,
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                "inputs": inputs
+                | {
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -75,7 +78,7 @@ def genai_overlay(filename: str) -> dict:
     return {"model": {"decoder": {"filename": filename}}}
 
 
-def write_genai_config(directory: Path, dense: Path, cfg: DecoderConfig) -> Path:
+def write_genai_config(directory: Path, dense: Path, cfg: DecoderConfig, position_ids: bool) -> Path:
     path = directory / GENAI_CONFIG
-    write_json(path, genai_config(cfg, dense.name))
+    write_json(path, genai_config(cfg, dense.name, position_ids))
     return path

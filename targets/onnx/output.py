@@ -11,6 +11,7 @@ from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME
 from ifp_export.targets.onnx.emitter import (
     DENSE_NAME,
+    GENAI_SUFFIX,
     PREDICTOR_NAME,
     OnnxArtifacts,
     emit,
@@ -65,9 +66,13 @@ def open_artifacts(directory: Path, names: list[str], manifest: dict) -> OnnxArt
     ideal = stored_tensor_bytes(list(models.values()))
     disk = sum(p.stat().st_size for p in [*models.values(), *data])
     genai = directory / GENAI_CONFIG if (directory / GENAI_CONFIG).is_file() else None
+    genai_models = {n: p for n in models if (p := directory / f"{n}{GENAI_SUFFIX}").is_file()}
     predictor = directory / f"{PREDICTOR_NAME}.onnx"
     clients = tuple(manifest["dense"]["files"]["onnx"].get("clients", ()))
-    return OnnxArtifacts(directory, models, predictor, ideal, disk, quantize, dynamic_inputs, genai, clients)
+    disk += sum(p.stat().st_size for p in genai_models.values())
+    return OnnxArtifacts(
+        directory, models, predictor, ideal, disk, quantize, dynamic_inputs, genai, clients, genai_models
+    )
 
 
 def manifest_entries(artifacts: OnnxArtifacts, root: Path) -> tuple[dict[str, dict], dict]:
@@ -87,7 +92,8 @@ def manifest_entries(artifacts: OnnxArtifacts, root: Path) -> tuple[dict[str, di
         models[name] = {**entry(path), "clients": list(artifacts.clients)}
         if artifacts.genai is not None:
             config = artifacts.genai.relative_to(root).as_posix()
-            models[name]["genai"] = {"config": config, "overlay": genai_overlay(path.name)}
+            og_file = artifacts.genai_models.get(name, path).name
+            models[name]["genai"] = {"config": config, "overlay": genai_overlay(og_file)}
     if artifacts.dynamic_inputs is not None:
         models[DYNAMIC_NAME] = {
             **entry(artifacts.directory / f"{DYNAMIC_NAME}.onnx"),
