@@ -13,7 +13,7 @@ from ifp_export.targets.onnx.emitter import (
     weight_bytes,
 )
 from ifp_export.targets.onnx.output import ONNX_DIR, EmitOnnxPass, manifest_entries, open_artifacts
-from ifp_export.targets.onnx.trace import PredictorRouter
+from ifp_export.targets.onnx.predictor import PredictorRouter
 from ifp_export.targets.onnx.validate import validate, validate_export, validation_inputs
 
 __all__ = [

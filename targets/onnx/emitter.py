@@ -30,7 +30,7 @@ from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.targets.onnx.dynamic import emit_dynamic
 from ifp_export.targets.onnx.genai import write_genai_config
-from ifp_export.targets.onnx.trace import trace_predictor
+from ifp_export.targets.onnx.predictor import trace_predictor
 from ifp_export.targets.onnx_graph import build_decoder
 from ifp_export.targets.onnx_ops import Binding, materialize
 from ifp_export.weights import WeightSource, ffn_slice

@@ -29,11 +29,11 @@ from ifp_export.generate import greedy_generate, left_pad
 from ifp_export.masks import encode_prompts
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
-from ifp_export.ort import OrtDecoder, session
+from ifp_export.ort import OrtDecoder, ResidentWeights, session
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx.dynamic import DYNAMIC_TOLERANCE, check_dynamic
-from ifp_export.targets.onnx.emitter import DENSE_NAME, OnnxArtifacts
-from ifp_export.targets.onnx.trace import PredictorRouter
+from ifp_export.targets.onnx.emitter import DENSE_NAME, SHARED_DATA, OnnxArtifacts
+from ifp_export.targets.onnx.predictor import PredictorRouter
 from ifp_export.targets.onnx_graph import build_decoder
 from ifp_export.targets.onnx_ops import dequantized_sources
 from ifp_export.weights import ModuleWeights
@@ -77,7 +77,13 @@ def dequantized(model: CausalLM, quantize: str) -> CausalLM:
     return model
 
 
-def exact_session(path: Path) -> ort.InferenceSession:
+def decoder_session(path: Path, resident: ResidentWeights) -> OrtDecoder:
+    """One thread, shared weights from the resident memory-mapped cache (held once across every model checked)."""
+    options = resident.options(path, threads=1)
+    return OrtDecoder(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+
+
+def exact_session(path: Path, resident: ResidentWeights) -> ort.InferenceSession:
     """The graph at `path` with every MatMulNBits computing in float (accuracy_level 0) over the same data files."""
     proto = onnx.load(str(path), load_external_data=False)
     for node in proto.graph.node:
@@ -85,9 +91,7 @@ def exact_session(path: Path) -> ort.InferenceSession:
             for attribute in node.attribute:
                 if attribute.name == "accuracy_level":
                     attribute.i = 0
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
+    options = resident.options(path, threads=1)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -98,14 +102,16 @@ def check_decoder(
     reference: CausalLM,
     prompts: list[list[int]],
     quantize: str = "none",
+    resident: ResidentWeights | None = None,
     decode_steps: int = 8,
     greedy_tokens: int = 32,
 ) -> ValidationRow:
     """ONNX checker, ORT load, prefill + cached decode parity on a left-padded batch, and greedy generation of
     `greedy_tokens` tokens (no EOS stop) against `reference` (fp32; for quantized exports, made dequantized here)."""
     onnx.checker.check_model(str(path))
+    resident = resident or ResidentWeights(SHARED_DATA)
     start = time.perf_counter()
-    decoder = OrtDecoder(session(path, threads=1))
+    decoder = decoder_session(path, resident)
     load_seconds = time.perf_counter() - start
     ids, mask = left_pad(prompts)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -117,7 +123,7 @@ def check_decoder(
         shipped, _ = decoder(ids.numpy(), mask.numpy(), positions.numpy(), decoder.empty_cache(len(prompts)))
         quality["fp32_prefill_diff"] = float(np.abs(shipped - fp32)[valid].max())
         quality["fp32_top1_agreement"] = float((shipped.argmax(-1) == fp32.argmax(-1))[valid].mean())
-        decoder = OrtDecoder(exact_session(path))
+        decoder = OrtDecoder(exact_session(path, resident))
     ref, ref_past = reference(ids, mask, positions)
     if quantize != "none":
         quality["shipped_prefill_diff"] = float(np.abs(shipped - ref.numpy())[valid].max())
@@ -183,12 +189,13 @@ def validate(
     """Check every decoder model against its PyTorch reference (one reference alive at a time) and the predictor
     graph's routing."""
     rows = []
+    resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     for name, reference in references(backbone, kept):
         if artifacts.quantize != "none" and reference is backbone:
             reference = fold_decoder(
                 backbone, torch.arange(backbone.config.intermediate_size).expand(backbone.config.num_hidden_layers, -1)
             )  # a twin to dequantize, the backbone stays fp32
-        rows.append(check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize))
+        rows.append(check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize, resident))
         del reference
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
