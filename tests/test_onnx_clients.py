@@ -18,7 +18,15 @@ from ifp_export.fold import fold_decoder
 from ifp_export.generate import greedy_generate
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
-from ifp_export.targets.onnx import DENSE_NAME, ONNX_DIR, emit, validate, validation_inputs
+from ifp_export.targets.onnx import (
+    DENSE_NAME,
+    ONNX_DIR,
+    SHARED_DATA,
+    emit,
+    external_data_files,
+    validate,
+    validation_inputs,
+)
 from ifp_export.targets.onnx.genai import GENAI_CONFIG
 from ifp_export.targets.onnx.validate import dequantized
 
@@ -80,6 +88,27 @@ def test_og_generates_what_transformers_generates(exported: ExportContext) -> No
         if eos in expected:  # transformers pads after EOS; og stops there
             expected = expected[: expected.index(eos) + 1]
         assert got == expected, name
+
+
+def test_genai_graphs_share_the_optimum_graphs_data(sample_export: ExportContext) -> None:
+    """The sample (head_dim 32) gets a GroupQueryAttention graph per model, over the same data files and offsets."""
+    artifacts = sample_export.emitted["onnx"]
+    assert set(artifacts.genai_models) == set(artifacts.models)
+    for name, path in artifacts.models.items():
+        twin = artifacts.genai_models[name]
+        assert external_data_files(twin) == external_data_files(path) == sorted([SHARED_DATA, f"{name}.onnx_data"])
+        ops = {n.op_type for n in onnx.load(str(twin), load_external_data=False).graph.node}
+        assert "GroupQueryAttention" in ops
+        assert locations(twin) == locations(path)
+
+
+def locations(path: Path) -> dict[str, tuple[str, str, str]]:
+    out = {}
+    for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+        info = {e.key: e.value for e in init.external_data}
+        if info:
+            out[init.name] = (info["location"], info.get("offset", "0"), info["length"])
+    return out
 
 
 def test_a_swapped_ffn_tensor_fails_validation(tiny_export: ExportContext, tmp_path: Path) -> None:
