@@ -268,6 +268,7 @@ def emit(
         dynamic_inputs,
         genai,
         supported_clients(cfg),
+        genai_paths,
     )
 
 
