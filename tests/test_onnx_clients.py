@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from ifp_export.fold import fold_decoder
 from ifp_export.generate import greedy_generate
+from ifp_export.model.config import DecoderConfig
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
 from ifp_export.targets.onnx import (
@@ -27,7 +28,7 @@ from ifp_export.targets.onnx import (
     validate,
     validation_inputs,
 )
-from ifp_export.targets.onnx.genai import GENAI_CONFIG
+from ifp_export.targets.onnx.genai import GENAI_CONFIG, write_genai_config
 from ifp_export.targets.onnx.validate import dequantized
 
 
@@ -192,3 +193,13 @@ def test_runtime_generates_on_an_int4_export(tmp_path: Path) -> None:
         reference = dequantized(fold_decoder(ckpt.backbone, variant.kept), "int4")
         expected = greedy_generate(reference, [ckpt.tokenizer.encode(prompt).ids], 12, eos_id=2)[0]
         assert list(runtime.generate(prompt, variant=variant.name, max_new_tokens=12)) == expected, variant.name
+
+
+@pytest.mark.parametrize("ids", [{"bos_token_id": None, "eos_token_id": [2, 3], "pad_token_id": None}, {}])
+def test_og_parses_genai_config_without_bos_or_with_several_eos(ids: dict, tmp_path: Path) -> None:
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install .[test])")
+    cfg = DecoderConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, **ids)  # fmt: skip
+    write_genai_config(tmp_path, tmp_path / "dense.onnx", cfg, position_ids=True)
+    og.Config(str(tmp_path))  # parses (the model itself loads lazily, in og.Model)
+    assert json.loads((tmp_path / GENAI_CONFIG).read_text())["model"]["pad_token_id"] == (2 if ids else 0)

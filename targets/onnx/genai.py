@@ -28,7 +28,7 @@ def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool) -> dict:
         inputs["position_ids"] = "position_ids"
     return {
         "model": {
-            "bos_token_id": cfg.bos_token_id,
+            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else -1,  # og refuses null ids
             "context_length": cfg.max_position_embeddings,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -50,7 +50,7 @@ def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool) -> dict:
                 "num_key_value_heads": cfg.num_key_value_heads,
             },
             "eos_token_id": eos if eos is not None else -1,
-            "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else (eos if eos is not None else 0),
+            "pad_token_id": pad_id(cfg),
             "type": GENAI_TYPES.get(cfg.model_type, "llama"),
             "vocab_size": cfg.vocab_size,
         },
@@ -71,6 +71,14 @@ def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool) -> dict:
             "top_p": 1.0,
         },
     }
+
+
+def pad_id(cfg: DecoderConfig) -> int:
+    """og wants one int: the pad id, else the (first) EOS id, else 0."""
+    if cfg.pad_token_id is not None:
+        return cfg.pad_token_id
+    eos = cfg.eos_token_id
+    return (eos[0] if eos else 0) if isinstance(eos, list) else (eos if eos is not None else 0)
 
 
 def genai_overlay(filename: str) -> dict:
