@@ -181,8 +181,11 @@ def weight_bytes(model: CausalLM) -> tuple[int, int]:
 def supported_clients(cfg: DecoderConfig) -> tuple[str, ...]:
     """Who can load these graphs. Optimum's ORTModelForCausalLM sizes the first (empty) KV cache with
     hidden_size // num_attention_heads for Llama-family types, so a model whose head_dim differs is out of its reach
-    (optimum-onnx 0.1.0, modeling_decoder.py: embed_size_per_head); our runtime and onnxruntime-genai read head_dim."""
-    clients = ["ifp_export.runtime", "onnxruntime-genai"]
+    (optimum-onnx 0.1.0, modeling_decoder.py: embed_size_per_head); our runtime and onnxruntime-genai read head_dim.
+    og 0.18 refuses a config whose eos_token_id is not a vocabulary id."""
+    clients = ["ifp_export.runtime"]
+    if cfg.eos_token_id is not None:  # og needs an EOS id in the vocabulary
+        clients.append("onnxruntime-genai")
     if cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size:
         clients.append("optimum")
     return tuple(clients)
@@ -254,8 +257,10 @@ def emit(
 
     write_json(directory / "config.json", hf_config(cfg.replace(intermediate_size=next(iter(kept.values())).shape[1])))
     write_json(directory / "generation_config.json", generation_config(cfg))
-    genai_dense = genai_paths.get(DENSE_NAME, paths[DENSE_NAME])
-    genai = write_genai_config(directory, genai_dense, cfg, position_ids=not genai_paths)
+    genai = None
+    if cfg.eos_token_id is not None:  # og refuses a config without an EOS id in the vocabulary
+        genai_dense = genai_paths.get(DENSE_NAME, paths[DENSE_NAME])
+        genai = write_genai_config(directory, genai_dense, cfg, position_ids=not genai_paths)
     decoder_files = [*paths.values(), *genai_paths.values(), *(directory / f for f in writer.sizes)]
     disk = sum(p.stat().st_size for p in decoder_files)
     return OnnxArtifacts(

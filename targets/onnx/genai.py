@@ -49,7 +49,7 @@ def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool) -> dict:
                 "num_hidden_layers": cfg.num_hidden_layers,
                 "num_key_value_heads": cfg.num_key_value_heads,
             },
-            "eos_token_id": eos if eos is not None else -1,
+            "eos_token_id": eos,
             "pad_token_id": pad_id(cfg),
             "type": GENAI_TYPES.get(cfg.model_type, "llama"),
             "vocab_size": cfg.vocab_size,
