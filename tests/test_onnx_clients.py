@@ -101,6 +101,8 @@ def test_genai_graphs_share_the_optimum_graphs_data(sample_export: ExportContext
         ops = {n.op_type for n in onnx.load(str(twin), load_external_data=False).graph.node}
         assert "GroupQueryAttention" in ops
         assert locations(twin) == locations(path)
+    rows = sample_export.report["onnx_validation"]["models"]  # validated too: unpadded prefill + cached decode
+    assert all(row["genai_diff"] is not None and row["genai_diff"] <= 1e-4 for row in rows), rows
 
 
 def locations(path: Path) -> dict[str, tuple[str, str, str]]:

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ifp_export.errors import ValidationFailed
-from ifp_export.fold import fold_decoder
+from ifp_export.fold import fold_decoder, relative_difference
 from ifp_export.generate import greedy_generate, left_pad
 from ifp_export.masks import encode_prompts
 from ifp_export.model.decoder import CausalLM
@@ -56,11 +56,13 @@ class ValidationRow:
     fp32_prefill_diff: float | None = None  # quantized only, the shipped graph: vs the fp32 model (reported)
     fp32_top1_agreement: float | None = None
     shipped_prefill_diff: float | None = None  # quantized only: the shipped graph vs the dequantized weights
+    genai_diff: float | None = None  # the GenAI-flavour graph, unpadded, relative to max(1, max|logits|)
 
     @property
     def ok(self) -> bool:
         worst = max(self.prefill_diff, self.decode_diff)
-        return worst <= PARITY_TOLERANCE * max(1.0, self.logits_scale) and self.greedy_match
+        genai_ok = self.genai_diff is None or self.genai_diff <= PARITY_TOLERANCE
+        return worst <= PARITY_TOLERANCE * max(1.0, self.logits_scale) and self.greedy_match and genai_ok
 
 
 def dequantized(model: CausalLM, quantize: str) -> CausalLM:
@@ -103,11 +105,13 @@ def check_decoder(
     prompts: list[list[int]],
     quantize: str = "none",
     resident: ResidentWeights | None = None,
+    genai_path: Path | None = None,
     decode_steps: int = 8,
     greedy_tokens: int = 32,
 ) -> ValidationRow:
     """ONNX checker, ORT load, prefill + cached decode parity on a left-padded batch, and greedy generation of
-    `greedy_tokens` tokens (no EOS stop) against `reference` (fp32; for quantized exports, made dequantized here)."""
+    `greedy_tokens` tokens (no EOS stop) against `reference` (fp32; for quantized exports, made dequantized here);
+    the model's GenAI-flavour graph, if any, on the first prompt unpadded (how onnxruntime-genai runs it)."""
     onnx.checker.check_model(str(path))
     resident = resident or ResidentWeights(SHARED_DATA)
     start = time.perf_counter()
@@ -141,6 +145,10 @@ def check_decoder(
         scale = max(scale, float(ref.abs().max()))
     expected = greedy_generate(reference, prompts[:1], greedy_tokens)[0]
     produced = decoder.greedy(prompts[0], greedy_tokens)
+    if genai_path is not None:
+        onnx.checker.check_model(str(genai_path))
+        genai = exact_session(genai_path, resident)  # accuracy_level 0 (a no-op for fp32 graphs)
+        quality["genai_diff"] = check_unpadded(genai, reference, prompts[0], decode_steps)
     return ValidationRow(
         path.name,
         load_seconds,
@@ -153,6 +161,30 @@ def check_decoder(
         quantize,
         **quality,
     )
+
+
+@torch.no_grad()
+def check_unpadded(sess: ort.InferenceSession, reference: CausalLM, prompt: list[int], steps: int) -> float:
+    """Max |Δlogits| / max(1, max|logits|) of a GenAI-flavour graph (no position_ids) vs `reference` over the
+    prefill of one unpadded prompt and `steps` cached greedy decode steps."""
+    cfg = reference.config
+    empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+    outputs = [o.name for o in sess.get_outputs()]
+    past = {i.name: empty for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+    ref, ref_past = reference(ids, mask, torch.arange(ids.shape[1])[None])
+    worst = 0.0
+    for step in range(steps + 1):
+        got, *present = sess.run(outputs, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), **past})
+        worst = max(worst, relative_difference(got[:, -ids.shape[1] :], ref.numpy()))
+        if step == steps:
+            return worst
+        past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(outputs[1:], present, strict=True)}
+        ids = ref[:, -1].argmax(-1, keepdim=True)
+        mask = torch.ones(1, mask.shape[1] + 1, dtype=torch.long)
+        ref, ref_past = reference(ids, mask, torch.tensor([[mask.shape[1] - 1]]), ref_past)
+    return worst
 
 
 @torch.no_grad()
@@ -195,7 +227,10 @@ def validate(
             reference = fold_decoder(
                 backbone, torch.arange(backbone.config.intermediate_size).expand(backbone.config.num_hidden_layers, -1)
             )  # a twin to dequantize, the backbone stays fp32
-        rows.append(check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize, resident))
+        genai = artifacts.genai_models.get(name)
+        rows.append(
+            check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize, resident, genai)
+        )
         del reference
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
@@ -217,6 +252,9 @@ def validation_table(rows: list[ValidationRow], routing: tuple[float, float]) ->
     columns = ["model", "load s", "prefill max|Δ|", "decode max|Δ|", "steps", "greedy", "ok"]
     if quantized:
         columns[-1:-1] = ["shipped max|Δ|", "vs fp32 max|Δ|", "vs fp32 top-1"]
+    genai = any(r.genai_diff is not None for r in rows)
+    if genai:
+        columns[-1:-1] = ["genai rel|Δ|"]
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in rows:
@@ -225,6 +263,8 @@ def validation_table(rows: list[ValidationRow], routing: tuple[float, float]) ->
         cells += [str(r.decode_steps), greedy]
         if quantized:
             cells += [f"{r.shipped_prefill_diff:.2e}", f"{r.fp32_prefill_diff:.2e}", f"{r.fp32_top1_agreement:.1%}"]
+        if genai:
+            cells.append("-" if r.genai_diff is None else f"{r.genai_diff:.1e}")
         table.add_row(*cells, "yes" if r.ok else "NO")
     diff, agreement = routing
     table.caption = f"predictor.onnx: scores max|Δ| {diff:.1e}, routing = PyTorch's on {agreement:.1%} of prompts"
