@@ -38,23 +38,6 @@ def fold_decoder(
     return decoder_from_state(model.config.replace(intermediate_size=int(kept.shape[1])), state)
 
 
-def as_float32(model: CausalLM) -> CausalLM:
-    """`model` itself when its weights are float32, else a float32 copy: only for the traced target emitters, which
-    read parameters as float32 arrays (the graph builders bind `Checkpoint.weights` instead)."""
-    state = model.state_dict()
-    if all(t.dtype == torch.float32 for t in state.values()):
-        return model
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    return decoder_from_state(model.config, {k: v.float() for k, v in state.items()})
-
-
-def fold_variants(model: CausalLM, kept: dict[str, torch.Tensor]) -> dict[str, CausalLM]:
-    """`fold_decoder` for every variant at once: the FFN slices of all of them are held together, so use it only
-    where every folded model is needed at the same time (the traced targets); prefer one at a time."""
-    return {name: fold_decoder(model, idx) for name, idx in kept.items()}
-
-
 def write_variant_checkpoint(weights: SafetensorsWeights, kept: torch.Tensor, directory: Path) -> None:
     """A variant as a Hugging Face checkpoint (config.json + model.safetensors), streamed tensor by tensor from the
     mapped source in its stored dtype: shared tensors copied as they are, FFN slices gathered per tensor."""

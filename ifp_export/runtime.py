@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
@@ -21,7 +20,7 @@ from ifp_export.artifacts import MANIFEST_FILE, OutputDir, open_output
 from ifp_export.checkpoint import read_tokenizer
 from ifp_export.errors import IFPError
 from ifp_export.masks import encode_prompts
-from ifp_export.ort import OrtDecoder, decode_tokens
+from ifp_export.ort import OrtDecoder, ResidentWeights, decode_tokens
 from ifp_export.targets.onnx import DENSE_NAME, DYNAMIC_NAME, SHARED_DATA, gather_dynamic_feeds
 
 
@@ -51,7 +50,8 @@ class Runtime:
             self.options(),
             providers=["CPUExecutionProvider"],
         )
-        self.shared: dict[tuple[int, int], ort.OrtValue] = {}  # (offset, length) in the shared file -> value
+        self.resident = ResidentWeights(SHARED_DATA)
+        self.shared = self.resident.values  # (offset, length) in the shared file -> value
         self.sessions: dict[str, OrtDecoder] = {}
         self.sources: dict[tuple[str, int], np.memmap] = {}
 
@@ -133,25 +133,8 @@ class Runtime:
 
     def resident_session(self, path: Path) -> OrtDecoder:
         """A decoder session whose shared weights come from the resident memory-mapped cache."""
-        options = self.options()
-        for init_name, value in self.shared_initializers(path):
-            options.add_initializer(init_name, value)
+        options = self.resident.options(path, self.threads)
         return OrtDecoder(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
-
-    def shared_initializers(self, path: Path) -> Iterator[tuple[str, ort.OrtValue]]:
-        """(name, OrtValue) for every initializer of `path` stored in the shared file, memory-mapped once."""
-        model = onnx.load(str(path), load_external_data=False)
-        shared_file = path.parent / SHARED_DATA
-        for init in model.graph.initializer:
-            info = {entry.key: entry.value for entry in init.external_data}
-            if info.get("location") != SHARED_DATA:
-                continue
-            offset, length = int(info.get("offset", 0)), int(info["length"])
-            if (offset, length) not in self.shared:
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-                array = np.memmap(shared_file, dtype, "r", offset, tuple(init.dims), order="C")
-                self.shared[(offset, length)] = ort.OrtValue.ortvalue_from_numpy(array)
-            yield init.name, self.shared[(offset, length)]
 
     def generate(
         self,

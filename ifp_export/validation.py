@@ -10,7 +10,7 @@ from rich.console import Console
 from ifp_export.artifacts import open_output
 from ifp_export.checkpoint import load_checkpoint
 from ifp_export.errors import IFPError
-from ifp_export.fold import fold_variants, mask_from_indices, read_kept_indices
+from ifp_export.fold import mask_from_indices, read_kept_indices
 from ifp_export.passes.fold import KEPT_INDICES_FILE
 from ifp_export.passes.validate import ValidatePass
 from ifp_export.pipeline import ExportContext, ExportOptions, Variant
@@ -43,8 +43,7 @@ def validation_context(output: Path, checkpoint: Path) -> ExportContext:
         prompts = [i for i, t in enumerate(ckpt.tasks) if t.task == task] or list(range(len(ckpt.tasks)))
         ctx.variants.append(Variant(name, task, mask_from_indices(idx, d_ff), prompts))
     names = [name for name, _, _ in kept]
-    folded = fold_variants(ckpt.backbone, {name: idx for name, _, idx in kept})  # open_artifacts sizes their FFNs
-    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, ckpt.backbone, folded, manifest)
+    ctx.emitted["onnx"] = onnx.open_artifacts(output / onnx.ONNX_DIR, names, manifest)
     if (output / coreml.COREML_DIR).is_dir():
         quantize = manifest.get("quantization", {}).get("coreml", "none")
         max_positions = ckpt.backbone.config.max_position_embeddings

@@ -24,9 +24,9 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
 
 @pytest.fixture(scope="session")
 def qwen2_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
-    """A tiny random Qwen2-style checkpoint (q/k/v bias) exported with every pass."""
+    """A tiny random Qwen2-style checkpoint (q/k/v bias, tied embeddings) exported with every pass."""
     root = tmp_path_factory.mktemp("qwen2_export")
-    checkpoint = make_checkpoint(root, model_type="qwen2")
+    checkpoint = make_checkpoint(root, model_type="qwen2", tie_word_embeddings=True)
     return run_export(checkpoint, root / "out", heldout=checkpoint / "tasks.jsonl")
 
 

@@ -54,7 +54,7 @@ KILL_POINTS = [
     KillPoint("fold", (0.5, 3.0)),
     KillPoint("fold", (3.0, 8.0)),
     KillPoint("onnx", (0.0, 4.0)),
-    KillPoint("coreml", (0.0, 4.0)),
+    KillPoint("coreml", (0.0, 0.3)),  # inside validation, which takes ~0.3-1 s on the tiny model (built ONNX graphs)
     KillPoint("report", (0.0, 0.15)),  # inside the manifest pass, or just after the final swap
 ]
 
@@ -125,7 +125,8 @@ def test_sigkill_leaves_previous_output_intact(
         for future in [pool.submit(one, i) for i in reversed(range(len(plan)))]:
             future.result()
 
-    assert all(o.returncode == -signal.SIGKILL for o in outcomes if o.point.after != "report")
+    survived = [(o.point.label, o.returncode, round(o.seconds, 2)) for o in outcomes if o.returncode != -signal.SIGKILL]
+    assert all(o.point.after == "report" for o in outcomes if o.returncode != -signal.SIGKILL), survived
     # The late passes take well under a second, so a kill aimed at them may land after the atomic swap (and is
     # then checked as a complete new output above); most kills must still hit an export in progress.
     assert sum(not o.swapped for o in outcomes) >= len(outcomes) - 3, [o.point.label for o in outcomes if o.swapped]

@@ -1,0 +1,324 @@
+"""The ONNX decoder graph built node by node from `DecoderConfig` with onnx-ir (no tracing).
+
+`build_decoder(cfg, ffn_width, flavor, quantize)` returns the graph and one `Binding` per initializer; the
+initializers carry no data until an emitter binds them (`bind_lazy`: each becomes an `ir.LazyTensor` that
+calls `materialize` when `ir.save` writes it, so a model streams to external data one tensor at a time and
+no second copy of the weights is ever held). Building takes milliseconds at any size: it reads no weights.
+
+Ops (ORT's fused CPU kernels where they keep the graph exact):
+- RMSNorm: ONNX's `RMSNormalization` (opset 23) for the first norm, then `SkipSimplifiedLayerNormalization`,
+  which adds the residual and normalizes in one kernel (its 4th output is the running residual). ORT's
+  `SimplifiedLayerNormalization` lives in the default domain where `onnx.checker` does not know it, and the
+  first norm is one node per model, so the standard op costs nothing.
+- Q/K/V: one MatMul on a packed [hidden, (H + 2 KVH) D] weight (a shared tensor stored once), then Split
+  (optimum) or straight into GroupQueryAttention (genai). gate/up are packed the same way (per variant).
+- RoPE (optimum): `com.microsoft.RotaryEmbedding` (interleaved=0 is HF's rotate_half). Its cos/sin "cache" is
+  computed per token in the graph from `position_ids` x the inverse frequencies (a [head_dim/2]
+  constant, `rope_inverse_frequencies`), and the op is fed row indices 0..B*T-1: exact for any position (no
+  max_position_embeddings cap) and for left-padded batches, whose positions are not a plain offset.
+- Attention (optimum): ONNX's `Attention` (opset 23; q_num_heads / kv_num_heads, so GQA's KV heads are never
+  repeated) with past/present caches and a boolean mask built once from `attention_mask` (padding & causal &
+  Mistral's sliding window, plus the diagonal, as our decoder does): exact on left-padded batches. The
+  alternatives: `MultiHeadAttention` needs as many KV heads as query heads; `GroupQueryAttention` assumes
+  right padding (it reads only `seqlens_k`), which breaks Optimum's left-padded batches; MatMul/Softmax with
+  grouped [B, KVH, G, T, D] queries is exact too but 350 nodes against 162 (8 layers, hidden 512, 40M
+  params, 1 thread, best of 5 alternating rounds on a loaded machine): 147 vs 139 tok/s decoding after a
+  16-token prompt (noise), 101 vs 122 tok/s after 512 tokens; GroupQueryAttention (genai) 138 / 90.
+- flavor="genai": `com.microsoft.GroupQueryAttention` with do_rotary=1, `seqlens_k` / `total_sequence_length`
+  computed from `attention_mask` as onnxruntime-genai's builder does, cos/sin caches [max_positions, D/2]
+  computed in the graph from constants (ORT folds them into initializers at session start, so they cost no
+  disk). Exact for unpadded sequences; on a left-padded batch the padded rows are wrong (tested).
+- quantize="int8"/"int4": every linear is `com.microsoft.MatMulNBits` (block 32, symmetric, accuracy_level=4:
+  int8 activations, the fast CPU path); the token embedding Gather stays float32 (tied lm_head reads the same
+  source quantized). fp32 tied lm_head is `FusedMatMul(transB=1)` on the embedding: no transposed copy.
+
+Initializer names, layouts and shapes are the same in both flavours, so both graphs can point at the same
+external data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from ifp_export.errors import IFPError
+from ifp_export.model.config import DecoderConfig, rope_inverse_frequencies
+from ifp_export.targets.onnx.ops import QUANT_BITS, Binding, materialize, quantized_shapes
+
+OPSET = 23  # RMSNormalization (the first norm): SimplifiedLayerNormalization fails onnx.checker
+MS_OPSET = 1
+IR_VERSION = 10
+MS = "com.microsoft"
+FLAVORS = ("optimum", "genai")
+FLOAT = ir.DataType.FLOAT
+
+
+class _Unbound(ir.LazyTensor):
+    """Placeholder data of a declared initializer: fails loudly if saved before an emitter binds it."""
+
+    def __init__(self, name: str, dtype: ir.DataType, shape: tuple[int, ...]) -> None:
+        def fail() -> ir.TensorProtocol:
+            raise RuntimeError(f"initializer {name!r} was saved before its weights were bound (bind_lazy)")
+
+        super().__init__(fail, dtype, ir.Shape(shape), name=name)
+
+
+class _Builder:
+    """Nodes, initializers and bindings of one graph, with short deterministic value names."""
+
+    def __init__(self, quantize: str, accuracy_level: int) -> None:
+        self.nodes: list[ir.Node] = []
+        self.initializers: list[ir.Value] = []
+        self.bindings: list[Binding] = []
+        self.bits = QUANT_BITS[quantize]
+        self.accuracy_level = accuracy_level
+        self._count = 0
+
+    def op(self, op_type: str, *inputs: ir.Value | None, domain: str = "", outputs: int = 1, **attrs: object):
+        """Add a node; returns its output (or the tuple of its outputs when `outputs` > 1)."""
+        values = [ir.Value(name=self._name()) for _ in range(outputs)]
+        node = ir.node(op_type, list(inputs), attrs or None, domain=domain, outputs=values, name=values[0].name)
+        self.nodes.append(node)
+        return values[0] if outputs == 1 else tuple(values)
+
+    def out(self, value: ir.Value, name: str) -> ir.Value:
+        value.name = name
+        return value
+
+    def const(self, array: np.ndarray | list[int] | int | float, dtype: type = np.int64) -> ir.Value:
+        return self.op("Constant", value=ir.tensor(np.asarray(array, dtype=dtype)))
+
+    def weight(self, name: str, sources: tuple[str, ...], layout: str, shape: tuple[int, ...], ffn: bool,
+               dtype: ir.DataType = FLOAT) -> ir.Value:  # fmt: skip
+        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+        value.const_value = _Unbound(name, dtype, shape)
+        self.initializers.append(value)
+        self.bindings.append(Binding(name, sources, layout, ffn))
+        return value
+
+    def linear(self, x: ir.Value, name: str, sources: tuple[str, ...], k: int, n: int, ffn: bool) -> ir.Value:
+        """x @ W for W [K, N] made from HF [out, in] sources (packed when several): MatMul or MatMulNBits."""
+        if not self.bits:
+            return self.op("MatMul", x, self.weight(name, sources, "transposed", (k, n), ffn))
+        blocks_shape, scales_shape = quantized_shapes(k, n, self.bits)
+        kind = f"int{self.bits}"
+        blocks = self.weight(f"{name}.q", sources, f"{kind}_blocks", blocks_shape, ffn, ir.DataType.UINT8)
+        scales = self.weight(f"{name}.s", sources, f"{kind}_scales", scales_shape, ffn)
+        attrs = dict(K=k, N=n, bits=self.bits, block_size=32, accuracy_level=self.accuracy_level)
+        return self.op("MatMulNBits", x, blocks, scales, domain=MS, **attrs)
+
+    def _name(self) -> str:
+        self._count += 1
+        return f"v{self._count}"
+
+
+def build_decoder(
+    cfg: DecoderConfig, ffn_width: int, flavor: str = "optimum", quantize: str = "none", accuracy_level: int = 4
+) -> tuple[ir.Model, list[Binding]]:
+    """The decoder graph for a model whose FFN keeps `ffn_width` neurons per layer.
+
+    Initializers are declared (name, dtype, shape) with no data: bind them with `bind_lazy` (or replace each
+    `const_value`) before saving. Same arguments, same graph bytes. `accuracy_level` is MatMulNBits' compute
+    type: 4 (int8 activations, fast) ships; 0 (float activations) over the same weights is exact against
+    PyTorch run with `dequantized_sources`, which is what a validator can check at the fp32 bound.
+    """
+    if flavor not in FLAVORS:
+        raise ValueError(f"unknown ONNX flavor {flavor!r} (expected one of {', '.join(FLAVORS)})")
+    if quantize not in QUANT_BITS:
+        raise ValueError(f"unknown quantization {quantize!r} (expected one of {', '.join(QUANT_BITS)})")
+    if not 0 < ffn_width <= cfg.intermediate_size:
+        raise ValueError(f"ffn_width must be in 1..{cfg.intermediate_size}, got {ffn_width}")
+    if flavor == "genai" and cfg.head_dim % 16:
+        raise IFPError(
+            f"onnxruntime's GroupQueryAttention needs head_dim to be a multiple of 16, got {cfg.head_dim}",
+            "config.json",
+            "export the optimum flavour only for this model",
+        )
+    g = _Builder(quantize, accuracy_level)
+    batch_seq = ir.Shape(["batch", "seq"])
+    input_ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=batch_seq)
+    attention_mask = ir.Value(
+        name="attention_mask", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "total"])
+    )
+    inputs = [input_ids, attention_mask]
+    if flavor == "optimum":
+        position_ids = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64), shape=batch_seq)
+        inputs.append(position_ids)
+    pasts = []
+    kv_shape = ir.Shape(["batch", cfg.num_key_value_heads, "past", cfg.head_dim])
+    for i in range(cfg.num_hidden_layers):
+        pair = tuple(
+            ir.Value(name=f"past_key_values.{i}.{kind}", type=ir.TensorType(FLOAT), shape=kv_shape)
+            for kind in ("key", "value")
+        )
+        pasts.append(pair)
+        inputs.extend(pair)
+
+    embed = g.weight("embed", ("model.embed_tokens.weight",), "as_is", (cfg.vocab_size, cfg.hidden_size), False)
+    x = g.op("Gather", embed, input_ids)
+    if flavor == "optimum":
+        attention = _optimum_attention(g, cfg, input_ids, attention_mask, position_ids)
+    else:
+        attention = _gqa_attention(g, cfg, attention_mask)
+
+    eps = float(cfg.rms_norm_eps)
+    norm_in = g.weight("l0.in_norm", ("model.layers.0.input_layernorm.weight",), "as_is", (cfg.hidden_size,), False)
+    h = g.op("RMSNormalization", x, norm_in, axis=-1, epsilon=eps, stash_type=1)
+    residual = x
+    presents = []
+    for i in range(cfg.num_hidden_layers):
+        attn, present = attention(h, i, pasts[i])
+        presents.extend(g.out(v, f"present.{i}.{kind}") for v, kind in zip(present, ("key", "value"), strict=True))
+        post = g.weight(
+            f"l{i}.post_norm", (f"model.layers.{i}.post_attention_layernorm.weight",), "as_is", (cfg.hidden_size,),
+            False,
+        )  # fmt: skip
+        h, residual = _skip_norm(g, attn, residual, post, eps)
+        mlp = _mlp(g, cfg, h, i, ffn_width)
+        if i + 1 < cfg.num_hidden_layers:
+            name, source = f"l{i + 1}.in_norm", f"model.layers.{i + 1}.input_layernorm.weight"
+        else:
+            name, source = "norm", "model.norm.weight"
+        norm = g.weight(name, (source,), "as_is", (cfg.hidden_size,), False)
+        h, residual = _skip_norm(g, mlp, residual, norm, eps)
+    if cfg.tie_word_embeddings and not g.bits:
+        logits = g.op("FusedMatMul", h, embed, domain=MS, transA=0, transB=1, alpha=1.0)
+    else:
+        source = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        logits = g.linear(h, "lm_head", (source,), cfg.hidden_size, cfg.vocab_size, False)
+    outputs = [g.out(logits, "logits"), *presents]
+    logits.type, logits.shape = ir.TensorType(FLOAT), ir.Shape(["batch", "seq", cfg.vocab_size])
+    present_shape = ir.Shape(["batch", cfg.num_key_value_heads, "total", cfg.head_dim])
+    for value in presents:
+        value.type, value.shape = ir.TensorType(FLOAT), present_shape
+    graph = ir.Graph(
+        inputs, outputs, nodes=g.nodes, initializers=g.initializers, opset_imports={"": OPSET, MS: MS_OPSET},
+        name="decoder",
+    )  # fmt: skip
+    return ir.Model(graph, ir_version=IR_VERSION, producer_name="ifp-export"), g.bindings
+
+
+def bind_lazy(model: ir.Model, bindings: list[Binding], get: Callable[[str], np.ndarray]) -> ir.Model:
+    """Point every initializer at a lazy tensor that materializes it from `get` when saved (streams)."""
+    initializers = model.graph.initializers
+    for binding in bindings:
+        value = initializers[binding.initializer]
+        dtype, shape = value.const_value.dtype, value.const_value.shape
+
+        def make(b: Binding = binding, name: str = binding.initializer) -> ir.TensorProtocol:
+            return ir.tensor(materialize(b, get), name=name)
+
+        value.const_value = ir.LazyTensor(make, dtype, shape, name=binding.initializer)
+    return model
+
+
+def _skip_norm(g: _Builder, x: ir.Value, skip: ir.Value, weight: ir.Value, eps: float) -> tuple[ir.Value, ir.Value]:
+    """RMSNorm(x + skip) and x + skip (the residual stream), in one kernel; mean / inv_std are not computed."""
+    out, mean, inv_std, residual = g.op("SkipSimplifiedLayerNormalization", x, skip, weight, domain=MS, outputs=4,
+                                        epsilon=eps)  # fmt: skip
+    mean.name = inv_std.name = ""  # omitted optional outputs
+    return out, residual
+
+
+def _qkv(g: _Builder, cfg: DecoderConfig, h: ir.Value, i: int) -> ir.Value:
+    """The packed Q/K/V projection [B, T, (H + 2 KVH) D], with Qwen2's biases."""
+    prefix = f"model.layers.{i}.self_attn."
+    sources = tuple(f"{prefix}{p}_proj.weight" for p in "qkv")
+    width = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    qkv = g.linear(h, f"l{i}.qkv", sources, cfg.hidden_size, width, False)
+    if cfg.qkv_bias:
+        bias = g.weight(f"l{i}.qkv.b", tuple(f"{prefix}{p}_proj.bias" for p in "qkv"), "concat", (width,), False)
+        qkv = g.op("Add", qkv, bias)
+    return qkv
+
+
+def _o_proj(g: _Builder, cfg: DecoderConfig, attn: ir.Value, i: int) -> ir.Value:
+    prefix = f"model.layers.{i}.self_attn.o_proj."
+    q_size = cfg.num_attention_heads * cfg.head_dim
+    out = g.linear(attn, f"l{i}.o", (prefix + "weight",), q_size, cfg.hidden_size, False)
+    if cfg.o_bias:
+        out = g.op("Add", out, g.weight(f"l{i}.o.b", (prefix + "bias",), "as_is", (cfg.hidden_size,), False))
+    return out
+
+
+def _mlp(g: _Builder, cfg: DecoderConfig, h: ir.Value, i: int, width: int) -> ir.Value:
+    """SwiGLU with gate/up packed in one projection: down(silu(gate) * up)."""
+    prefix = f"model.layers.{i}.mlp."
+    sources = (prefix + "gate_proj.weight", prefix + "up_proj.weight")
+    gate_up = g.linear(h, f"l{i}.gate_up", sources, cfg.hidden_size, 2 * width, True)
+    gate, up = g.op("Split", gate_up, g.const([width, width]), axis=-1, outputs=2)
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+    return g.linear(act, f"l{i}.down", (prefix + "down_proj.weight",), width, cfg.hidden_size, True)
+
+
+def _inverse_frequencies(g: _Builder, cfg: DecoderConfig) -> ir.Value:
+    return g.const(rope_inverse_frequencies(cfg).numpy(), np.float32)
+
+
+def _optimum_attention(
+    g: _Builder, cfg: DecoderConfig, input_ids: ir.Value, attention_mask: ir.Value, position_ids: ir.Value
+) -> Callable:
+    """Optimum flavour: fused RoPE + ONNX Attention with a boolean mask (exact with left padding)."""
+    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    batch = g.op("Shape", input_ids, start=0, end=1)
+    seq = g.op("Shape", input_ids, start=1, end=2)
+    total = g.op("Shape", attention_mask, start=1, end=2)
+    scalar = g.const([0])
+
+    # Boolean mask [B, 1, T, S]: padding & causal (& window), plus the diagonal (as our decoder does).
+    key_pos = g.op("Range", g.const(0), g.op("Squeeze", total, scalar), g.const(1))
+    query_pos = g.op("Range", g.op("Squeeze", g.op("Sub", total, seq), scalar), g.op("Squeeze", total, scalar),
+                     g.const(1))  # fmt: skip
+    query_col = g.op("Unsqueeze", query_pos, g.const([1]))
+    allowed = g.op("LessOrEqual", key_pos, query_col)
+    if cfg.sliding_window is not None:
+        in_window = g.op("Less", g.op("Sub", query_col, key_pos), g.const(cfg.sliding_window))
+        allowed = g.op("And", allowed, in_window)
+    padding = g.op("Reshape", g.op("Cast", attention_mask, to=ir.DataType.BOOL), g.const([0, 1, 1, -1]))
+    allowed = g.op("Or", g.op("And", padding, allowed), g.op("Equal", key_pos, query_col))
+
+    # RoPE tables for exactly these tokens: row r of cos/sin is token r of the flattened batch.
+    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", position_ids, to=FLOAT), g.const([-1])),
+                 _inverse_frequencies(g, cfg))  # fmt: skip
+    freqs = g.op("Reshape", freqs, g.const([-1, d // 2]))
+    cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
+    rows = g.op("Range", g.const(0), g.op("Squeeze", g.op("Mul", batch, seq), scalar), g.const(1))
+    rows = g.op("Reshape", rows, g.op("Concat", batch, seq, axis=0))
+    split = g.const([heads * d, kv_heads * d, kv_heads * d])
+    scale = 1.0 / math.sqrt(d)
+
+    def attention(h: ir.Value, i: int, past: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, list[ir.Value]]:
+        q, k, v = g.op("Split", _qkv(g, cfg, h, i), split, axis=-1, outputs=3)
+        q = g.op("RotaryEmbedding", q, rows, cos, sin, domain=MS, interleaved=0, num_heads=heads)
+        k = g.op("RotaryEmbedding", k, rows, cos, sin, domain=MS, interleaved=0, num_heads=kv_heads)
+        out, k, v = g.op("Attention", q, k, v, allowed, *past, outputs=3, q_num_heads=heads, kv_num_heads=kv_heads,
+                         scale=scale)  # fmt: skip
+        return _o_proj(g, cfg, out, i), [k, v]
+
+    return attention
+
+
+def _gqa_attention(g: _Builder, cfg: DecoderConfig, attention_mask: ir.Value) -> Callable:
+    """GenAI flavour: one GroupQueryAttention per layer with rotary fused (right padding only)."""
+    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    lengths = g.op("ReduceSum", attention_mask, g.const([1]), keepdims=0)
+    seqlens_k = g.op("Cast", g.op("Sub", lengths, g.const(1)), to=ir.DataType.INT32)
+    total = g.op("Cast", g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2), g.const([0])),
+                 to=ir.DataType.INT32)  # fmt: skip
+    positions = g.op("Cast", g.op("Range", g.const(0), g.const(cfg.max_position_embeddings), g.const(1)), to=FLOAT)
+    freqs = g.op("Mul", g.op("Unsqueeze", positions, g.const([1])), _inverse_frequencies(g, cfg))
+    cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
+    attrs = dict(
+        num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(d),
+        local_window_size=cfg.sliding_window if cfg.sliding_window is not None else -1,
+    )  # fmt: skip
+
+    def attention(h: ir.Value, i: int, past: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, list[ir.Value]]:
+        out, k, v = g.op("GroupQueryAttention", _qkv(g, cfg, h, i), None, None, *past, seqlens_k, total, cos, sin,
+                         domain=MS, outputs=3, **attrs)  # fmt: skip
+        return _o_proj(g, cfg, out, i), [k, v]
+
+    return attention

@@ -1,0 +1,120 @@
+"""Weight layouts of the built ONNX decoder: how each initializer is made from Hugging Face tensors.
+
+`Binding` names an initializer, the HF tensors it is made from and the layout; `materialize` makes the array,
+one initializer at a time, so an emitter can stream a model tensor by tensor. Quantization is ORT's own
+block quantizer (`quantize_matmul_4bits` / `_8bits`, symmetric, block 32; the same C++ routines
+`MatMulNBitsQuantizer` calls), so the bytes are deterministic and exactly what `MatMulNBits` expects.
+
+Layouts (the vocabulary of `Binding.layout`):
+- "as_is": the source tensor unchanged (embeddings, norm weights).
+- "concat": 1-D sources concatenated (the packed Q/K/V bias).
+- "transposed": the sources' rows concatenated ([out, in] each), then transposed to MatMul's [in, out]; with
+  several sources this is a packed projection (Q/K/V, or gate/up).
+- "int4_blocks" / "int4_scales" / "int8_blocks" / "int8_scales": the "transposed" matrix [K, N] quantized;
+  blocks are uint8 [N, ceil(K/32), 32*bits/8], scales float32 [N, ceil(K/32)]. K not a multiple of 32 is
+  zero-padded to whole blocks, as ORT's quantizer does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+BLOCK_SIZE = 32
+QUANT_BITS = {"none": 0, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One initializer of a built graph and how to make it from HF tensors (see the module docstring)."""
+
+    initializer: str
+    sources: tuple[str, ...]
+    layout: str
+    ffn: bool
+
+
+def materialize(binding: Binding, get: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The initializer's array from float32 source tensors (`get(hf_name)`; FFN sources already sliced).
+
+    Deterministic: the same source tensors give the same bytes.
+    """
+    layout = binding.layout
+    if layout == "as_is":
+        return np.ascontiguousarray(get(binding.sources[0]), dtype=np.float32)
+    if layout == "concat":
+        return np.concatenate([np.asarray(get(s), np.float32) for s in binding.sources])
+    matrix = _transposed(binding.sources, get)
+    if layout == "transposed":
+        return matrix
+    kind, _, part = layout.partition("_")
+    if kind not in ("int4", "int8") or part not in ("blocks", "scales"):
+        raise ValueError(f"unknown layout {layout!r} for initializer {binding.initializer!r}")
+    blocks, scales = quantize(matrix, int(kind[3:]))
+    return blocks if part == "blocks" else scales
+
+
+def _transposed(sources: tuple[str, ...], get: Callable[[str], np.ndarray]) -> np.ndarray:
+    rows = [np.asarray(get(s), np.float32) for s in sources]
+    stacked = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+    return np.ascontiguousarray(stacked.T)
+
+
+def quantized_shapes(k: int, n: int, bits: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    """Shapes of MatMulNBits' B (blocks) and scales for a [K, N] weight."""
+    k_blocks = -(-k // BLOCK_SIZE)
+    return (n, k_blocks, BLOCK_SIZE * bits // 8), (n, k_blocks)
+
+
+def quantize(matrix: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block quantization of a [K, N] MatMul weight with ORT's routines: (blocks, scales)."""
+    k, n = matrix.shape
+    block_shape, scale_shape = quantized_shapes(k, n, bits)
+    padded = block_shape[1] * BLOCK_SIZE
+    if padded != k:
+        matrix = np.pad(matrix, ((0, padded - k), (0, 0)))
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    blocks = np.zeros(block_shape, np.uint8)
+    scales = np.zeros(scale_shape, np.float32)
+    per_byte = 8 // bits
+    zero_points = np.zeros((n, -(-block_shape[1] // per_byte)), np.uint8)  # unused when symmetric
+    routine = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    routine(blocks, matrix, scales, zero_points, BLOCK_SIZE, n, k, True)
+    return blocks, scales
+
+
+def dequantized_sources(bindings: list[Binding], get: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """HF name -> the float32 [out, in] weight a quantized graph really uses, for every quantized source.
+
+    Load these into the PyTorch decoder (in place of the originals) to get the reference a quantized export
+    must match; unquantized tensors (embeddings, norms, biases) are not listed.
+    """
+    scales = {b.sources: b for b in bindings if b.layout.endswith("_scales")}
+    weights: dict[str, np.ndarray] = {}
+    for binding in bindings:
+        if not binding.layout.endswith("_blocks"):
+            continue
+        bits = int(binding.layout[3])
+        rows = [get(s).shape[0] for s in binding.sources]
+        k = get(binding.sources[0]).shape[1]
+        matrix = dequantize(materialize(binding, get), materialize(scales[binding.sources], get), bits, k)
+        for name, part in zip(binding.sources, np.split(matrix.T, np.cumsum(rows)[:-1], axis=0), strict=True):
+            weights[name] = np.ascontiguousarray(part)
+    return weights
+
+
+def dequantize(blocks: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The float32 [K, N] weight MatMulNBits computes with (symmetric: zero point 2**(bits-1)).
+
+    The reference a quantized graph is validated against: PyTorch run with these weights.
+    """
+    n, k_blocks, _ = blocks.shape
+    if bits == 4:
+        values = np.stack((blocks & 0x0F, blocks >> 4), axis=-1).reshape(n, k_blocks, BLOCK_SIZE)
+    else:
+        values = blocks.reshape(n, k_blocks, BLOCK_SIZE)
+    weight = (values.astype(np.float32) - float(1 << (bits - 1))) * scales[:, :, None]
+    return np.ascontiguousarray(weight.reshape(n, k_blocks * BLOCK_SIZE)[:, :k].T)

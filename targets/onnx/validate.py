@@ -1,0 +1,329 @@
+"""Validation sized to the model: every ONNX decoder against its PyTorch reference, built on demand one at a time.
+
+fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
+the *same dequantized weights* (that is what catches graph and binding bugs): the shipped graph's MatMulNBits
+quantize activations to int8 (accuracy_level 4, the fast CPU path), so the check runs its exact twin (the same
+file and data with accuracy_level 0, loaded from memory); the shipped graph's error against the dequantized and
+the fp32 model (max |Δ|, top-1 agreement) is reported as a quality figure, not gated on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from rich.table import Table
+from tokenizers import Tokenizer
+from torch import nn
+
+from ifp_export.errors import ValidationFailed
+from ifp_export.fold import fold_decoder, relative_difference
+from ifp_export.generate import greedy_generate, left_pad
+from ifp_export.masks import encode_prompts
+from ifp_export.model.decoder import CausalLM
+from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.ort import OrtDecoder, ResidentWeights, session
+from ifp_export.pipeline import ExportContext
+from ifp_export.targets.onnx.build import build_decoder
+from ifp_export.targets.onnx.dynamic import DYNAMIC_TOLERANCE, check_dynamic
+from ifp_export.targets.onnx.emitter import DENSE_NAME, SHARED_DATA, OnnxArtifacts
+from ifp_export.targets.onnx.ops import dequantized_sources
+from ifp_export.targets.onnx.predictor import PredictorRouter
+from ifp_export.weights import ModuleWeights
+
+PARITY_TOLERANCE = 1e-4  # max |Δlogits| / max(1, max |logits|), fp32 (or dequantized) PyTorch vs ORT
+VALIDATION_PROMPTS = 2
+
+
+@dataclass
+class ValidationRow:
+    model: str
+    load_seconds: float
+    prefill_diff: float
+    decode_diff: float
+    decode_steps: int
+    greedy_tokens: int
+    greedy_match: bool
+    logits_scale: float
+    quantize: str = "none"
+    fp32_prefill_diff: float | None = None  # quantized only, the shipped graph: vs the fp32 model (reported)
+    fp32_top1_agreement: float | None = None
+    shipped_prefill_diff: float | None = None  # quantized only: the shipped graph vs the dequantized weights
+    genai_diff: float | None = None  # the GenAI-flavour graph, unpadded, relative to max(1, max|logits|)
+
+    @property
+    def ok(self) -> bool:
+        worst = max(self.prefill_diff, self.decode_diff)
+        genai_ok = self.genai_diff is None or self.genai_diff <= PARITY_TOLERANCE
+        return worst <= PARITY_TOLERANCE * max(1.0, self.logits_scale) and self.greedy_match and genai_ok
+
+
+def dequantized(model: CausalLM, quantize: str) -> CausalLM:
+    """`model` (a fresh fold, modified in place) with every weight the quantized graph quantizes replaced by what
+    its MatMulNBits node computes with (a tied lm_head is untied: the embedding gather stays fp32, as in the graph).
+    The bindings come from the graph builder, so the reference follows whatever the graph quantizes."""
+    cfg = model.config
+    _, bindings = build_decoder(cfg, cfg.intermediate_size, "optimum", quantize)
+    for name, weight in dequantized_sources(bindings, ModuleWeights(model).get).items():
+        if cfg.tie_word_embeddings and name == "model.embed_tokens.weight":
+            name = "lm_head.weight"
+        module_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attribute, nn.Parameter(torch.from_numpy(weight), False))
+    return model
+
+
+def decoder_session(path: Path, resident: ResidentWeights) -> OrtDecoder:
+    """One thread, shared weights from the resident memory-mapped cache (held once across every model checked)."""
+    options = resident.options(path, threads=1)
+    return OrtDecoder(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+
+
+def exact_session(path: Path, resident: ResidentWeights) -> ort.InferenceSession:
+    """The graph at `path` with every MatMulNBits computing in float (accuracy_level 0) over the same data files."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level":
+                    attribute.i = 0
+    options = resident.options(path, threads=1)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def check_decoder(
+    path: Path,
+    reference: CausalLM,
+    prompts: list[list[int]],
+    quantize: str = "none",
+    resident: ResidentWeights | None = None,
+    genai_path: Path | None = None,
+    decode_steps: int = 8,
+    greedy_tokens: int = 32,
+) -> ValidationRow:
+    """ONNX checker, ORT load, prefill + cached decode parity on a left-padded batch, and greedy generation of
+    `greedy_tokens` tokens (no EOS stop) against `reference` (fp32; for quantized exports, made dequantized here);
+    the model's GenAI-flavour graph, if any, on the first prompt unpadded (how onnxruntime-genai runs it)."""
+    onnx.checker.check_model(str(path))
+    resident = resident or ResidentWeights(SHARED_DATA)
+    start = time.perf_counter()
+    decoder = decoder_session(path, resident)
+    load_seconds = time.perf_counter() - start
+    ids, mask = left_pad(prompts)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    valid = mask.bool().numpy()
+    quality: dict[str, float] = {}
+    if quantize != "none":
+        fp32 = reference(ids, mask, positions)[0].numpy()
+        reference = dequantized(reference, quantize)
+        shipped, _ = decoder(ids.numpy(), mask.numpy(), positions.numpy(), decoder.empty_cache(len(prompts)))
+        quality["fp32_prefill_diff"] = float(np.abs(shipped - fp32)[valid].max())
+        quality["fp32_top1_agreement"] = float((shipped.argmax(-1) == fp32.argmax(-1))[valid].mean())
+        decoder = OrtDecoder(exact_session(path, resident))
+    ref, ref_past = reference(ids, mask, positions)
+    if quantize != "none":
+        quality["shipped_prefill_diff"] = float(np.abs(shipped - ref.numpy())[valid].max())
+    got, past = decoder(ids.numpy(), mask.numpy(), positions.numpy(), decoder.empty_cache(len(prompts)))
+    prefill_diff = float(np.abs(got - ref.numpy())[valid].max())
+    scale = float(ref.abs().max())
+    decode_diff = 0.0
+    for _ in range(decode_steps):
+        token = ref[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat((mask, torch.ones_like(token)), dim=1)
+        positions = positions[:, -1:] + 1
+        ref, ref_past = reference(token, mask, positions, ref_past)
+        got, past = decoder(token.numpy(), mask.numpy(), positions.numpy(), past)
+        decode_diff = max(decode_diff, float(np.abs(got - ref.numpy()).max()))
+        scale = max(scale, float(ref.abs().max()))
+    expected = greedy_generate(reference, prompts[:1], greedy_tokens)[0]
+    produced = decoder.greedy(prompts[0], greedy_tokens)
+    if genai_path is not None:
+        onnx.checker.check_model(str(genai_path))
+        genai = exact_session(genai_path, resident)  # accuracy_level 0 (a no-op for fp32 graphs)
+        quality["genai_diff"] = check_unpadded(genai, reference, prompts[0], decode_steps)
+    return ValidationRow(
+        path.name,
+        load_seconds,
+        prefill_diff,
+        decode_diff,
+        decode_steps,
+        greedy_tokens,
+        produced == expected,
+        scale,
+        quantize,
+        **quality,
+    )
+
+
+@torch.no_grad()
+def check_unpadded(sess: ort.InferenceSession, reference: CausalLM, prompt: list[int], steps: int) -> float:
+    """Max |Δlogits| / max(1, max|logits|) of a GenAI-flavour graph (no position_ids) vs `reference` over the
+    prefill of one unpadded prompt and `steps` cached greedy decode steps."""
+    cfg = reference.config
+    empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+    outputs = [o.name for o in sess.get_outputs()]
+    past = {i.name: empty for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+    ref, ref_past = reference(ids, mask, torch.arange(ids.shape[1])[None])
+    worst = 0.0
+    for step in range(steps + 1):
+        got, *present = sess.run(outputs, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), **past})
+        worst = max(worst, relative_difference(got[:, -ids.shape[1] :], ref.numpy()))
+        if step == steps:
+            return worst
+        past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(outputs[1:], present, strict=True)}
+        ids = ref[:, -1].argmax(-1, keepdim=True)
+        mask = torch.ones(1, mask.shape[1] + 1, dtype=torch.long)
+        ref, ref_past = reference(ids, mask, torch.tensor([[mask.shape[1] - 1]]), ref_past)
+    return worst
+
+
+@torch.no_grad()
+def check_predictor(
+    path: Path, predictor: SparsityPredictor, variant_masks: torch.Tensor, tokenizer: Tokenizer, prompts: list[str]
+) -> tuple[float, float]:
+    """(max |scores diff|, routing agreement) of the predictor graph vs PyTorch on the given prompts."""
+    ids, mask, _ = encode_prompts(tokenizer, prompts, predictor.config.max_length)
+    ref_scores, ref_routes = PredictorRouter(predictor, variant_masks).eval()(ids, mask)
+    scores, routes = session(path, threads=1).run(
+        ["scores", "variant_scores"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    )
+    diff = float(np.abs(scores - ref_scores.numpy()).max())
+    agreement = float((routes.argmax(-1) == ref_routes.argmax(-1).numpy()).mean())
+    return diff, agreement
+
+
+def references(backbone: CausalLM, kept: dict[str, torch.Tensor | None]) -> Iterator[tuple[str, CausalLM]]:
+    """Each model's PyTorch reference, built when asked for and dropped by the caller before the next."""
+    for name, idx in kept.items():
+        yield name, (backbone if idx is None else fold_decoder(backbone, idx))
+
+
+def validate(
+    artifacts: OnnxArtifacts,
+    backbone: CausalLM,
+    kept: dict[str, torch.Tensor | None],
+    prompts: dict[str, list[list[int]]],
+    predictor: SparsityPredictor,
+    variant_masks: torch.Tensor,
+    tokenizer: Tokenizer,
+    routing_prompts: list[str],
+) -> tuple[list[ValidationRow], tuple[float, float]]:
+    """Check every decoder model against its PyTorch reference (one reference alive at a time) and the predictor
+    graph's routing."""
+    rows = []
+    resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
+    for name, reference in references(backbone, kept):
+        if artifacts.quantize != "none" and reference is backbone:
+            reference = fold_decoder(
+                backbone, torch.arange(backbone.config.intermediate_size).expand(backbone.config.num_hidden_layers, -1)
+            )  # a twin to dequantize, the backbone stays fp32
+        genai = artifacts.genai_models.get(name)
+        rows.append(
+            check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize, resident, genai)
+        )
+        del reference
+    routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
+    return rows, routing
+
+
+def tolerance_text(quantize: str) -> str:
+    if quantize == "none":
+        return f"fp32: max|Δlogits| <= {PARITY_TOLERANCE:g} x max(1, max|logits|) and greedy tokens identical"
+    return (
+        f"{quantize} weights (MatMulNBits at accuracy_level 0) vs PyTorch on the same dequantized weights: "
+        f"max|Δlogits| <= {PARITY_TOLERANCE:g} x max(1, max|logits|) and greedy tokens identical; the shipped graph "
+        "(int8 activations) vs dequantized and vs fp32 reported only"
+    )
+
+
+def validation_table(rows: list[ValidationRow], routing: tuple[float, float]) -> Table:
+    table = Table(title=f"ONNX validation vs PyTorch ({tolerance_text(rows[0].quantize)})")
+    quantized = rows[0].quantize != "none"
+    columns = ["model", "load s", "prefill max|Δ|", "decode max|Δ|", "steps", "greedy", "ok"]
+    if quantized:
+        columns[-1:-1] = ["shipped max|Δ|", "vs fp32 max|Δ|", "vs fp32 top-1"]
+    genai = any(r.genai_diff is not None for r in rows)
+    if genai:
+        columns[-1:-1] = ["genai rel|Δ|"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        greedy = f"{r.greedy_tokens} tok {'same' if r.greedy_match else 'DIFFERENT'}"
+        cells = [r.model, f"{r.load_seconds:.2f}", f"{r.prefill_diff:.1e}", f"{r.decode_diff:.1e}"]
+        cells += [str(r.decode_steps), greedy]
+        if quantized:
+            cells += [f"{r.shipped_prefill_diff:.2e}", f"{r.fp32_prefill_diff:.2e}", f"{r.fp32_top1_agreement:.1%}"]
+        if genai:
+            cells.append("-" if r.genai_diff is None else f"{r.genai_diff:.1e}")
+        table.add_row(*cells, "yes" if r.ok else "NO")
+    diff, agreement = routing
+    table.caption = f"predictor.onnx: scores max|Δ| {diff:.1e}, routing = PyTorch's on {agreement:.1%} of prompts"
+    return table
+
+
+def validation_inputs(ctx: ExportContext) -> dict:
+    """Backbone, kept indices, prompts and routing inputs for `validate` from an export context."""
+    ckpt = ctx.checkpoint
+    encode = ckpt.tokenizer.encode
+    prompts = {
+        v.name: [encode(ckpt.tasks[i].prompt).ids for i in v.prompt_indices[:VALIDATION_PROMPTS]] for v in ctx.variants
+    }
+    firsts = [v.prompt_indices[0] for v in ctx.variants][:VALIDATION_PROMPTS]
+    prompts[DENSE_NAME] = [encode(ckpt.tasks[i].prompt).ids for i in firsts]
+    return {
+        "backbone": ckpt.backbone,
+        "kept": {**{v.name: v.kept for v in ctx.variants}, DENSE_NAME: None},
+        "prompts": prompts,
+        "predictor": ckpt.predictor,
+        "variant_masks": torch.stack([v.mask for v in ctx.variants]),
+        "tokenizer": ckpt.tokenizer,
+        "routing_prompts": [t.prompt for t in ckpt.tasks],
+    }
+
+
+def validate_export(ctx: ExportContext) -> None:
+    """Run `validate` on the context's ONNX artifacts, print the table, raise if anything is off."""
+    artifacts: OnnxArtifacts = ctx.emitted["onnx"]
+    inputs = validation_inputs(ctx)
+    rows, routing = validate(artifacts, **inputs)
+    ctx.console.print(validation_table(rows, routing))
+    for row in (models := [dataclasses.asdict(r) | {"ok": r.ok} for r in rows]):
+        del row["load_seconds"]  # wall-clock: kept out of report.json so the same inputs give the same bytes
+    ctx.report["onnx_validation"] = {
+        "models": models,
+        "predictor_scores_max_abs_diff": routing[0],
+        "predictor_routing_agreement": routing[1],
+        "dedup_ratio": artifacts.dedup_ratio,
+        "quantize": artifacts.quantize,
+        "tolerance": tolerance_text(artifacts.quantize),
+    }
+    if artifacts.dynamic_inputs is not None:
+        dynamic_diff = check_dynamic(
+            artifacts.directory,
+            artifacts.dynamic_inputs,
+            ctx.checkpoint.backbone,
+            ctx.checkpoint.predictor,
+            ctx.checkpoint.tokenizer,
+            inputs["routing_prompts"][: VALIDATION_PROMPTS * 2],
+            ctx.k_per_layer[0],
+        )
+        ctx.report["onnx_validation"]["dynamic_max_abs_diff"] = dynamic_diff
+        ctx.console.log(
+            f"dynamic.onnx vs masked dense model (per-prompt masks): max|Δlogits| / max(1, max|logits|) "
+            f"{dynamic_diff:.1e} (tolerance {DYNAMIC_TOLERANCE:g})"
+        )
+        if dynamic_diff > DYNAMIC_TOLERANCE:
+            raise ValidationFailed(f"dynamic.onnx differs from the masked dense model by {dynamic_diff:.2e}")
+    bad = [r.model for r in rows if not r.ok]
+    if bad or routing[1] < 1.0 or routing[0] > PARITY_TOLERANCE:
+        raise ValidationFailed(f"ONNX models {bad or ['predictor.onnx']} differ from PyTorch (see table)")

@@ -1,0 +1,209 @@
+"""The ONNX variants in their clients (onnxruntime-genai, Optimum, our runtime) and validation's teeth: a model with
+head_dim != hidden_size / heads, a swapped FFN tensor that validation must catch, the runtime on int4."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from tiny import make_checkpoint, run_export
+from transformers import AutoModelForCausalLM
+
+from ifp_export.fold import fold_decoder
+from ifp_export.generate import greedy_generate
+from ifp_export.model.config import DecoderConfig
+from ifp_export.pipeline import ExportContext
+from ifp_export.runtime import Runtime
+from ifp_export.targets.onnx import (
+    DENSE_NAME,
+    ONNX_DIR,
+    SHARED_DATA,
+    emit,
+    external_data_files,
+    validate,
+    validation_inputs,
+)
+from ifp_export.targets.onnx.genai import GENAI_CONFIG, write_genai_config
+from ifp_export.targets.onnx.validate import dequantized
+
+
+@pytest.fixture(params=["sample_export", "qwen2_export"])
+def exported(request: pytest.FixtureRequest) -> ExportContext:
+    return request.getfixturevalue(request.param)
+
+
+def og_generate(onnx_dir: Path, model_file: str, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai, loading `model_file` through the manifest's overlay recipe."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install .[test])")
+    config = og.Config(str(onnx_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"filename": model_file}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def hf_pruned(ctx: ExportContext, mask: torch.Tensor | None) -> torch.nn.Module:
+    """transformers on the original checkpoint, the variant's other FFN neurons zeroed (None: dense)."""
+    hf = AutoModelForCausalLM.from_pretrained(ctx.checkpoint.root / "backbone").eval()
+    if mask is not None:
+        with torch.no_grad():
+            for layer, keep in zip(hf.model.layers, mask, strict=True):
+                off = keep == 0
+                layer.mlp.gate_proj.weight[off] = 0
+                layer.mlp.up_proj.weight[off] = 0
+                layer.mlp.down_proj.weight[:, off] = 0
+    return hf
+
+
+def test_og_generates_what_transformers_generates(exported: ExportContext) -> None:
+    ckpt = exported.checkpoint
+    directory = exported.workdir / ONNX_DIR
+    manifest = json.loads((exported.workdir / "manifest.json").read_text())
+    eos = ckpt.backbone.config.eos_token_id
+    models = [(v.name, v.mask, v.prompt_indices[0]) for v in exported.variants] + [(DENSE_NAME, None, 0)]
+    for name, mask, prompt_index in models:
+        entry = manifest["dense"] if name == DENSE_NAME else next(v for v in manifest["variants"] if v["name"] == name)
+        genai = entry["files"]["onnx"]["genai"]
+        assert (
+            genai["config"] == f"{ONNX_DIR}/{GENAI_CONFIG}" and "onnxruntime-genai" in entry["files"]["onnx"]["clients"]
+        )
+        prompt = ckpt.tokenizer.encode(ckpt.tasks[prompt_index].prompt).ids
+        got = og_generate(directory, genai["overlay"]["model"]["decoder"]["filename"], prompt, 12)
+        with torch.no_grad():
+            out = hf_pruned(exported, mask).generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0
+            )
+        expected = out[0, len(prompt) :].tolist()
+        if eos in expected:  # transformers pads after EOS; og stops there
+            expected = expected[: expected.index(eos) + 1]
+        assert got == expected, name
+
+
+def test_genai_graphs_share_the_optimum_graphs_data(sample_export: ExportContext) -> None:
+    """The sample (head_dim 32) gets a GroupQueryAttention graph per model, over the same data files and offsets."""
+    artifacts = sample_export.emitted["onnx"]
+    assert set(artifacts.genai_models) == set(artifacts.models)
+    for name, path in artifacts.models.items():
+        twin = artifacts.genai_models[name]
+        assert external_data_files(twin) == external_data_files(path) == sorted([SHARED_DATA, f"{name}.onnx_data"])
+        ops = {n.op_type for n in onnx.load(str(twin), load_external_data=False).graph.node}
+        assert "GroupQueryAttention" in ops
+        assert locations(twin) == locations(path)
+    rows = sample_export.report["onnx_validation"]["models"]  # validated too: unpadded prefill + cached decode
+    assert all(row["genai_diff"] is not None and row["genai_diff"] <= 1e-4 for row in rows), rows
+
+
+def locations(path: Path) -> dict[str, tuple[str, str, str]]:
+    out = {}
+    for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+        info = {e.key: e.value for e in init.external_data}
+        if info:
+            out[init.name] = (info["location"], info.get("offset", "0"), info["length"])
+    return out
+
+
+def test_a_swapped_ffn_tensor_fails_validation(tiny_export: ExportContext, tmp_path: Path) -> None:
+    """Exchange two same-sized FFN tensors (layer 0's and layer 1's gate/up) in one variant's data file: validation
+    fails for that variant only."""
+    artifacts = tiny_export.emitted["onnx"]
+    copy = tmp_path / "onnx"
+    shutil.copytree(artifacts.directory, copy)
+    name = tiny_export.variants[0].name
+    graph = onnx.load(str(copy / f"{name}.onnx"), load_external_data=False)
+    spans = []
+    for init in graph.graph.initializer:
+        info = {e.key: e.value for e in init.external_data}
+        if info.get("location") == f"{name}.onnx_data":
+            spans.append((int(info.get("offset", 0)), int(info["length"])))
+    (a, length), (b, other) = sorted(spans, key=lambda span: (span[1], span[0]))[-2:]
+    assert length == other and a != b
+    data = bytearray((copy / f"{name}.onnx_data").read_bytes())
+    data[a : a + length], data[b : b + length] = data[b : b + length], data[a : a + length]
+    (copy / f"{name}.onnx_data").write_bytes(bytes(data))
+    moved = dataclasses.replace(
+        artifacts,
+        directory=copy,
+        models={n: copy / p.name for n, p in artifacts.models.items()},
+        predictor=copy / artifacts.predictor.name,
+    )
+    rows, _ = validate(moved, **validation_inputs(tiny_export))
+    assert [r.ok for r in rows] == [r.model != f"{name}.onnx" for r in rows]
+
+
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportContext, Path]:
+    """head_dim 16 with hidden 32 and 4 heads (q is 64 wide): emitted and validated without Core ML."""
+    root = tmp_path_factory.mktemp("wide_heads")
+    ctx = run_export(make_checkpoint(root, head_dim=16), root / "out", until="fold")
+    kept = {v.name: v.kept.numpy() for v in ctx.variants}
+    masks = torch.stack([v.mask for v in ctx.variants])
+    artifacts = emit(root / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks)
+    ctx.emitted["onnx"] = artifacts
+    return ctx, root / "onnx"
+
+
+def test_head_dim_model_validates_and_runs_in_og(wide_heads: tuple[ExportContext, Path]) -> None:
+    ctx, directory = wide_heads
+    rows, routing = validate(ctx.emitted["onnx"], **validation_inputs(ctx))
+    assert all(r.ok for r in rows) and routing[1] == 1.0
+    variant = ctx.variants[0]
+    prompt = ctx.checkpoint.tokenizer.encode(ctx.checkpoint.tasks[variant.prompt_indices[0]].prompt).ids
+    expected = greedy_generate(fold_decoder(ctx.checkpoint.backbone, variant.kept), [prompt], 10, eos_id=2)[0]
+    assert og_generate(directory, f"{variant.name}.onnx", prompt, 10) == expected
+
+
+def test_head_dim_model_is_not_claimed_for_optimum(wide_heads: tuple[ExportContext, Path]) -> None:
+    """Optimum sizes the empty KV cache with hidden_size // heads (8 here, not 16): the manifest must not list it,
+    and this test notices if an Optimum release starts loading such models."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    ctx, directory = wide_heads
+    assert "optimum" not in ctx.emitted["onnx"].clients
+    model = ORTModelForCausalLM.from_pretrained(directory, file_name=f"{ctx.variants[0].name}.onnx")
+    with pytest.raises(Exception, match=r"(?i)dimension|shape"):
+        model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
+
+
+def test_dequantized_reference_unties_the_lm_head(qwen2_export: ExportContext) -> None:
+    backbone = qwen2_export.checkpoint.backbone
+    reference = dequantized(fold_decoder(backbone, qwen2_export.variants[0].kept), "int4")
+    assert torch.equal(reference.model.embed_tokens.weight, backbone.model.embed_tokens.weight)
+    assert not torch.equal(reference.lm_head.weight, backbone.lm_head.weight)
+    assert backbone.lm_head.weight is backbone.model.embed_tokens.weight  # the checkpoint's model is untouched
+
+
+def test_runtime_generates_on_an_int4_export(tmp_path: Path) -> None:
+    """The reference runtime (shared uint8 blocks memory-mapped and resident) on an int4 export equals PyTorch on
+    the same dequantized weights, for every variant."""
+    ctx = run_export(make_checkpoint(tmp_path), tmp_path / "out", quantize="int4")
+    runtime = Runtime(ctx.workdir, threads=1)
+    ckpt = ctx.checkpoint
+    for variant in ctx.variants:
+        prompt = ckpt.tasks[variant.prompt_indices[0]].prompt
+        reference = dequantized(fold_decoder(ckpt.backbone, variant.kept), "int4")
+        expected = greedy_generate(reference, [ckpt.tokenizer.encode(prompt).ids], 12, eos_id=2)[0]
+        assert list(runtime.generate(prompt, variant=variant.name, max_new_tokens=12)) == expected, variant.name
+
+
+@pytest.mark.parametrize("ids", [{"eos_token_id": [2, 3]}, {"bos_token_id": 1, "eos_token_id": 4, "pad_token_id": 0}])
+def test_og_parses_genai_config_without_bos_or_with_several_eos(ids: dict, tmp_path: Path) -> None:
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install .[test])")
+    cfg = DecoderConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, **ids)  # fmt: skip
+    write_genai_config(tmp_path, tmp_path / "dense.onnx", cfg, position_ids=True)
+    og.Config(str(tmp_path))  # parses (the model itself loads lazily, in og.Model)
+    assert json.loads((tmp_path / GENAI_CONFIG).read_text())["model"]["pad_token_id"] == (
+        0 if "pad_token_id" in ids else 2
+    )
