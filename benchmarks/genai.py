@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.run import ROOT, run_child
+from benchmarks.proc import ROOT, run_child
 
 GENAI_VENV = ROOT / "results" / "genai-venv"
 BUILDER_REQUIREMENTS = (
