@@ -1,6 +1,7 @@
 """One export in its own process, instrumented for the benchmarks (P1 timings, P2 dedup ratios, P7 peak RSS).
 
-    python -m benchmarks.export_child CKPT OUT RESULT.json [--until PASS] [--skip PASS] [--save-variants DIR]
+    python -m benchmarks.export_child CKPT OUT RESULT.json [--until PASS] [--skip PASS] [--quantize int4]
+        [--save-variants DIR]
 
 Runs the default pipeline like `ifp-export export` (without the staging rename) and writes to RESULT.json:
 per-pass seconds, peak RSS after each pass (VmHWM), the ONNX emit broken down into the first variant (trace +
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("result", type=Path)
     parser.add_argument("--until")
     parser.add_argument("--skip", action="append", default=[], help="leave this pass out (e.g. coreml)")
+    parser.add_argument("--quantize", default="none", help="as `ifp-export export --quantize`")
     parser.add_argument("--save-variants", type=Path, help="after the export, save each folded variant here (untimed)")
     args = parser.parse_args()
 
@@ -78,7 +80,7 @@ def main() -> None:
 
         p.run = measured
     args.output.mkdir(parents=True)
-    options = ExportOptions(checkpoint=args.checkpoint, output=args.output, until=args.until)
+    options = ExportOptions(checkpoint=args.checkpoint, output=args.output, until=args.until, quantize=args.quantize)
     ctx = ExportContext(options=options, workdir=args.output, console=Console(file=io.StringIO(), width=160))
     ctx = Pipeline(passes).run(ctx, until=args.until)
 

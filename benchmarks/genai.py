@@ -52,10 +52,14 @@ def build(hf_dir: Path, out_dir: Path, precision: str, log: Path) -> tuple[float
     return seconds, rss
 
 
-def og_model(model_dir: Path, threads: int):
+def og_model(model_dir: Path, threads: int, overlay: dict | None = None):
+    """An `og.Model` from `model_dir`'s genai_config.json, with `overlay` (e.g. a manifest's per-model one) applied
+    first, then the thread count."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
+    if overlay:
+        config.overlay(json.dumps(overlay))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     return og.Model(config)
 
@@ -65,7 +69,8 @@ def og_decode_rate(model, prompt: list[int], steps: int) -> float:
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + steps + 1, do_sample=False)
+    length = len(prompt) + steps + 1  # min_length too: a random model's EOS must not end the timed loop early
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens([prompt])
     generator.generate_next_token()  # the prefill's token

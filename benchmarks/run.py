@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,47 +32,15 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.clients import SHORT_PROMPT, GenaiFigures
 from benchmarks.model import SIZES, build_checkpoint, build_lm_predictor, synthetic_prompt
 from benchmarks.proc import ROOT, checkpoint_weight_bytes, run_child
+from benchmarks.rows import Row, Stats
 from ifp_export.model.hf_io import load_decoder
 from ifp_export.ort import OrtDecoder, session
 
 README = ROOT / "README.md"
 TABLE_BEGIN, TABLE_END = "<!-- results:begin -->", "<!-- results:end -->"
-SHORT_PROMPT = 16  # tokens prefilled before timing decode steps (P3, P4)
-
-
-@dataclass
-class Row:
-    id: str
-    figure: str
-    ours: str  # what was measured, medians with (min–max)
-    baseline: str
-    ratio: float | None  # the figure
-    spread: str  # min–max of the ratio over repeats, or how it was obtained
-    target: str
-    met: bool | None
-    note: str = ""
-
-
-@dataclass
-class Stats:
-    values: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-    def fmt(self, unit: str = "s", digits: int = 3) -> str:
-        if len(self.values) == 1:
-            return f"{self.values[0]:.{digits}g} {unit} (n=1)"
-        return (
-            f"{self.median:.{digits}g} {unit} ({min(self.values):.{digits}g}–{max(self.values):.{digits}g}, "
-            f"n={len(self.values)})"
-        )
-
-    def range(self, digits: int = 3) -> str:
-        return f"{min(self.values):.{digits}g}–{max(self.values):.{digits}g} (n={len(self.values)})"
 
 
 def machine() -> dict[str, str | int]:
@@ -132,7 +100,7 @@ def per_token_weight_bytes(hf_dir: Path) -> int:
     return total - embed + (lm_head if tied else 0)
 
 
-class Bench:
+class Bench(GenaiFigures):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         console = Console()
@@ -413,8 +381,9 @@ class Bench:
                 p4 = Stats([o / b for o, b in zip(rates["dense"].values, rates["optimum"].values, strict=True)])
                 self.rows.append(
                     Row(
-                        f"P4 {threads}t",
-                        f"dense decode tok/s, ours / Optimum's export of the same weights ({plural})",
+                        f"P4b {threads}t",
+                        f"dense decode tok/s in our runtime's loop (OrtDecoder), ours / Optimum's export of the same "
+                        f"weights ({plural})",
                         f"ours {rates['dense'].fmt('tok/s')}",
                         f"optimum {rates['optimum'].fmt('tok/s')}",
                         p4.median,
@@ -427,8 +396,8 @@ class Bench:
         if self.optimum_dense is None:
             self.rows.append(
                 Row(
-                    "P4",
-                    "dense decode ours / Optimum's",
+                    "P4b",
+                    "dense decode ours / Optimum's (OrtDecoder loop)",
                     "-",
                     "skipped",
                     None,
@@ -482,7 +451,7 @@ class Bench:
 
         from ifp_export.masks import encode_prompts
         from ifp_export.model.softtopk import hard_topk_mask
-        from ifp_export.targets.onnx import trace_predictor
+        from ifp_export.targets.onnx.predictor import trace_predictor
 
         predictor = build_lm_predictor(self.work, self.args.size)
         cfg, n_params = predictor.config, sum(p.numel() for p in predictor.parameters())
@@ -679,11 +648,18 @@ class Bench:
             else:
                 self.optimum_seconds, self.optimum_rss, self.optimum_dense = Stats(), [], None
                 self.optimum_skipped = "optimum runs disabled (--optimum-runs 0)"
+            if self.args.genai:
+                self.section("export --quantize int4 (ours)", self.export_int4)
+                self.section("GenAI builder exports", self.genai_builds)
             self.rows_export()
-            self.section("P3/P4 decode", self.decode)
+            self.section("P3/P4b decode", self.decode)
+            if self.args.genai:
+                self.section("P4a/P4c og.Generator", self.genai_decode)
+            else:
+                self.genai_skipped("GenAI parts left out of this run (--no-genai)")
             self.section("P5 routing", self.routing)
             self.section("P6 switching", self.switching)
-            order = ["P1a", "P1b", "P1c", "P2a", "P2b", "P3", "P4", "P5", "P6", "P7"]
+            order = ["P1a", "P1b", "P1c", "P1d", "P2a", "P2b", "P3", "P4a", "P4b", "P4c", "P5", "P6", "P7"]
             self.rows.sort(key=lambda r: next(i for i, p in enumerate(order) if r.id.startswith(p)))
             self.console.print(self.table())
             self.write()
@@ -700,10 +676,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "results"), help="where results.json and ratios.png go")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of every timing (P3–P6)")
     parser.add_argument("--decode-steps", type=int, default=32, help="timed decode steps per repeat (P3, P4)")
+    parser.add_argument("--og-steps", type=int, default=64, help="timed decode steps per repeat in og (P4a, P4c)")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens for P5")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ORT intra-op threads for P3/P4")
     parser.add_argument("--optimum-runs", type=int, default=8, help="variants exported with optimum-cli (0 = skip)")
     parser.add_argument("--optimum-timeout", type=float, default=None, help="seconds per optimum-cli run")
+    parser.add_argument(
+        "--genai",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the onnxruntime-genai parts: builder exports (P1d), og.Generator decode (P4a, P4c), int4 export",
+    )
     parser.add_argument("--coreml", action="store_true", help="include the Core ML pass in the timed export")
     parser.add_argument("--workdir", help="keep the models here (default: a temp dir, removed at the end)")
     parser.add_argument("--reuse", action="store_true", help="with --workdir: reuse its checkpoint, export, optimum")

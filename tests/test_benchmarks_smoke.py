@@ -3,7 +3,10 @@
 Only completeness is checked (every figure P1–P7 has a row, every measured ratio is finite); timings are never
 asserted. Optimum's exports are left out: one `optimum-cli export onnx` run takes ~25–30 s here even for the
 tiny model (process start, TorchScript export, its own validation), more than this test's whole budget; the P1
-export-vs-Optimum rows and P4 then say so, and the bench-size run includes them.
+export-vs-Optimum rows and P4b then say so, and the bench-size run includes them. The onnxruntime-genai parts
+(P1d, P4a, P4c) are left out too (`--no-genai`): they need the GenAI builder's own venv (transformers 5), ~40 s to
+create from the registry on first use, plus a second (int4) export and two builder runs; their rows then say why.
+`python -m benchmarks.run --size tiny` without `--no-genai` runs them in ~30 s once the venv exists.
 """
 
 import json
@@ -23,7 +26,8 @@ def test_benchmarks_table_is_complete(tmp_path: Path) -> None:
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "benchmarks.run", "--size", "tiny", "--repeats", "1", "--optimum-runs", "0"]
     cmd += ["--decode-steps", "4", "--prefill", "64", "--threads", "1", "--out", str(out), "--no-readme"]
-    cmd += ["--workdir", str(tmp_path / "work")]
+    cmd += ["--workdir", str(tmp_path / "work"), "--no-genai"]
+    print("GenAI builder parts (P1d, P4a, P4c) left out: creating the builder's venv is too slow for this test")
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
@@ -34,7 +38,9 @@ def test_benchmarks_table_is_complete(tmp_path: Path) -> None:
         assert all(r["ratio"] is None or math.isfinite(r["ratio"]) for r in mine), mine
         assert all(r["ratio"] is not None or r["note"] for r in mine), f"{figure}: a skipped row must say why"
     measured = {r["id"][:2] for r in rows if r["ratio"] is not None}
-    assert measured >= {"P1", "P2", "P3", "P5", "P6", "P7"}, sorted(measured)  # P4 needs Optimum's export
+    assert measured >= {"P1", "P2", "P3", "P5", "P6", "P7"}, sorted(measured)  # P4 needs Optimum / the builder
+    skipped = {r["id"]: r["note"] for r in rows if r["id"] in ("P1d", "P4a", "P4b", "P4c")}
+    assert sorted(skipped) == ["P1d", "P4a", "P4b", "P4c"] and all(skipped.values()), skipped
     assert (out / "ratios.png").stat().st_size > 0
     for figure in FIGURES:
         assert figure in done.stdout
