@@ -1,12 +1,14 @@
 """P1–P7 of DESIGN.md section 9, each a ratio measured in one run on this machine.
 
-    python -m benchmarks.run [--size bench|tiny] [--out benchmarks/results] [--repeats 5] [--optimum-runs 8]
+    python -m benchmarks.run [--size bench|small|tiny] [--out benchmarks/results] [--repeats 5] [--optimum-runs 8]
+        [--no-genai]
 
 Builds the benchmark model (benchmarks/model.py) as an IFPruning checkpoint, exports it in a child process
 (benchmarks/export_child.py: P1 timings, P2 dedup ratios, P7 peak RSS), exports the same folded variants and
-the dense model with `optimum-cli export onnx` (P1, P4), then times ONNX Runtime sessions side by side
-(P3–P6). Prints a rich table and writes results.json + ratios.png into --out; with --readme (default for the
-bench size) also the table into benchmarks/README.md.
+the dense model with `optimum-cli export onnx` (P1, P4b), exports it again with `--quantize int4` and the dense
+backbone with the onnxruntime-genai model builder in fp32 and int4 (benchmarks/clients.py: P1d, P4a, P4c), then
+times ONNX Runtime sessions and `og.Generator` side by side (P3–P6). Prints a rich table and writes results.json +
+ratios.png into --out; with --readme (default for the bench size) also the table into benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -337,7 +339,7 @@ class Bench(GenaiFigures):
         return self.tokenizer.encode(text).ids
 
     def decode(self) -> None:
-        """P3 (pruned vs dense, ours) and P4 (our dense vs Optimum's dense), interleaved per repeat."""
+        """P3 (pruned vs dense, ours) and P4b (our dense vs Optimum's dense), interleaved per repeat."""
         onnx_dir = self.out / "onnx"
         models = {"dense": onnx_dir / "dense.onnx", "pruned": onnx_dir / f"{self.variants[0]}.onnx"}
         if self.optimum_dense is not None:
