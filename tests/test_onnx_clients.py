@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from ifp_export.fold import fold_decoder
 from ifp_export.generate import greedy_generate
-from ifp_export.model.config import DecoderConfig
+from ifp_export.model.config import DecoderConfig, generation_config
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
 from ifp_export.targets.onnx import (
@@ -202,7 +202,7 @@ def test_og_parses_genai_config_without_bos_or_with_several_eos(ids: dict, tmp_p
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install .[test])")
     cfg = DecoderConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, **ids)  # fmt: skip
-    write_genai_config(tmp_path, tmp_path / "dense.onnx", cfg, position_ids=True)
+    write_genai_config(tmp_path, tmp_path / "dense.onnx", cfg, True, generation_config(cfg, {}))
     og.Config(str(tmp_path))  # parses (the model itself loads lazily, in og.Model)
     assert json.loads((tmp_path / GENAI_CONFIG).read_text())["model"]["pad_token_id"] == (
         0 if "pad_token_id" in ids else 2

@@ -25,7 +25,7 @@ import torch
 
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import write_json
-from ifp_export.model.config import DecoderConfig
+from ifp_export.model.config import GENERATION_CONFIG_FILE, DecoderConfig, generation_config
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.targets.onnx.build import build_decoder
@@ -195,11 +195,6 @@ def hf_config(cfg: DecoderConfig) -> dict:
     return {**cfg.to_hf_dict(), "use_cache": True}
 
 
-def generation_config(cfg: DecoderConfig) -> dict:
-    raw = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
-    return {k: v for k, v in raw.items() if v is not None}
-
-
 def emit(
     directory: Path,
     source: WeightSource,
@@ -209,9 +204,11 @@ def emit(
     quantize: str = "none",
     dynamic: bool = False,
     progress: Callable[[str, int], AbstractContextManager[Progress]] | None = None,
+    generation: dict | None = None,
 ) -> OnnxArtifacts:
     """Write every variant (`kept`: name -> [L, k] kept indices), the dense model and the predictor under
-    `directory` (created, must be new)."""
+    `directory` (created, must be new). `generation`: the checkpoint's generation_config.json (its EOS ids join
+    config.json's in what Optimum and og read)."""
     if dynamic and quantize != "none":
         raise IFPError("--mode dynamic gathers fp32 FFN rows at run time", None, "drop --quantize or --mode dynamic")
     cfg = source.config
@@ -256,11 +253,12 @@ def emit(
     ir.save(predictor_graph, predictor_path)
 
     write_json(directory / "config.json", hf_config(cfg.replace(intermediate_size=next(iter(kept.values())).shape[1])))
-    write_json(directory / "generation_config.json", generation_config(cfg))
+    token_ids = generation_config(cfg, generation or {})
+    write_json(directory / GENERATION_CONFIG_FILE, token_ids)
     genai = None
-    if cfg.eos_token_id is not None:  # og refuses a config without an EOS id in the vocabulary
+    if "eos_token_id" in token_ids:  # og refuses a config without an EOS id in the vocabulary
         genai_dense = genai_paths.get(DENSE_NAME, paths[DENSE_NAME])
-        genai = write_genai_config(directory, genai_dense, cfg, position_ids=not genai_paths)
+        genai = write_genai_config(directory, genai_dense, cfg, not genai_paths, token_ids)
     decoder_files = [*paths.values(), *genai_paths.values(), *(directory / f for f in writer.sizes)]
     disk = sum(p.stat().st_size for p in decoder_files)
     return OnnxArtifacts(

@@ -19,16 +19,18 @@ GENAI_CONFIG = "genai_config.json"
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
-def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool) -> dict:
+def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool, generation: dict) -> dict:
     """The og 0.18 config for our decoder graphs (separate past/present buffers); the GenAI-flavour graph
-    (GroupQueryAttention, rotary inside) takes no position_ids."""
-    eos = cfg.eos_token_id
+    (GroupQueryAttention, rotary inside) takes no position_ids. Token ids come from `generation` (what
+    `model.config.generation_config` writes beside the graphs: every EOS id of config.json and
+    generation_config.json)."""
+    eos = generation.get("eos_token_id")
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if position_ids:
         inputs["position_ids"] = "position_ids"
     return {
         "model": {
-            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else -1,  # og refuses null ids
+            "bos_token_id": generation.get("bos_token_id", -1),  # og refuses null ids
             "context_length": cfg.max_position_embeddings,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -50,7 +52,7 @@ def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool) -> dict:
                 "num_key_value_heads": cfg.num_key_value_heads,
             },
             "eos_token_id": eos,
-            "pad_token_id": pad_id(cfg),
+            "pad_token_id": pad_id(generation),
             "type": GENAI_TYPES.get(cfg.model_type, "llama"),
             "vocab_size": cfg.vocab_size,
         },
@@ -73,11 +75,11 @@ def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool) -> dict:
     }
 
 
-def pad_id(cfg: DecoderConfig) -> int:
+def pad_id(generation: dict) -> int:
     """og wants one int: the pad id, else the (first) EOS id, else 0."""
-    if cfg.pad_token_id is not None:
-        return cfg.pad_token_id
-    eos = cfg.eos_token_id
+    if generation.get("pad_token_id") is not None:
+        return generation["pad_token_id"]
+    eos = generation.get("eos_token_id")
     return (eos[0] if eos else 0) if isinstance(eos, list) else (eos if eos is not None else 0)
 
 
@@ -86,7 +88,7 @@ def genai_overlay(filename: str) -> dict:
     return {"model": {"decoder": {"filename": filename}}}
 
 
-def write_genai_config(directory: Path, dense: Path, cfg: DecoderConfig, position_ids: bool) -> Path:
+def write_genai_config(directory: Path, dense: Path, cfg: DecoderConfig, position_ids: bool, generation: dict) -> Path:
     path = directory / GENAI_CONFIG
-    write_json(path, genai_config(cfg, dense.name, position_ids))
+    write_json(path, genai_config(cfg, dense.name, position_ids, generation))
     return path

@@ -38,6 +38,7 @@ class EmitOnnxPass:
             ctx.options.quantize,
             ctx.options.mode == "dynamic",
             ctx.progress,
+            ckpt.generation,
         )
         ctx.emitted[self.name] = artifacts
         ctx.console.log(

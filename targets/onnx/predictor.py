@@ -23,6 +23,8 @@ class PredictorRouter(nn.Module):
         self.register_buffer("routing", weights.flatten(1).T.contiguous())  # [L*d, V]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        limit = self.predictor.config.max_length  # masks.TRUNCATION: a longer prompt keeps its first tokens
+        input_ids, attention_mask = input_ids[:, :limit], attention_mask[:, :limit]
         scores = self.predictor(input_ids, attention_mask)
         return scores, standardize(scores).flatten(1) @ self.routing
 
