@@ -11,7 +11,7 @@ import ctypes
 import mmap
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +53,10 @@ class WeightSource(Protocol):
         """Drop whatever the source keeps resident (memory-mapped pages) between tensors; a no-op if nothing."""
         ...
 
+    def streaming(self, *models: nn.Module) -> AbstractContextManager[None]:
+        """A block in which forward passes of `models` (built over this source) keep about one layer resident."""
+        ...
+
 
 def ffn_slice(source: WeightSource, layer: int, proj: str, kept: np.ndarray | None) -> np.ndarray:
     """One layer's FFN projection for a model keeping `kept` neurons (ascending; None: dense), float32, [out, in].
@@ -83,6 +87,9 @@ class ModuleWeights:
 
     def release(self) -> None:
         return None
+
+    def streaming(self, *models: nn.Module) -> AbstractContextManager[None]:
+        return nullcontext()  # the tensors are in memory already
 
 
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"

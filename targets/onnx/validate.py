@@ -36,7 +36,7 @@ from ifp_export.targets.onnx.dynamic import DYNAMIC_TOLERANCE, check_dynamic
 from ifp_export.targets.onnx.emitter import DENSE_NAME, SHARED_DATA, OnnxArtifacts
 from ifp_export.targets.onnx.ops import dequantized_sources
 from ifp_export.targets.onnx.predictor import PredictorRouter
-from ifp_export.weights import ModuleWeights
+from ifp_export.weights import ModuleWeights, WeightSource
 
 PARITY_TOLERANCE = 1e-4  # max |Δlogits| / max(1, max |logits|), fp32 (or dequantized) PyTorch vs ORT
 VALIDATION_PROMPTS = 2
@@ -145,6 +145,7 @@ def check_decoder(
         scale = max(scale, float(ref.abs().max()))
     expected = greedy_generate(reference, prompts[:1], greedy_tokens)[0]
     produced = decoder.greedy(prompts[0], greedy_tokens)
+    del decoder  # one session of this model at a time: its own FFN weights are not held twice
     if genai_path is not None:
         onnx.checker.check_model(str(genai_path))
         genai = exact_session(genai_path, resident)  # accuracy_level 0 (a no-op for fp32 graphs)
@@ -211,6 +212,7 @@ def references(backbone: CausalLM, kept: dict[str, torch.Tensor | None]) -> Iter
 def validate(
     artifacts: OnnxArtifacts,
     backbone: CausalLM,
+    weights: WeightSource,
     kept: dict[str, torch.Tensor | None],
     prompts: dict[str, list[list[int]]],
     predictor: SparsityPredictor,
@@ -218,8 +220,8 @@ def validate(
     tokenizer: Tokenizer,
     routing_prompts: list[str],
 ) -> tuple[list[ValidationRow], tuple[float, float]]:
-    """Check every decoder model against its PyTorch reference (one reference alive at a time) and the predictor
-    graph's routing."""
+    """Check every decoder model against its PyTorch reference (one reference alive at a time, its forward passes
+    streaming the mapped checkpoint a layer at a time) and the predictor graph's routing."""
     rows = []
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     for name, reference in references(backbone, kept):
@@ -228,9 +230,10 @@ def validate(
                 backbone, torch.arange(backbone.config.intermediate_size).expand(backbone.config.num_hidden_layers, -1)
             )  # a twin to dequantize, the backbone stays fp32
         genai = artifacts.genai_models.get(name)
-        rows.append(
-            check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize, resident, genai)
-        )
+        with weights.streaming(backbone, reference):
+            rows.append(
+                check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize, resident, genai)
+            )
         del reference
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
@@ -282,6 +285,7 @@ def validation_inputs(ctx: ExportContext) -> dict:
     prompts[DENSE_NAME] = [encode(ckpt.tasks[i].prompt).ids for i in firsts]
     return {
         "backbone": ckpt.backbone,
+        "weights": ckpt.weights,
         "kept": {**{v.name: v.kept for v in ctx.variants}, DENSE_NAME: None},
         "prompts": prompts,
         "predictor": ckpt.predictor,
