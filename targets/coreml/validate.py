@@ -6,6 +6,7 @@ references are built one at a time (`fold_decoder` per variant) and dropped; on 
 
 from __future__ import annotations
 
+import mmap
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,11 +185,16 @@ def reference_models(dense: CausalLM, kept: dict[str, Any]) -> Callable[[str], C
 
 
 def check_decoder_package(
-    artifacts: CoreMLArtifacts, reference: Callable[[str], CausalLM], progress: Progress = no_progress
+    artifacts: CoreMLArtifacts,
+    reference: Callable[[str], CausalLM],
+    progress: Progress = no_progress,
+    release: Callable[[], None] = lambda: None,
 ) -> list[FunctionCheck]:
     """Per function: IO/states/dtypes from the spec, the norm/RoPE structure, and every weight read back from
     weight.bin by the blob offsets in the spec, against the function's PyTorch reference (built, checked and
-    dropped one at a time; equal to its fp16 rounding; quantized: dequantized, within half a step)."""
+    dropped one at a time; equal to its fp16 rounding; quantized: dequantized, within half a step). After each
+    function the pages read are dropped (`release` for the reference's source, MADV_DONTNEED for weight.bin), so
+    the check keeps about one function's weights resident, not the package and the checkpoint."""
     ct = coremltools()
     with quiet():
         ct.models.MLModel(str(artifacts.decoder), skip_model_load=True)  # coremltools parses the package
@@ -204,6 +210,8 @@ def check_decoder_package(
     with progress("Core ML validation", len(artifacts.functions)) as advance:
         for name in artifacts.functions:
             rows.append(check_function(spec, weights, described[name], name, reference(name), artifacts))
+            weights.madvise(mmap.MADV_DONTNEED)
+            release()
             advance(1)
     return rows
 
@@ -356,7 +364,7 @@ def validate_export(ctx: ExportContext) -> None:
     ckpt = ctx.checkpoint
     masks = torch.stack([v.mask for v in ctx.variants])
     reference = reference_models(ckpt.backbone, {v.name: v.kept.numpy() for v in ctx.variants})
-    rows = check_decoder_package(artifacts, reference, ctx.progress)
+    rows = check_decoder_package(artifacts, reference, ctx.progress, ckpt.weights.release)
     predictor = check_predictor_package(artifacts, ckpt.predictor, masks)
     ctx.console.print(validation_table(rows, predictor, artifacts))
     ctx.report["coreml_validation"] = {
