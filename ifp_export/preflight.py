@@ -42,10 +42,11 @@ class Estimate:
     other: int
     variants: int
     layers: int
+    scratch: int = 0  # written and deleted during the export: coremltools saves the package once before we copy it
 
     @property
     def needed(self) -> int:
-        return int(self.total * MARGIN)
+        return int((self.total + self.scratch) * MARGIN)
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -113,7 +114,7 @@ def estimate_export(
     if "coreml" in targets:
         coreml = int(COREML_BYTES[quantize] * (shared + ffn_all)) + predictor_bytes
         coreml += (n_variants + 2) * layers * COREML_SPEC_BYTES_PER_LAYER
-    return Estimate(onnx + coreml + other, onnx, coreml, other, n_variants, layers)
+    return Estimate(onnx + coreml + other, onnx, coreml, other, n_variants, layers, scratch=coreml)
 
 
 def free_bytes(output: Path) -> int:
