@@ -129,14 +129,16 @@ def check_weights(
     const_name: Any,
     skip: set[str],
     quantized: dict[str, QuantizedRef] | None = None,
+    release: Callable[[], None] = lambda: None,
 ) -> tuple[int, int, float, bool, list[str], int, float]:
     """Read every tensor of `model` back from weight.bin by its const name; (checked, FFN checked, max |diff|,
     all equal to the tensor's fp16 rounding / within the quantization bound, names not found, quantized checked,
     max |diff| / bound over quantized elements). With `quantized` (the function's constexpr weights), every 2-D
-    tensor must be one of them."""
+    tensor must be one of them. `release()` runs before each tensor (drops the pages read for the last one)."""
     checked = ffn = nquantized = 0
     worst, exact, missing, ratio = 0.0, True, [], 0.0
     for name, tensor in model.state_dict().items():
+        release()
         ref = refs.get(const_name(name))
         qref = None if quantized is None else quantized.get(const_name(name) + QUANTIZED_SUFFIX)
         if qref is not None:
@@ -173,13 +175,16 @@ def check_weights(
     return checked, ffn, worst, exact and ratio <= 1.0, missing, nquantized, ratio
 
 
-def reference_models(dense: CausalLM, kept: dict[str, Any]) -> Callable[[str], CausalLM]:
-    """Function name -> its PyTorch reference, folded on demand (one at a time: never every variant at once)."""
+def reference_models(
+    dense: CausalLM, kept: dict[str, Any], gathered: Callable[[list[torch.Tensor]], None] = lambda tensors: None
+) -> Callable[[str], CausalLM]:
+    """Function name -> its PyTorch reference, folded on demand (one at a time: never every variant at once;
+    `gathered` as in `fold_decoder`: drops the source pages a layer's gather read)."""
     functions = variant_kept(kept)
 
     def reference(name: str) -> CausalLM:
         indices = functions[name]
-        return dense if indices is None else fold_decoder(dense, torch.from_numpy(indices))
+        return dense if indices is None else fold_decoder(dense, torch.from_numpy(indices), gathered)
 
     return reference
 
@@ -192,9 +197,9 @@ def check_decoder_package(
 ) -> list[FunctionCheck]:
     """Per function: IO/states/dtypes from the spec, the norm/RoPE structure, and every weight read back from
     weight.bin by the blob offsets in the spec, against the function's PyTorch reference (built, checked and
-    dropped one at a time; equal to its fp16 rounding; quantized: dequantized, within half a step). After each
-    function the pages read are dropped (`release` for the reference's source, MADV_DONTNEED for weight.bin), so
-    the check keeps about one function's weights resident, not the package and the checkpoint."""
+    dropped one at a time; equal to its fp16 rounding; quantized: dequantized, within half a step). Before each
+    tensor the pages read so far are dropped (`release` for the reference's source, MADV_DONTNEED for weight.bin),
+    so the check keeps about one tensor resident, not the package and the checkpoint."""
     ct = coremltools()
     with quiet():
         ct.models.MLModel(str(artifacts.decoder), skip_model_load=True)  # coremltools parses the package
@@ -209,15 +214,24 @@ def check_decoder_package(
     rows = []
     with progress("Core ML validation", len(artifacts.functions)) as advance:
         for name in artifacts.functions:
-            rows.append(check_function(spec, weights, described[name], name, reference(name), artifacts))
-            weights.madvise(mmap.MADV_DONTNEED)
-            release()
+
+            def dropped(weights: mmap.mmap = weights) -> None:
+                weights.madvise(mmap.MADV_DONTNEED)
+                release()
+
+            rows.append(check_function(spec, weights, described[name], name, reference(name), artifacts, dropped))
             advance(1)
     return rows
 
 
 def check_function(
-    spec: Any, weights: Weights, desc: Any, name: str, model: CausalLM, artifacts: CoreMLArtifacts
+    spec: Any,
+    weights: Weights,
+    desc: Any,
+    name: str,
+    model: CausalLM,
+    artifacts: CoreMLArtifacts,
+    release: Callable[[], None] = lambda: None,
 ) -> FunctionCheck:
     """One function's row of the table."""
     io = {
@@ -228,7 +242,7 @@ def check_function(
     skip = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     quantized = None if artifacts.quantize == "none" else function_quantized(spec, name)
     checked, ffn, worst, exact, missing, nquantized, ratio = check_weights(
-        weights, function_blobs(spec, name), model, const_name, skip, quantized
+        weights, function_blobs(spec, name), model, const_name, skip, quantized, release
     )
     missing += check_numerics(spec, name, weights, model.config, artifacts.max_context)
     io_ok = io == expected_decoder_io(model, artifacts.max_context)
@@ -363,8 +377,9 @@ def validate_export(ctx: ExportContext) -> None:
     artifacts: CoreMLArtifacts = ctx.emitted["coreml"]
     ckpt = ctx.checkpoint
     masks = torch.stack([v.mask for v in ctx.variants])
-    reference = reference_models(ckpt.backbone, {v.name: v.kept.numpy() for v in ctx.variants})
-    rows = check_decoder_package(artifacts, reference, ctx.progress, ckpt.weights.release)
+    release = ckpt.weights.release
+    reference = reference_models(ckpt.backbone, {v.name: v.kept.numpy() for v in ctx.variants}, lambda _: release())
+    rows = check_decoder_package(artifacts, reference, ctx.progress, release)
     predictor = check_predictor_package(artifacts, ckpt.predictor, masks)
     ctx.console.print(validation_table(rows, predictor, artifacts))
     ctx.report["coreml_validation"] = {

@@ -203,10 +203,13 @@ def check_predictor(
     return diff, agreement
 
 
-def references(backbone: CausalLM, kept: dict[str, torch.Tensor | None]) -> Iterator[tuple[str, CausalLM]]:
-    """Each model's PyTorch reference, built when asked for and dropped by the caller before the next."""
+def references(
+    backbone: CausalLM, weights: WeightSource, kept: dict[str, torch.Tensor | None]
+) -> Iterator[tuple[str, CausalLM]]:
+    """Each model's PyTorch reference, built when asked for and dropped by the caller before the next; the mapped
+    pages a fold's gather read are dropped layer by layer (else every FFN matrix stays resident)."""
     for name, idx in kept.items():
-        yield name, (backbone if idx is None else fold_decoder(backbone, idx))
+        yield name, (backbone if idx is None else fold_decoder(backbone, idx, lambda _: weights.release()))
 
 
 def validate(
@@ -224,7 +227,7 @@ def validate(
     streaming the mapped checkpoint a layer at a time) and the predictor graph's routing."""
     rows = []
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
-    for name, reference in references(backbone, kept):
+    for name, reference in references(backbone, weights, kept):
         if artifacts.quantize != "none" and reference is backbone:
             reference = fold_decoder(
                 backbone, torch.arange(backbone.config.intermediate_size).expand(backbone.config.num_hidden_layers, -1)
@@ -235,6 +238,7 @@ def validate(
                 check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize, resident, genai)
             )
         del reference
+        weights.release()
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
 
