@@ -42,7 +42,7 @@ class Estimate:
     other: int
     variants: int
     layers: int
-    scratch: int = 0  # written and deleted during the export: coremltools saves the package once before we copy it
+    scratch: int = 0  # written and deleted during the export: coremltools saves the package once (in TMPDIR) first
 
     @property
     def needed(self) -> int:

@@ -16,7 +16,6 @@ import contextlib
 import io
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,9 +226,7 @@ def emit(
     ct = coremltools()
     directory.mkdir(parents=True)
     decoder = directory / DECODER_PACKAGE
-    # coremltools saves the converted package to a temp dir before `save_model` copies it: keep that scratch copy
-    # on the output's filesystem (the one the pre-flight checked) and inside the staging dir a failed run removes.
-    with quiet(), contextlib.redirect_stderr(io.StringIO()), scratch_directory(directory):
+    with quiet(), contextlib.redirect_stderr(io.StringIO()):
         mlmodel = _mil_convert(
             prog,
             convert_to="mlprogram",
@@ -243,7 +240,7 @@ def emit(
     cfg = source.config
     mlmodel.short_description = f"IFPruning decoder ({cfg.num_hidden_layers} layers, d_ff {cfg.intermediate_size})"
     save_model(mlmodel, decoder)
-    shutil.rmtree(mlmodel.package_path)  # coremltools removes its temp package only at interpreter exit
+    shutil.rmtree(mlmodel.package_path)  # coremltools' temp copy (in TMPDIR): it removes it only at exit
     del mlmodel
     predictor_path = directory / PREDICTOR_PACKAGE
     convert_predictor(predictor, variant_masks, predictor_path)
@@ -258,17 +255,6 @@ def emit(
         max_context,
         quantize,
     )
-
-
-@contextlib.contextmanager
-def scratch_directory(directory: Path) -> Iterator[None]:
-    """`tempfile`'s default directory set to `directory` for the block (coremltools takes no temp-dir argument)."""
-    saved = tempfile.tempdir
-    tempfile.tempdir = str(directory)
-    try:
-        yield
-    finally:
-        tempfile.tempdir = saved
 
 
 class EmitCoreMLPass:
