@@ -31,6 +31,15 @@ ARCHITECTURES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # with head_dim 16 and theta 1e4 the wavelengths (6.3, 19.9, 62.8, ...) hit all three llama3 bands
+    "original_max_position_embeddings": 32,
+}
+
 TINY = {
     "vocab_size": 96,
     "hidden_size": 32,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    LLAMA3_ROPE,
     assert_close_on_mask,
     hf_greedy_logits,
     left_padded_batch,
@@ -26,14 +27,6 @@ ATOL = 1e-4
 DECODE_STEPS = 8
 LENGTHS = [12, 7]  # row 1 is left-padded by 5
 
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 4.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    # with head_dim 16 and theta 1e4 the wavelengths (6.3, 19.9, 62.8, ...) hit all three llama3 bands
-    "original_max_position_embeddings": 32,
-}
 
 CASES = {
     "llama": ("llama", {}),

@@ -16,7 +16,14 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import hf_greedy_logits, left_padded_batch, make_hf_model, ours_logits_for_tokens, positions_from_mask
+from helpers import (
+    LLAMA3_ROPE,
+    hf_greedy_logits,
+    left_padded_batch,
+    make_hf_model,
+    ours_logits_for_tokens,
+    positions_from_mask,
+)
 
 from ifp_export.errors import IFPError
 from ifp_export.fold import fold_decoder, relative_difference
@@ -30,13 +37,6 @@ BOUND = 1e-4  # the project's relative bound: max |Δ| / max(1, max |reference|)
 DECODE_STEPS = 4
 LENGTHS = [9, 4]  # row 1 is left-padded by 5
 
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 4.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 32,
-}
 CASES = {
     "llama": ("llama", {}),
     "mistral-sliding-window": ("mistral", {"sliding_window": 5, "head_dim": 8}),
