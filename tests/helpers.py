@@ -223,3 +223,14 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+@torch.no_grad()
+def zero_hf_neurons(hf: PreTrainedModel, masks: torch.Tensor) -> None:
+    """Switch off, in a `transformers` model, the FFN neurons a [L, d_ff] 0/1 mask drops (rows of gate/up, columns of
+    down): the reference a pruned variant must equal."""
+    for layer, keep in zip(hf.model.layers, masks, strict=True):
+        off = keep == 0
+        layer.mlp.gate_proj.weight[off] = 0
+        layer.mlp.up_proj.weight[off] = 0
+        layer.mlp.down_proj.weight[:, off] = 0

@@ -15,6 +15,7 @@ from helpers import (
     make_hf_model,
     ours_logits_for_tokens,
     save_hf_model,
+    zero_hf_neurons,
 )
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -127,12 +128,7 @@ def test_ffn_mask_of_ones_equals_no_mask_exactly(tmp_path: Path) -> None:
 def test_ffn_mask_equals_hf_with_pruned_weights(case: str, tmp_path: Path) -> None:
     hf, ours = hf_and_ours(case, tmp_path)
     neuron_masks = zeroed_neurons(ours.config)
-    with torch.no_grad():
-        for layer, keep in zip(hf.model.layers, neuron_masks, strict=True):
-            off = keep == 0
-            layer.mlp.gate_proj.weight[off] = 0
-            layer.mlp.up_proj.weight[off] = 0
-            layer.mlp.down_proj.weight[:, off] = 0
+    zero_hf_neurons(hf, neuron_masks)
     ids, mask, _ = left_padded_batch(LENGTHS, hf.config.vocab_size)
     hf_logits, new_masks, tokens = hf_greedy_logits(hf, ids, mask, DECODE_STEPS)
     masked = ours_logits_for_tokens(ours, ids, mask, tokens, ffn_masks=neuron_masks)

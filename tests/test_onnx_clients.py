@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from helpers import zero_hf_neurons
 from tiny import make_checkpoint, run_export
 from transformers import AutoModelForCausalLM
 
@@ -58,12 +59,7 @@ def hf_pruned(ctx: ExportContext, mask: torch.Tensor | None) -> torch.nn.Module:
     """transformers on the original checkpoint, the variant's other FFN neurons zeroed (None: dense)."""
     hf = AutoModelForCausalLM.from_pretrained(ctx.checkpoint.root / "backbone").eval()
     if mask is not None:
-        with torch.no_grad():
-            for layer, keep in zip(hf.model.layers, mask, strict=True):
-                off = keep == 0
-                layer.mlp.gate_proj.weight[off] = 0
-                layer.mlp.up_proj.weight[off] = 0
-                layer.mlp.down_proj.weight[:, off] = 0
+        zero_hf_neurons(hf, mask)
     return hf
 
 
