@@ -10,7 +10,7 @@ max-scaled, so neither overflows nor loses the angle in fp16 (`numerics`).
 
 Shared tensors (embeddings, attention, norms, lm_head, RoPE tables) carry one `weight_id` in every function and
 are written once; only the FFN slices differ per function (`emit`). `--quantize int8|int4` quantizes every 2-D
-weight per function before the merge (`quantize`). Core ML cannot predict on Linux, so validation is structural
+weight as it is read, shared ones once (`quantize`). Core ML cannot predict on Linux, so validation is structural
 plus every weight read back from weight.bin (`validate`); on macOS it also compares predictions (`parity`).
 """
 

@@ -10,7 +10,9 @@ goes wrong on real checkpoints are built differently (issue 18.3):
   x * rsqrt(mean(x²) + eps). All ops are plain fp16 elementwise/reductions, so the Neural Engine can run them.
 
 Every weight const is named `const_name(hf_name)`; shared tensors (everything but the FFN) are the same numpy
-arrays in every function, so `emit` can give them one `weight_id` and the backend writes them once.
+arrays in every function, so `emit` can give them one `weight_id` and the backend writes them once. With
+`--quantize`, every 2-D weight is a `constexpr_blockwise_shift_scale` built directly from quantized arrays
+(`quantize`): the shared ones are quantized once, in `SharedWeights.load`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from ifp_export.model.config import DecoderConfig, rope_inverse_frequencies
 from ifp_export.quiet import quiet
+from ifp_export.targets.coreml.quantize import QuantizedWeight, quantize_weight, weight_const
 from ifp_export.weights import FFN_PROJECTIONS, WeightSource, is_ffn
 
 with quiet():
@@ -51,19 +54,29 @@ def rope_tables(cfg: DecoderConfig, max_context: int) -> tuple[np.ndarray, np.nd
     return emb.cos().numpy(), emb.sin().numpy()
 
 
+Weight = np.ndarray | QuantizedWeight  # fp16, or quantized (2-D weights with --quantize)
+
+
+def program_weight(array: np.ndarray, quantize: str) -> Weight:
+    """A tensor as the program stores it: fp16, and quantized if it is a 2-D weight and `quantize` is not none."""
+    fp16 = array.astype(np.float16)
+    return fp16 if quantize == "none" or fp16.ndim != 2 else quantize_weight(fp16, quantize)
+
+
 @dataclass
 class SharedWeights:
-    """fp16 arrays of every non-FFN tensor (HF name -> array) and the RoPE tables, built once for all functions."""
+    """Every non-FFN tensor as the program stores it (HF name -> fp16 or quantized) and the fp16 RoPE tables, built
+    once for all functions."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, Weight]
     rope: tuple[np.ndarray, np.ndarray]
 
     @classmethod
-    def load(cls, source: WeightSource, max_context: int) -> SharedWeights:
+    def load(cls, source: WeightSource, max_context: int, quantize: str = "none") -> SharedWeights:
         arrays = {}
         for name in source.names():
             if not is_ffn(name):
-                arrays[name] = source.get(name).astype(np.float16)
+                arrays[name] = program_weight(source.get(name), quantize)
                 source.release()
         cos, sin = rope_tables(source.config, max_context)
         return cls(arrays, (cos.astype(np.float16), sin.astype(np.float16)))
@@ -72,12 +85,8 @@ class SharedWeights:
         """Const names of the shared weights (what gets one `weight_id` across functions)."""
         return [const_name(n) for n in self.arrays] + list(ROPE_TABLES) + [ZEROS_PREFIX]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values()) + sum(t.nbytes for t in self.rope)
 
-
-FFNWeights = Callable[[int, str], np.ndarray]  # (layer, projection) -> fp16 [out, in]
+FFNWeights = Callable[[int, str], Weight]  # (layer, projection) -> [out, in], fp16 or quantized
 
 
 def decoder_function(cfg: DecoderConfig, shared: SharedWeights, ffn: FFNWeights, max_context: int) -> Function:
@@ -104,7 +113,7 @@ def decoder_function(cfg: DecoderConfig, shared: SharedWeights, ffn: FFNWeights,
 
 
 def weight(shared: SharedWeights, name: str) -> Any:
-    return mb.const(val=shared.arrays[name], name=const_name(name))
+    return weight_const(shared.arrays[name], const_name(name))
 
 
 def _decoder_body(cfg, shared, ffn, ids, mask, key_state, value_state):
@@ -148,7 +157,7 @@ def _decoder_body(cfg, shared, ffn, ids, mask, key_state, value_state):
 
 
 def _ffn_const(ffn: FFNWeights, layer: int, proj: str) -> Any:
-    return mb.const(val=ffn(layer, proj), name=const_name(f"model.layers.{layer}.mlp.{proj}.weight"))
+    return weight_const(ffn(layer, proj), const_name(f"model.layers.{layer}.mlp.{proj}.weight"))
 
 
 def _linear(x, shared, prefix, bias):

@@ -1,9 +1,9 @@
 """Write decoder.mlpackage (one MIL-builder function per variant + "dense", shared weights stored once) and
 predictor.mlpackage.
 
-Each function is built from the config (`build.decoder_function`), run through coremltools' main and
-`backend_mlprogram` pass pipelines on its own (and quantized, if asked), then its weight consts get their
-`weight_id`: the const name for a shared tensor (the same numpy array in every function, so identical by
+Each function is built from the config (`build.decoder_function`, its weights quantized as they are read if
+asked), run through coremltools' main and `backend_mlprogram` pass pipelines on its own, then its weight consts get
+their `weight_id`: the const name for a shared tensor (the same numpy array in every function, so identical by
 construction; no value comparison), function-qualified for everything else. All functions go into one
 `mil.Program` with `export_as_multifunction`, converted with every pass skipped (they already ran), so the
 backend writes one blob per `weight_id`. This replaces `ct.utils.save_multifunction`, which reloads every package
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +26,15 @@ import torch
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.pipeline import ExportContext
 from ifp_export.quiet import quiet
-from ifp_export.targets.coreml.build import DECODER_STATES, ZEROS_PREFIX, SharedWeights, decoder_function
+from ifp_export.targets.coreml.build import (
+    DECODER_STATES,
+    ZEROS_PREFIX,
+    FFNWeights,
+    SharedWeights,
+    Weight,
+    decoder_function,
+    program_weight,
+)
 from ifp_export.targets.coreml.package import (
     COREML_DIR,
     DECODER_PACKAGE,
@@ -40,7 +47,7 @@ from ifp_export.targets.coreml.package import (
     save_model,
 )
 from ifp_export.targets.coreml.predictor import convert_predictor
-from ifp_export.targets.coreml.quantize import QUANTIZED_SUFFIX, quantize_program
+from ifp_export.targets.coreml.quantize import QUANTIZED_SUFFIX
 from ifp_export.targets.onnx import DENSE_NAME
 from ifp_export.weights import WeightSource, ffn_slice
 
@@ -52,7 +59,6 @@ with quiet():
     from coremltools.converters.mil.mil import types
     from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline, PassPipelineManager
 
-QUANTIZER_COUNTER = re.compile(r"(_quantized_(?:data|scale|offset))_\d+$")
 SPEC_VERSION = 9  # iOS 18: states, multifunction, int4
 
 Progress = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
@@ -74,9 +80,9 @@ def most_general(names: list[str], variant_masks: torch.Tensor, prompt_masks: to
     return names[int(torch.argmax(iou))]
 
 
-def run_passes(fn: Any, quantize: str) -> Any:
-    """coremltools' main pipeline (no fp16 cast: the program is fp16 already), quantization, then the
-    `backend_mlprogram` pipeline, on one function; returns the function."""
+def run_passes(fn: Any) -> Any:
+    """coremltools' main pipeline (no fp16 cast: the program is fp16 already, its weights quantized if asked), then
+    the `backend_mlprogram` pipeline, on one function; returns the function."""
     prog = mil.Program()
     prog.add_function("main", fn)
     main = PassPipeline()
@@ -84,8 +90,6 @@ def run_passes(fn: Any, quantize: str) -> Any:
     _, backend = _construct_other_pipelines(main, "milinternal", "mlprogram")
     with quiet(), contextlib.redirect_stderr(io.StringIO()):  # progress bars
         PassPipelineManager.apply_pipeline(prog, main)
-        if quantize != "none":
-            quantize_program(prog, quantize)
         PassPipelineManager.apply_pipeline(prog, backend)
     return prog.functions["main"]
 
@@ -99,7 +103,7 @@ def blob_bytes(op: Any) -> int:
 
 
 def assign_weight_ids(fn: Any, function: str, shared: set[str]) -> dict[str, int]:
-    """Shared consts (and the data/scales quantization made of them) get their name as `weight_id`, so every
+    """Shared consts (and the data/scales of their quantized form) get their name as `weight_id`, so every
     function points at one blob; the rest are qualified by the function. Returns weight_id -> weight.bin bytes."""
     sizes = {}
     for op in fn.operations:
@@ -107,12 +111,41 @@ def assign_weight_ids(fn: Any, function: str, shared: set[str]) -> dict[str, int
             continue
         if op.name.startswith(ZEROS_PREFIX + "_"):  # zero biases: one blob per width
             op.weight_id = f"{ZEROS_PREFIX}_{op.outputs[0].val.size}"
-        elif op.name.split(QUANTIZED_SUFFIX)[0] in shared:  # the quantizer numbers its consts across calls
-            op.weight_id = QUANTIZER_COUNTER.sub(r"\1", op.name)
+        elif op.name.split(QUANTIZED_SUFFIX)[0] in shared:
+            op.weight_id = op.name
         else:
             op.weight_id = f"{function}::{op.name}"
         sizes[op.weight_id] = blob_bytes(op)
     return sizes
+
+
+class FFNReader:
+    """Each function's FFN weights as the program stores them. The dense function is built first and its arrays
+    kept (they are in its program anyway); a variant's `gate_proj`/`up_proj` are rows of them (one scale row per
+    output channel, so a row gather equals quantizing the slice), and its `down_proj` the dense columns (fp16) or
+    the checkpoint's columns quantized anew (the input blocks change)."""
+
+    def __init__(self, source: WeightSource, quantize: str) -> None:
+        self.source, self.quantize = source, quantize
+        self.dense: dict[tuple[int, str], Weight] = {}
+
+    def read(self, layer: int, proj: str, rows: np.ndarray | None = None) -> Weight:
+        weight = program_weight(ffn_slice(self.source, layer, proj, rows), self.quantize)
+        self.source.release()
+        return weight
+
+    def dense_weights(self, layer: int, proj: str) -> Weight:
+        self.dense[layer, proj] = self.read(layer, proj)
+        return self.dense[layer, proj]
+
+    def pruned(self, indices: np.ndarray) -> FFNWeights:
+        def weights(layer: int, proj: str) -> Weight:
+            full, rows = self.dense[layer, proj], indices[layer]
+            if proj != "down_proj":
+                return full[rows] if isinstance(full, np.ndarray) else full.rows(rows)
+            return full[:, rows] if isinstance(full, np.ndarray) else self.read(layer, proj, rows)
+
+        return weights
 
 
 def build_program(
@@ -123,26 +156,23 @@ def build_program(
     default: str,
     progress: Progress = no_progress,
 ) -> tuple[Any, int]:
-    """The multifunction program (one function per `kept` entry, in order) and its ideal weight bytes: shared
-    consts once + every function's own."""
+    """The multifunction program (one function per `kept` entry, in order; None = dense, built first) and its ideal
+    weight bytes: shared consts once + every function's own."""
     cfg = source.config
-    shared = SharedWeights.load(source, max_context)
+    shared = SharedWeights.load(source, max_context, quantize)
     shared_names = set(shared.names())
-    prog = mil.Program()
-    sizes: dict[str, int] = {}
+    reader = FFNReader(source, quantize)
+    functions, sizes = {}, {}
     with progress("Core ML functions", len(kept)) as advance:
-        for name, indices in kept.items():
-
-            def ffn(layer: int, proj: str, indices: np.ndarray | None = indices) -> np.ndarray:
-                rows = None if indices is None else indices[layer]
-                array = ffn_slice(source, layer, proj, rows).astype(np.float16)
-                source.release()
-                return array
-
-            fn = run_passes(decoder_function(cfg, shared, ffn, max_context), quantize)
-            sizes.update(assign_weight_ids(fn, name, shared_names))
-            prog.add_function(name, fn)
+        for name in sorted(kept, key=lambda n: kept[n] is not None):  # stable: dense first, then in order
+            indices = kept[name]
+            ffn = reader.dense_weights if indices is None else reader.pruned(indices)
+            functions[name] = run_passes(decoder_function(cfg, shared, ffn, max_context))
+            sizes.update(assign_weight_ids(functions[name], name, shared_names))
             advance(1)
+    prog = mil.Program()
+    for name in kept:
+        prog.add_function(name, functions[name])
     prog.export_as_multifunction = True
     prog.skip_all_passes = True
     prog.default_function_name = default

@@ -1,58 +1,71 @@
-"""Weight-only quantization of one decoder function, on its MIL program before the functions are merged.
+"""Weight-only quantization of one weight tensor, as the program is built (no pass over finished programs).
 
 int8: symmetric, one scale per output channel. int4: symmetric, one scale per `INT4_BLOCK_SIZE` input channels of
 an output channel (iOS 18 block-wise), or per output channel where the input width is not a multiple of the block
-(a pruned `down_proj` with k % 32 != 0), which coremltools would otherwise skip. Every 2-D model weight is named
-explicitly (no size threshold); norms, biases and the RoPE tables stay fp16. The quantizer is deterministic, so a
-shared weight gives the same data/scale arrays in every function and keeps a single `weight_id`.
+(a pruned `down_proj` with k % 32 != 0), which coremltools' pass would otherwise skip. Every 2-D model weight is
+quantized (no size threshold); norms, biases and the RoPE tables stay fp16. The arithmetic is coremltools' own
+(`compute_qparams_by_dtype`, what its `linear_quantize_weights` pass calls), applied to the fp16 weight, so the
+result is deterministic: a shared weight is quantized once and its data/scale arrays are the same objects in every
+function (one `weight_id`), and each function's FFN slices are quantized as they are read, one tensor at a time.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ifp_export.quiet import quiet
-from ifp_export.targets.coreml.build import ROPE_TABLES
 
 with quiet():
-    from coremltools.converters.mil.mil.passes.pass_pipeline import PassOption
-    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-    from coremltools.optimize import coreml as cto
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.optimize._utils import compute_qparams_by_dtype
 
 INT4_BLOCK_SIZE = 32  # input channels per int4 scale (as ONNX MatMulNBits)
-QUANTIZED_SUFFIX = "_quantized"  # coremltools names the constexpr op replacing const `w` as `w_quantized`
+QUANTIZED_SUFFIX = "_quantized"  # the constexpr op replacing const `w` is `w_quantized` (coremltools' naming)
+DTYPES = {"int8": types.int8, "int4": types.int4}
 
 
-def op_config(mode: str, in_features: int) -> Any:
-    if mode == "int8":
-        return cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
-        )
-    if in_features % INT4_BLOCK_SIZE == 0:
-        return cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric",
-            dtype="int4",
-            granularity="per_block",
-            block_size=INT4_BLOCK_SIZE,
-            weight_threshold=0,
-        )
-    return cto.OpLinearQuantizerConfig(
-        mode="linear_symmetric", dtype="int4", granularity="per_channel", weight_threshold=0
-    )
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A 2-D weight as `constexpr_blockwise_shift_scale` operands: weight = data * scale (scale per block)."""
+
+    data: np.ndarray  # [out, in], int8 (int4 values are stored one per int8 until the backend packs them)
+    scale: np.ndarray  # [out, in / block], fp16
+
+    def rows(self, rows: np.ndarray) -> QuantizedWeight:
+        """The weight of these output channels: exactly what quantizing those rows alone gives (scales are per row)."""
+        return QuantizedWeight(self.data[rows], self.scale[rows])
 
 
-def quantize_program(prog: Any, mode: str) -> None:
-    """Quantize every 2-D weight const (`model_*_weight_to_fp16`) of the single-function program in place."""
-    configs = {}
-    for op in prog.functions["main"].operations:
-        name = op.name
-        if op.op_type != "const" or name in ROPE_TABLES or not name.endswith("_weight_to_fp16"):
-            continue
-        shape = op.outputs[0].shape
-        if len(shape) == 2:
-            configs[name] = op_config(mode, int(shape[1]))
-    quantizer = PASS_REGISTRY["compression::linear_quantize_weights"]
-    quantizer.set_options(
-        [PassOption("config", cto.OptimizationConfig(op_name_configs=configs)), PassOption("joint_compression", False)]
-    )
-    quantizer(prog)
+def block_sizes(mode: str, in_features: int) -> list[int]:
+    """coremltools' block sizes for [out, in]: one scale per output channel (1) and per block of input channels
+    (0 = the whole row)."""
+    if mode == "int4" and in_features % INT4_BLOCK_SIZE == 0:
+        return [1, INT4_BLOCK_SIZE]
+    return [1, 0]
+
+
+def quantize_weight(weight: np.ndarray, mode: str) -> QuantizedWeight:
+    """Quantize one fp16 [out, in] weight (symmetric, `mode` int8 or int4)."""
+    if mode not in DTYPES:
+        raise ValueError(f"quantize mode must be one of {sorted(DTYPES)}, got {mode!r}")
+    result = compute_qparams_by_dtype(weight, DTYPES[mode], "LINEAR_SYMMETRIC", block_sizes(mode, weight.shape[1]))
+    if result is None:  # only for block sizes that do not divide the weight, which block_sizes never returns
+        raise ValueError(f"cannot quantize a weight of shape {weight.shape} to {mode}")
+    data, scale, _ = result
+    return QuantizedWeight(data, scale)
+
+
+def weight_const(value: np.ndarray | QuantizedWeight, name: str) -> Any:
+    """The program's value of a weight: an fp16 `const`, or a `constexpr_blockwise_shift_scale` over two consts
+    named after it (so a shared weight's data and scale keep the same names, hence `weight_id`s, in every
+    function)."""
+    if isinstance(value, np.ndarray):
+        return mb.const(val=value, name=name)
+    base = name + QUANTIZED_SUFFIX
+    data = mb.const(val=value.data, name=base + "_data")
+    scale = mb.const(val=value.scale, name=base + "_scale")
+    return mb.constexpr_blockwise_shift_scale(data=data, scale=scale, name=base)
