@@ -69,13 +69,15 @@ def kept_indices(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_error(full: CausalLM, folded: CausalLM, mask: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """Max abs logit difference, folded vs the full model with `mask` applied, on `input_ids` [B, T], in units of
-    max(1, max |logits|): both sum the same fp32 products, in a different order, so the absolute difference
-    grows with the logits' magnitude (1e-5 absolute is below fp32 resolution for logits of 20)."""
-    reference, _ = full(input_ids, ffn_masks=mask)
-    logits, _ = folded(input_ids)
-    return relative_difference(logits, reference)
+def masked_logits(
+    full: CausalLM, masks: list[torch.Tensor], sizes: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> list[torch.Tensor]:
+    """The full model's logits on `input_ids` [B, T] split into groups of `sizes` rows, group i with the neuron mask
+    `masks[i]` ([L, d_ff]), in one batched forward pass: every weight is read once for all masks, not once per
+    mask."""
+    row_masks = torch.cat([m.expand(n, *m.shape) for m, n in zip(masks, sizes, strict=True)])
+    logits, _ = full(input_ids, attention_mask, ffn_masks=row_masks)
+    return list(logits.split(sizes))
 
 
 def relative_difference(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray) -> float:

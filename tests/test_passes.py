@@ -100,6 +100,28 @@ def test_keep_one_neuron_folds_within_tolerance(checkpoint: Path, tmp_path: Path
         assert variant.fold_error <= 1e-5
 
 
+def test_a_wrong_fold_fails_the_fold_check(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pass compares every folded variant with the batched masked reference: folding the last variant with one
+    neuron of its last layer swapped for a dropped one must stop the export."""
+    import ifp_export.passes.fold as fold_pass
+
+    calls = []
+
+    def wrong_fold(model, kept, gathered):
+        calls.append(kept)
+        if len(calls) == len(ctx_variants):
+            kept = kept.clone()
+            dropped = next(j for j in range(48) if j not in kept[-1])
+            kept[-1, 0] = dropped
+            kept[-1] = kept[-1].sort().values
+        return fold_decoder(model, kept, gathered)
+
+    ctx_variants = run_export(checkpoint, tmp_path / "ok", until="group").variants
+    monkeypatch.setattr(fold_pass, "fold_decoder", wrong_fold)
+    with pytest.raises(RuntimeError, match=f"folded variant '{ctx_variants[-1].name}' differs from the masked model"):
+        run_export(checkpoint, tmp_path / "bad", until="fold")
+
+
 def test_non_uniform_k_cannot_fold(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path)
     spec = json.loads((ckpt / "ifp.json").read_text())
