@@ -315,3 +315,15 @@ def test_genai_int4_graph_matches_dequantized_pytorch(tmp_path: Path) -> None:
         expected = ours_logits_for_tokens(dequantized_reference(cfg, reference, bindings), ids, mask, tokens)
     session = ort_session(model, bindings, state_getter(reference), tmp_path / "gq.onnx")
     assert worst(onnx_logits(session, cfg, ids, mask, tokens), expected) <= BOUND
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_columns_gathered_equal_the_columns_quantized(bits: int) -> None:
+    """A variant's packed gate/up blocks and scales are rows of the dense model's (emitter.DenseRows): ORT's quantizer
+    works per output column, so the gather must equal quantizing the kept columns alone, bit for bit."""
+    matrix = np.random.default_rng(0).normal(0, 0.02, (80, 96)).astype(np.float32)  # [K, N], K not a multiple of 32
+    columns = np.array([0, 3, 4, 50, 95])
+    blocks, scales = quantize(matrix, bits)
+    kept_blocks, kept_scales = quantize(matrix[:, columns], bits)
+    np.testing.assert_array_equal(blocks[columns], kept_blocks)
+    np.testing.assert_array_equal(scales[columns], kept_scales)

@@ -31,7 +31,7 @@ from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.targets.onnx.build import build_decoder
 from ifp_export.targets.onnx.dynamic import emit_dynamic
 from ifp_export.targets.onnx.genai import write_genai_config
-from ifp_export.targets.onnx.ops import Binding, materialize
+from ifp_export.targets.onnx.ops import Binding, Materializer
 from ifp_export.targets.onnx.predictor import trace_predictor
 from ifp_export.weights import WeightSource, ffn_slice
 
@@ -84,7 +84,7 @@ def external(name: str, array_dtype: np.dtype, shape: tuple, location: tuple[str
 def bind_model(
     graph: ir.Model,
     bindings: list[Binding],
-    get: Callable[[str], np.ndarray],
+    make: Callable[[Binding], np.ndarray],
     writer: DataWriter,
     own_file: str,
     advance: Progress,
@@ -98,7 +98,7 @@ def bind_model(
             location = writer.shared[key]
             array = None
         else:
-            array = materialize(binding, get)
+            array = make(binding)
         if array is not None and array.nbytes < EXTERNAL_THRESHOLD:
             value.const_value = ir.tensor(array, name=binding.initializer)
             advance(1)
@@ -129,6 +129,38 @@ def model_getter(source: WeightSource, kept: np.ndarray | None) -> Callable[[str
         return source.get(name)
 
     return get
+
+
+class DenseRows:
+    """The dense model's quantized packed gate/up (blocks and scales), kept while the variants are bound: MatMulNBits
+    quantizes each output column on its own, so a variant's are the dense arrays' rows for its neurons, bit for bit,
+    and need no quantization. (down_proj keeps fewer input channels, so its blocks change: it is quantized anew.)"""
+
+    def __init__(self, intermediate_size: int) -> None:
+        self.intermediate_size = intermediate_size
+        self.arrays: dict[str, np.ndarray] = {}
+
+    @staticmethod
+    def applies(binding: Binding) -> bool:
+        quantized = binding.layout.endswith(("_blocks", "_scales"))
+        return binding.ffn and quantized and not any(s.endswith("down_proj.weight") for s in binding.sources)
+
+    def maker(self, source: WeightSource, kept: np.ndarray | None) -> Callable[[Binding], np.ndarray]:
+        """How to make one model's arrays: the dense model's are made and (gate/up) kept, a variant's gate/up are
+        rows of those."""
+        materialize = Materializer(model_getter(source, kept))
+
+        def make(binding: Binding) -> np.ndarray:
+            if not self.applies(binding):
+                return materialize(binding)
+            if kept is None:
+                self.arrays[binding.initializer] = materialize(binding)
+                return self.arrays[binding.initializer]
+            rows = kept[int(binding.sources[0].split(".")[2])]
+            packed = np.concatenate([rows + i * self.intermediate_size for i in range(len(binding.sources))])
+            return self.arrays[binding.initializer][packed]
+
+        return make
 
 
 def decoder_graph(cfg: DecoderConfig, ffn_width: int, quantize: str) -> tuple[ir.Model, list[Binding]]:
@@ -224,15 +256,16 @@ def emit(
         width: genai_graph(cfg, width, quantize),
         cfg.intermediate_size: genai_graph(cfg, cfg.intermediate_size, quantize),
     }
-    plan = [(name, idx, pruned, width) for name, idx in kept.items()] + [
-        (DENSE_NAME, None, dense, cfg.intermediate_size)
-    ]
+    # the dense model first: its quantized gate/up rows are the variants' (DenseRows)
+    plan = [(DENSE_NAME, None, dense, cfg.intermediate_size)]
+    plan += [(name, idx, pruned, width) for name, idx in kept.items()]
+    dense_rows = DenseRows(cfg.intermediate_size)
     paths: dict[str, Path] = {}
     genai_paths: dict[str, Path] = {}
     total = sum(len(bindings) for _, _, (_, bindings), _ in plan)
     with (progress or no_progress)("ONNX: tensors written", total) as advance:
         for name, idx, (graph, bindings), graph_width in plan:
-            bind_model(graph, bindings, model_getter(source, idx), writer, f"{name}.onnx_data", advance)
+            bind_model(graph, bindings, dense_rows.maker(source, idx), writer, f"{name}.onnx_data", advance)
             source.release()
             paths[name] = directory / f"{name}.onnx"
             ir.save(graph, paths[name])
@@ -240,6 +273,10 @@ def emit(
                 share_initializers(graph, twin)
                 genai_paths[name] = directory / f"{name}{GENAI_SUFFIX}"
                 ir.save(twin, genai_paths[name])
+    del dense_rows
+    order = [*kept, DENSE_NAME]  # variants, then dense, as everywhere else
+    paths = {n: paths[n] for n in order}
+    genai_paths = {n: genai_paths[n] for n in order if n in genai_paths}
     dynamic_inputs = emit_dynamic(directory, *pruned, *dense) if dynamic else None
 
     predictor_graph = trace_predictor(predictor, variant_masks)

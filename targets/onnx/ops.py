@@ -1,7 +1,8 @@
 """Weight layouts of the built ONNX decoder: how each initializer is made from Hugging Face tensors.
 
-`Binding` names an initializer, the HF tensors it is made from and the layout; `materialize` makes the array,
-one initializer at a time, so an emitter can stream a model tensor by tensor. Quantization is ORT's own
+`Binding` names an initializer, the HF tensors it is made from and the layout; `materialize` (or a
+`Materializer`, for a stream of bindings) makes the array, one initializer at a time, so an emitter can stream a
+model tensor by tensor. Quantization is ORT's own
 block quantizer (`quantize_matmul_4bits` / `_8bits`, symmetric, block 32; the same C++ routines
 `MatMulNBitsQuantizer` calls), so the bytes are deterministic and exactly what `MatMulNBits` expects.
 
@@ -42,19 +43,35 @@ def materialize(binding: Binding, get: Callable[[str], np.ndarray]) -> np.ndarra
 
     Deterministic: the same source tensors give the same bytes.
     """
-    layout = binding.layout
-    if layout == "as_is":
-        return np.ascontiguousarray(get(binding.sources[0]), dtype=np.float32)
-    if layout == "concat":
-        return np.concatenate([np.asarray(get(s), np.float32) for s in binding.sources])
-    matrix = _transposed(binding.sources, get)
-    if layout == "transposed":
-        return matrix
-    kind, _, part = layout.partition("_")
-    if kind not in ("int4", "int8") or part not in ("blocks", "scales"):
-        raise ValueError(f"unknown layout {layout!r} for initializer {binding.initializer!r}")
-    blocks, scales = quantize(matrix, int(kind[3:]))
-    return blocks if part == "blocks" else scales
+    return Materializer(get)(binding)
+
+
+class Materializer:
+    """`materialize` over a stream of one model's bindings, quantizing each matrix once: a MatMulNBits' blocks and
+    scales are two bindings over one quantization, bound one after the other, so the last one is kept."""
+
+    def __init__(self, get: Callable[[str], np.ndarray]) -> None:
+        self.get = get
+        self._key: tuple | None = None
+        self._quantized: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, binding: Binding) -> np.ndarray:
+        layout, get = binding.layout, self.get
+        if layout == "as_is":
+            return np.ascontiguousarray(get(binding.sources[0]), dtype=np.float32)
+        if layout == "concat":
+            return np.concatenate([np.asarray(get(s), np.float32) for s in binding.sources])
+        if layout == "transposed":
+            return _transposed(binding.sources, get)
+        kind, _, part = layout.partition("_")
+        if kind not in ("int4", "int8") or part not in ("blocks", "scales"):
+            raise ValueError(f"unknown layout {layout!r} for initializer {binding.initializer!r}")
+        if self._key != (binding.sources, kind):
+            self._key, self._quantized = None, None  # drop the last matrix before making the next
+            self._quantized = quantize(_transposed(binding.sources, get), int(kind[3:]))
+            self._key = (binding.sources, kind)
+        blocks, scales = self._quantized
+        return blocks if part == "blocks" else scales
 
 
 def _transposed(sources: tuple[str, ...], get: Callable[[str], np.ndarray]) -> np.ndarray:
@@ -100,7 +117,8 @@ def dequantized_sources(bindings: list[Binding], get: Callable[[str], np.ndarray
         bits = int(binding.layout[3])
         rows = [get(s).shape[0] for s in binding.sources]
         k = get(binding.sources[0]).shape[1]
-        matrix = dequantize(materialize(binding, get), materialize(scales[binding.sources], get), bits, k)
+        make = Materializer(get)
+        matrix = dequantize(make(binding), make(scales[binding.sources]), bits, k)
         for name, part in zip(binding.sources, np.split(matrix.T, np.cumsum(rows)[:-1], axis=0), strict=True):
             weights[name] = np.ascontiguousarray(part)
     return weights
