@@ -7,6 +7,7 @@ ML's fp16 kernels (macOS-only parity in test_coreml_target.py; fp16 norm/RoPE in
 from __future__ import annotations
 
 import importlib
+import re
 
 import numpy as np
 import pytest
@@ -75,3 +76,30 @@ def test_program_matches_pytorch_over_prefill_and_cached_decode(model_type: str,
         assert relative_diff(logits, expected) <= TOLERANCE[quantize], (name, relative_diff(logits, expected))
         assert np.abs(states["keyCache"][:, :, :, len(prompt) + len(tokens) :]).max() == 0  # nothing written past P+T
     assert DENSE_NAME in functions
+
+
+@pytest.mark.parametrize(("model_type", "quantize"), [("llama", "none"), ("qwen2", "int4")])
+def test_our_pass_runner_gives_the_program_coremltools_pipelines_give(model_type: str, quantize: str) -> None:
+    """`passes.run_passes` leaves out `reduce_transposes` and the per-pass validation (the pass's time): the
+    function it returns must print exactly as the one coremltools' own `apply_pipeline` returns, all passes in."""
+    from coremltools.converters.mil import mil
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
+
+    from ifp_export.targets.coreml.build import SharedWeights, decoder_function
+    from ifp_export.targets.coreml.passes import NOT_RUN, pipelines, run_passes
+
+    source = ModuleWeights(model(model_type))
+    shared = SharedWeights.load(source, CONTEXT, quantize)
+    reader = emit_module.FFNReader(source, quantize)
+
+    def built():
+        return decoder_function(source.config, shared, reader.dense_weights, CONTEXT)
+
+    ours = run_passes(built())
+    theirs = mil.Program()
+    theirs.add_function("main", built())
+    for pipeline in pipelines(skip=NOT_RUN):
+        PassPipelineManager.apply_pipeline(theirs, pipeline)
+    assert "reduce_transposes" in " ".join(pipelines(skip=NOT_RUN)[0].passes)
+    symbols = re.compile(r"\b(is|block)\d+\b")  # symbolic dims and blocks are numbered process-wide
+    assert symbols.sub(r"\1", str(ours)) == symbols.sub(r"\1", str(theirs.functions["main"]))

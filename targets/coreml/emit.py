@@ -46,6 +46,7 @@ from ifp_export.targets.coreml.package import (
     package_weights_path,
     save_model,
 )
+from ifp_export.targets.coreml.passes import run_passes
 from ifp_export.targets.coreml.predictor import convert_predictor
 from ifp_export.targets.coreml.quantize import QUANTIZED_SUFFIX
 from ifp_export.targets.onnx import DENSE_NAME
@@ -54,10 +55,8 @@ from ifp_export.weights import WeightSource, ffn_slice
 with quiet():
     from coremltools.converters.mil import mil
     from coremltools.converters.mil.backend.mil.load import should_use_weight_file
-    from coremltools.converters.mil.converter import _construct_other_pipelines
     from coremltools.converters.mil.converter import mil_convert as _mil_convert
     from coremltools.converters.mil.mil import types
-    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline, PassPipelineManager
 
 SPEC_VERSION = 9  # iOS 18: states, multifunction, int4
 
@@ -78,20 +77,6 @@ def most_general(names: list[str], variant_masks: torch.Tensor, prompt_masks: to
     union = variant_masks.sum(-1)[:, None] + prompt_masks.sum(-1)[None] - inter
     iou = (inter / union.clamp(min=1)).mean((1, 2))
     return names[int(torch.argmax(iou))]
-
-
-def run_passes(fn: Any) -> Any:
-    """coremltools' main pipeline (no fp16 cast: the program is fp16 already, its weights quantized if asked), then
-    the `backend_mlprogram` pipeline, on one function; returns the function."""
-    prog = mil.Program()
-    prog.add_function("main", fn)
-    main = PassPipeline()
-    main.remove_passes({"common::add_fp16_cast", "common::add_int16_cast"})
-    _, backend = _construct_other_pipelines(main, "milinternal", "mlprogram")
-    with quiet(), contextlib.redirect_stderr(io.StringIO()):  # progress bars
-        PassPipelineManager.apply_pipeline(prog, main)
-        PassPipelineManager.apply_pipeline(prog, backend)
-    return prog.functions["main"]
 
 
 def blob_bytes(op: Any) -> int:
