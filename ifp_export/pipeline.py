@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ifp_export.checkpoint import Checkpoint, TaskPrompt
 from ifp_export.errors import IFPError
+from ifp_export.memory import release_freed_memory
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class Pipeline:
         for p in self.passes:
             start = time.perf_counter()
             ctx = p.run(ctx)
+            release_freed_memory()
             seconds = time.perf_counter() - start
             ctx.timings.append((p.name, seconds))
             ctx.peak_rss[p.name] = peak_rss_bytes()

@@ -59,8 +59,9 @@ Weight = np.ndarray | QuantizedWeight  # fp16, or quantized (2-D weights with --
 
 def program_weight(array: np.ndarray, quantize: str) -> Weight:
     """A tensor as the program stores it: fp16, and quantized if it is a 2-D weight and `quantize` is not none."""
-    fp16 = array.astype(np.float16)
-    return fp16 if quantize == "none" or fp16.ndim != 2 else quantize_weight(fp16, quantize)
+    if quantize == "none" or array.ndim != 2:
+        return array.astype(np.float16)
+    return quantize_weight(np.asarray(array, np.float32), quantize)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ifp_export.memory import release_freed_memory
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.pipeline import ExportContext
 from ifp_export.quiet import quiet
@@ -256,7 +257,8 @@ def emit(
     mlmodel.short_description = f"IFPruning decoder ({cfg.num_hidden_layers} layers, d_ff {cfg.intermediate_size})"
     save_model(mlmodel, decoder)
     shutil.rmtree(mlmodel.package_path)  # coremltools' temp copy (in TMPDIR): it removes it only at exit
-    del mlmodel
+    del mlmodel  # it holds the program
+    release_freed_memory()  # the functions' arrays, before the predictor is converted
     predictor_path = directory / PREDICTOR_PACKAGE
     convert_predictor(predictor, variant_masks, predictor_path)
     return CoreMLArtifacts(
