@@ -5,7 +5,7 @@ Each function is built from the config (`build.decoder_function`, its weights qu
 asked), run through coremltools' main and `backend_mlprogram` pass pipelines on its own, then its weight consts get
 their `weight_id`: the const name for a shared tensor (the same numpy array in every function, so identical by
 construction; no value comparison), function-qualified for everything else. All functions go into one
-`mil.Program` with `export_as_multifunction`, converted with every pass skipped (they already ran), so the
+`mil.Program` with `export_as_multifunction`, converted by the MIL-to-proto backend directly (the passes ran), so the
 backend writes one blob per `weight_id`. This replaces `ct.utils.save_multifunction`, which reloads every package
 and compares constants pairwise.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +56,10 @@ from ifp_export.weights import WeightSource, ffn_slice
 
 with quiet():
     from coremltools.converters.mil import mil
+    from coremltools.converters.mil.backend.mil.load import load as mil_to_proto
     from coremltools.converters.mil.backend.mil.load import should_use_weight_file
-    from coremltools.converters.mil.converter import mil_convert as _mil_convert
     from coremltools.converters.mil.mil import types
+    from coremltools.models.model import _create_mlpackage
 
 SPEC_VERSION = 9  # iOS 18: states, multifunction, int4
 
@@ -160,9 +162,29 @@ def build_program(
     for name in kept:
         prog.add_function(name, functions[name])
     prog.export_as_multifunction = True
-    prog.skip_all_passes = True
     prog.default_function_name = default
     return prog, sum(sizes.values())
+
+
+def convert_program(prog: Any) -> Any:
+    """The program as an `MLModel` over a temporary mlpackage, through coremltools' MIL-to-proto backend directly.
+
+    `mil_convert` would first run three pass pipelines, empty here (every function ran its passes and was
+    validated), each of which still validates the whole multifunction program and formats it for a debug log line:
+    most of the conversion's time on the bench model."""
+    ct = coremltools()
+    prog._check_early_error_out_for_invalid_program()
+    with quiet(), contextlib.redirect_stderr(io.StringIO()), tempfile.TemporaryDirectory() as weights:
+        proto = mil_to_proto(
+            prog,
+            weights,
+            specification_version=ct.target.iOS18,
+            export_multi_functions=True,
+            convert_from="milinternal",
+            convert_to="mlprogram",
+        )
+        package = _create_mlpackage(proto, weights)
+    return ct.models.MLModel(package, is_temp_package=True, skip_model_load=True, compute_units=ct.ComputeUnit.CPU_ONLY)
 
 
 @dataclass
@@ -239,19 +261,9 @@ def emit(
     default = default_function or next(iter(kept))
     max_context = context_length(source.config.max_position_embeddings)
     prog, ideal = build_program(source, functions, max_context, quantize, default, progress)
-    ct = coremltools()
     directory.mkdir(parents=True)
     decoder = directory / DECODER_PACKAGE
-    with quiet(), contextlib.redirect_stderr(io.StringIO()):
-        mlmodel = _mil_convert(
-            prog,
-            convert_to="mlprogram",
-            convert_from="milinternal",
-            specification_version=ct.target.iOS18,
-            compute_units=ct.ComputeUnit.CPU_ONLY,
-            export_multi_functions=True,
-            skip_model_load=True,
-        )
+    mlmodel = convert_program(prog)
     del prog
     cfg = source.config
     mlmodel.short_description = f"IFPruning decoder ({cfg.num_hidden_layers} layers, d_ff {cfg.intermediate_size})"
