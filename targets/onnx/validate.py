@@ -1,5 +1,9 @@
 """Validation sized to the model: every ONNX decoder against its PyTorch reference, built on demand one at a time.
 
+Per model the reference runs first, streaming the mapped checkpoint a layer at a time, and keeps only its logits
+and tokens (`reference.ReferenceRun`); then the model's ORT sessions run one at a time over the resident shared
+weights, so at most one model's weights are resident (the dense model's session sets validation's peak).
+
 fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
 the *same dequantized weights* (that is what catches graph and binding bugs): the shipped graph's MatMulNBits
 quantize activations to int8 (accuracy_level 4, the fast CPU path), so the check runs its exact twin (the same
