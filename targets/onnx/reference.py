@@ -66,7 +66,8 @@ def restore(model: CausalLM, replaced: dict[str, nn.Parameter]) -> None:
 
 def dequantized(model: CausalLM, quantize: str) -> CausalLM:
     """`model` (a fresh fold, modified in place) with every weight the quantized graph quantizes replaced by what
-    its MatMulNBits node computes with, all at once (small models: tests, the runtime's reference)."""
+    its MatMulNBits node computes with, all at once: the whole-model reference tests hold the runtime and
+    `dequantizing` to (validation uses `dequantizing`, which never makes this copy)."""
     get = ModuleWeights(model).get
     for bindings in quantized_groups(model, quantize).values():
         swap_in(model, bindings, get)
