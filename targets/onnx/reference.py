@@ -2,8 +2,8 @@
 
 A model's reference streams the memory-mapped checkpoint a layer at a time (`WeightSource.streaming`) and keeps
 only its logits and tokens (`ReferenceRun`), so its pages and the ORT session's (the whole model) are never
-resident together. For a quantized export it computes with the weights the graph's MatMulNBits use, dequantized a
-layer at a time (`dequantizing`), not a dequantized fp32 copy of the model.
+resident together. For a quantized export it computes with the weights the graph's MatMulNBits use (`dequantizing`: the
+model's own weights swapped for the dequantized ones and back, no fp32 twin of the dense model folded for it).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -75,36 +74,25 @@ def dequantized(model: CausalLM, quantize: str) -> CausalLM:
 
 
 @contextmanager
-def dequantizing(model: CausalLM, quantize: str) -> Iterator[None]:
-    """Within this block `model` computes with the weights the quantized graph's MatMulNBits use, each layer's (and
-    lm_head's) dequantized just before it runs and its original weights put back just after: one layer in fp32 at a
-    time, never a dequantized copy of the model (`dequantized` makes one: 2x a bf16 checkpoint)."""
+def dequantizing(model: CausalLM, quantize: str, release: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Within this block `model` computes with the weights the quantized graph's MatMulNBits use (dequantized once,
+    on entry, a module at a time with `release()` after each: drops the source pages read); on exit its own weights
+    are put back, so no fp32 twin of the model is folded for this. Dequantizing a layer as it runs would hold one
+    layer instead of the model, but re-quantizes every weight on each of a check's ~50 forward passes (~8 s per pass
+    at 100M parameters), so the dequantized weights are held for the block: validation runs it before, never beside,
+    the model's ORT sessions."""
     if quantize == "none":
         yield
         return
     get = ModuleWeights(model).get
-    groups = quantized_groups(model, quantize)
-    pending: dict[str, nn.Parameter] = {}
-
-    def before(owner: str) -> Callable[..., None]:
-        return lambda module, args: pending.update(swap_in(model, groups[owner], get))
-
-    def after(module: nn.Module, args: Any, output: Any) -> None:
-        restore(model, pending)
-        pending.clear()
-
-    handles = []
-    for owner in groups:
-        module = model.get_submodule(owner)
-        handles.append(module.register_forward_pre_hook(before(owner)))
-        # first among the forward hooks: `streaming` then drops the pages of the original (mapped) weights
-        handles.append(module.register_forward_hook(after, prepend=True))
+    replaced: dict[str, nn.Parameter] = {}
     try:
+        for bindings in quantized_groups(model, quantize).values():
+            replaced.update(swap_in(model, bindings, get))
+            release()
         yield
     finally:
-        for handle in handles:
-            handle.remove()
-        restore(model, pending)
+        restore(model, replaced)
 
 
 @dataclass
@@ -124,16 +112,17 @@ def reference_run(
     prompts: list[list[int]],
     quantize: str = "none",
     unpadded: bool = False,
+    release: Callable[[], None] = lambda: None,
     decode_steps: int = 8,
     greedy_tokens: int = 32,
 ) -> ReferenceRun:
-    """`reference` (fp32; for quantized exports run on the dequantized weights, one layer at a time) on the
+    """`reference` (fp32; for quantized exports run on the dequantized weights) on the
     left-padded prompts: prefill, `decode_steps` cached steps feeding its own greedy token, greedy generation of
     `greedy_tokens` tokens from the first prompt (no EOS stop), and the first prompt unpadded if `unpadded`."""
     ids, mask = left_pad(prompts)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     fp32 = None if quantize == "none" else reference(ids, mask, positions)[0].numpy()
-    with dequantizing(reference, quantize):
+    with dequantizing(reference, quantize, release):
         logits, past = reference(ids, mask, positions)
         padded = [logits.numpy()]
         for _ in range(decode_steps):

@@ -211,7 +211,7 @@ def validate(
     for name, reference in references(backbone, weights, kept):
         genai = artifacts.genai_models.get(name)
         with weights.streaming(backbone, reference):
-            expected = reference_run(reference, prompts[name], artifacts.quantize, genai is not None)
+            expected = reference_run(reference, prompts[name], artifacts.quantize, genai is not None, weights.release)
         del reference  # then the ORT sessions: the reference's pages and the session's are never resident together
         weights.release()
         trim_heap()
