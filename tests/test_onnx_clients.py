@@ -180,9 +180,10 @@ def test_dequantized_reference_unties_the_lm_head(qwen2_export: ExportContext) -
     assert backbone.lm_head.weight is backbone.model.embed_tokens.weight  # the checkpoint's model is untouched
 
 
-def test_dequantizing_a_layer_at_a_time_equals_the_dequantized_copy(qwen2_export: ExportContext) -> None:
-    """Validation's reference of a quantized export (each layer dequantized just before it runs, tied lm_head
-    included) computes exactly what the dequantized copy does, and gives the model back as it was (tie included)."""
+def test_dequantizing_equals_the_dequantized_copy_and_gives_the_model_back(qwen2_export: ExportContext) -> None:
+    """Validation's reference of a quantized export (the model's own weights swapped for the dequantized ones, tied
+    lm_head included) computes exactly what a dequantized fold does, and gives the model back as it was (tie
+    included): the checkpoint's backbone is the dense model's reference, with no twin folded for it."""
     backbone, kept = qwen2_export.checkpoint.backbone, qwen2_export.variants[0].kept
     ids = torch.tensor([[1, 5, 6, 7, 3]])
     folded = fold_decoder(backbone, kept)
