@@ -88,4 +88,5 @@ def check_checkpoint(ckpt: Checkpoint, prompts: int = 2, **options: int) -> HFCh
     for task in ckpt.tasks:
         firsts.setdefault(task.task, task.prompt)
     ids = [ckpt.tokenizer.encode(prompt).ids for prompt in list(firsts.values())[:prompts]]
-    return check_against_transformers(ckpt.root / BACKBONE_DIR, ckpt.backbone, [i for i in ids if i], **options)
+    with ckpt.weights.streaming(ckpt.backbone):  # our side keeps a layer of the mapped checkpoint resident
+        return check_against_transformers(ckpt.root / BACKBONE_DIR, ckpt.backbone, [i for i in ids if i], **options)

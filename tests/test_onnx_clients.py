@@ -30,7 +30,7 @@ from ifp_export.targets.onnx import (
     validation_inputs,
 )
 from ifp_export.targets.onnx.genai import GENAI_CONFIG, write_genai_config
-from ifp_export.targets.onnx.validate import dequantized
+from ifp_export.targets.onnx.reference import dequantized, dequantizing
 
 
 @pytest.fixture(params=["sample_export", "qwen2_export"])
@@ -178,6 +178,26 @@ def test_dequantized_reference_unties_the_lm_head(qwen2_export: ExportContext) -
     assert torch.equal(reference.model.embed_tokens.weight, backbone.model.embed_tokens.weight)
     assert not torch.equal(reference.lm_head.weight, backbone.lm_head.weight)
     assert backbone.lm_head.weight is backbone.model.embed_tokens.weight  # the checkpoint's model is untouched
+
+
+def test_dequantizing_equals_the_dequantized_copy_and_gives_the_model_back(qwen2_export: ExportContext) -> None:
+    """Validation's reference of a quantized export (the model's own weights swapped for the dequantized ones, tied
+    lm_head included) computes exactly what a dequantized fold does, and gives the model back as it was (tie
+    included): the checkpoint's backbone is the dense model's reference, with no twin folded for it."""
+    backbone, kept = qwen2_export.checkpoint.backbone, qwen2_export.variants[0].kept
+    ids = torch.tensor([[1, 5, 6, 7, 3]])
+    folded = fold_decoder(backbone, kept)
+    before = dict(folded.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        expected = dequantized(fold_decoder(backbone, kept), "int4")(ids)[0]
+        fp32 = folded(ids)[0]
+        with dequantizing(folded, "int4"):
+            got = folded(ids)[0]
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, fp32)
+    after = dict(folded.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys() and all(after[n] is p for n, p in before.items())
+    assert folded.lm_head.weight is folded.model.embed_tokens.weight
 
 
 def test_runtime_generates_on_an_int4_export(tmp_path: Path) -> None:

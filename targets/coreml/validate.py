@@ -52,6 +52,8 @@ from ifp_export.targets.coreml.predictor import PREDICTOR_INPUTS, CoreMLPredicto
 from ifp_export.targets.coreml.quantize import INT4_BLOCK_SIZE, QUANTIZED_SUFFIX
 from ifp_export.targets.onnx import DENSE_NAME, FFN_PARAMS
 
+COMPARE_CHUNK = 1 << 22  # elements of a weight compared at once (16 MB in fp32)
+
 
 def feature_signature(feature: Any) -> tuple[str, str, str]:
     """(name, kind, "dtype[shape ranges]") of a spec input/output/state, for the table and the checks."""
@@ -142,14 +144,11 @@ def check_weights(
         ref = refs.get(const_name(name))
         qref = None if quantized is None else quantized.get(const_name(name) + QUANTIZED_SUFFIX)
         if qref is not None:
-            expected = tensor.detach().float().numpy()
-            if qref.shape != expected.shape:
+            if qref.shape != tuple(tensor.shape):
                 missing.append(name)
                 continue
-            stored, scales = dequantize(weights, qref)
-            error = np.abs(stored - expected)
-            worst = max(worst, float(error.max(initial=0.0)))
-            ratio = max(ratio, float((error / quantization_bound(expected, scales)).max(initial=0.0)))
+            diff, bound = quantized_difference(*dequantize(weights, qref), tensor)
+            worst, ratio = max(worst, diff), max(ratio, bound)
             checked += 1
             nquantized += 1
             ffn += name.rsplit(".", 2)[-2] in FFN_PARAMS
@@ -164,15 +163,40 @@ def check_weights(
                 missing.append(name)
             continue
         stored = read_blob(weights, ref)
-        expected = tensor.detach().float().numpy()
-        if stored.shape != expected.shape:
+        if stored.shape != tuple(tensor.shape):
             missing.append(name)
             continue
-        worst = max(worst, float(np.abs(stored.astype(np.float32) - expected).max(initial=0.0)))
-        exact &= bool(np.array_equal(stored, expected.astype(stored.dtype)))
+        diff, equal = blob_difference(stored, tensor)
+        worst = max(worst, diff)
+        exact &= equal
         checked += 1
         ffn += name.rsplit(".", 2)[-2] in FFN_PARAMS
     return checked, ffn, worst, exact and ratio <= 1.0, missing, nquantized, ratio
+
+
+def blob_difference(stored: np.ndarray, tensor: torch.Tensor) -> tuple[float, bool]:
+    """(max |stored - tensor| in fp32, stored == tensor rounded to the stored dtype), a chunk at a time: the fp32
+    temporaries of a whole embedding (4 of them, 1 GB at 1.1B) would otherwise top the validation's peak RSS."""
+    flat_stored, flat = stored.reshape(-1), tensor.detach().reshape(-1)
+    worst, exact = 0.0, True
+    for start in range(0, flat.numel(), COMPARE_CHUNK):
+        part = flat_stored[start : start + COMPARE_CHUNK]
+        expected = flat[start : start + COMPARE_CHUNK].float().numpy()
+        worst = max(worst, float(np.abs(part.astype(np.float32) - expected).max(initial=0.0)))
+        exact &= bool(np.array_equal(part, expected.astype(part.dtype)))
+    return worst, exact
+
+
+def quantized_difference(stored: np.ndarray, scales: np.ndarray, tensor: torch.Tensor) -> tuple[float, float]:
+    """(max |dequantized - tensor|, max of that / its `quantization_bound`), a chunk at a time (see blob_difference)."""
+    flat_stored, flat_scales, flat = stored.reshape(-1), scales.reshape(-1), tensor.detach().reshape(-1)
+    worst = ratio = 0.0
+    for start in range(0, flat.numel(), COMPARE_CHUNK):
+        expected = flat[start : start + COMPARE_CHUNK].float().numpy()
+        error = np.abs(flat_stored[start : start + COMPARE_CHUNK] - expected)
+        bound = quantization_bound(expected, flat_scales[start : start + COMPARE_CHUNK])
+        worst, ratio = max(worst, float(error.max(initial=0.0))), max(ratio, float((error / bound).max(initial=0.0)))
+    return worst, ratio
 
 
 def reference_models(

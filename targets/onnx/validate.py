@@ -1,5 +1,9 @@
 """Validation sized to the model: every ONNX decoder against its PyTorch reference, built on demand one at a time.
 
+Per model the reference runs first, streaming the mapped checkpoint a layer at a time, and keeps only its logits
+and tokens (`reference.ReferenceRun`); then the model's ORT sessions run one at a time over the resident shared
+weights, so at most one model's weights are resident (the dense model's session sets validation's peak).
+
 fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
 the *same dequantized weights* (that is what catches graph and binding bugs): the shipped graph's MatMulNBits
 quantize activations to int8 (accuracy_level 4, the fast CPU path), so the check runs its exact twin (the same
@@ -21,22 +25,20 @@ import onnxruntime as ort
 import torch
 from rich.table import Table
 from tokenizers import Tokenizer
-from torch import nn
 
 from ifp_export.errors import ValidationFailed
 from ifp_export.fold import fold_decoder, relative_difference
-from ifp_export.generate import greedy_generate, left_pad
+from ifp_export.generate import left_pad
 from ifp_export.masks import encode_prompts
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.ort import OrtDecoder, ResidentWeights, session
 from ifp_export.pipeline import ExportContext
-from ifp_export.targets.onnx.build import build_decoder
 from ifp_export.targets.onnx.dynamic import DYNAMIC_TOLERANCE, check_dynamic
 from ifp_export.targets.onnx.emitter import DENSE_NAME, SHARED_DATA, OnnxArtifacts
-from ifp_export.targets.onnx.ops import dequantized_sources
 from ifp_export.targets.onnx.predictor import PredictorRouter
-from ifp_export.weights import ModuleWeights, WeightSource
+from ifp_export.targets.onnx.reference import ReferenceRun, reference_run
+from ifp_export.weights import WeightSource, trim_heap
 
 PARITY_TOLERANCE = 1e-4  # max |Δlogits| / max(1, max |logits|), fp32 (or dequantized) PyTorch vs ORT
 VALIDATION_PROMPTS = 2
@@ -65,20 +67,6 @@ class ValidationRow:
         return worst <= PARITY_TOLERANCE * max(1.0, self.logits_scale) and self.greedy_match and genai_ok
 
 
-def dequantized(model: CausalLM, quantize: str) -> CausalLM:
-    """`model` (a fresh fold, modified in place) with every weight the quantized graph quantizes replaced by what
-    its MatMulNBits node computes with (a tied lm_head is untied: the embedding gather stays fp32, as in the graph).
-    The bindings come from the graph builder, so the reference follows whatever the graph quantizes."""
-    cfg = model.config
-    _, bindings = build_decoder(cfg, cfg.intermediate_size, "optimum", quantize)
-    for name, weight in dequantized_sources(bindings, ModuleWeights(model).get).items():
-        if cfg.tie_word_embeddings and name == "model.embed_tokens.weight":
-            name = "lm_head.weight"
-        module_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attribute, nn.Parameter(torch.from_numpy(weight), False))
-    return model
-
-
 def decoder_session(path: Path, resident: ResidentWeights) -> OrtDecoder:
     """One thread, shared weights from the resident memory-mapped cache (held once across every model checked)."""
     options = resident.options(path, threads=1)
@@ -98,93 +86,85 @@ def exact_session(path: Path, resident: ResidentWeights) -> ort.InferenceSession
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-@torch.no_grad()
 def check_decoder(
     path: Path,
-    reference: CausalLM,
+    expected: ReferenceRun,
     prompts: list[list[int]],
     quantize: str = "none",
     resident: ResidentWeights | None = None,
     genai_path: Path | None = None,
-    decode_steps: int = 8,
-    greedy_tokens: int = 32,
 ) -> ValidationRow:
-    """ONNX checker, ORT load, prefill + cached decode parity on a left-padded batch, and greedy generation of
-    `greedy_tokens` tokens (no EOS stop) against `reference` (fp32; for quantized exports, made dequantized here);
+    """ONNX checker, ORT load, prefill + cached decode parity on a left-padded batch, and greedy generation against
+    the reference's run on `prompts` (`reference_run`: fp32, or the dequantized weights for quantized exports);
     the model's GenAI-flavour graph, if any, on the first prompt unpadded (how onnxruntime-genai runs it)."""
     onnx.checker.check_model(str(path))
     resident = resident or ResidentWeights(SHARED_DATA)
     start = time.perf_counter()
     decoder = decoder_session(path, resident)
     load_seconds = time.perf_counter() - start
-    ids, mask = left_pad(prompts)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    valid = mask.bool().numpy()
+    ids, mask = (t.numpy() for t in left_pad(prompts))
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    valid = mask.astype(bool)
+    ref = expected.padded[0]
     quality: dict[str, float] = {}
     if quantize != "none":
-        fp32 = reference(ids, mask, positions)[0].numpy()
-        reference = dequantized(reference, quantize)
-        shipped, _ = decoder(ids.numpy(), mask.numpy(), positions.numpy(), decoder.empty_cache(len(prompts)))
+        shipped, _ = decoder(ids, mask, positions, decoder.empty_cache(len(prompts)))
+        fp32 = expected.fp32_prefill
         quality["fp32_prefill_diff"] = float(np.abs(shipped - fp32)[valid].max())
         quality["fp32_top1_agreement"] = float((shipped.argmax(-1) == fp32.argmax(-1))[valid].mean())
+        quality["shipped_prefill_diff"] = float(np.abs(shipped - ref)[valid].max())
+        del decoder  # one session of this model at a time
         decoder = OrtDecoder(exact_session(path, resident))
-    ref, ref_past = reference(ids, mask, positions)
-    if quantize != "none":
-        quality["shipped_prefill_diff"] = float(np.abs(shipped - ref.numpy())[valid].max())
-    got, past = decoder(ids.numpy(), mask.numpy(), positions.numpy(), decoder.empty_cache(len(prompts)))
-    prefill_diff = float(np.abs(got - ref.numpy())[valid].max())
-    scale = float(ref.abs().max())
+    got, past = decoder(ids, mask, positions, decoder.empty_cache(len(prompts)))
+    prefill_diff = float(np.abs(got - ref)[valid].max())
+    scale = float(np.abs(ref).max())
     decode_diff = 0.0
-    for _ in range(decode_steps):
-        token = ref[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat((mask, torch.ones_like(token)), dim=1)
+    for step in expected.padded[1:]:
+        token = ref[:, -1].argmax(-1)[:, None]
+        mask = np.concatenate((mask, np.ones_like(token)), axis=1)
         positions = positions[:, -1:] + 1
-        ref, ref_past = reference(token, mask, positions, ref_past)
-        got, past = decoder(token.numpy(), mask.numpy(), positions.numpy(), past)
-        decode_diff = max(decode_diff, float(np.abs(got - ref.numpy()).max()))
-        scale = max(scale, float(ref.abs().max()))
-    expected = greedy_generate(reference, prompts[:1], greedy_tokens)[0]
-    produced = decoder.greedy(prompts[0], greedy_tokens)
+        got, past = decoder(token, mask, positions, past)
+        decode_diff = max(decode_diff, float(np.abs(got - step).max()))
+        scale = max(scale, float(np.abs(step).max()))
+        ref = step
+    produced = decoder.greedy(prompts[0], len(expected.greedy))
     del decoder  # one session of this model at a time: its own FFN weights are not held twice
     if genai_path is not None:
         onnx.checker.check_model(str(genai_path))
         genai = exact_session(genai_path, resident)  # accuracy_level 0 (a no-op for fp32 graphs)
-        quality["genai_diff"] = check_unpadded(genai, reference, prompts[0], decode_steps)
+        quality["genai_diff"] = check_unpadded(genai, expected.unpadded, prompts[0])
     return ValidationRow(
         path.name,
         load_seconds,
         prefill_diff,
         decode_diff,
-        decode_steps,
-        greedy_tokens,
-        produced == expected,
+        len(expected.padded) - 1,
+        len(expected.greedy),
+        produced == expected.greedy,
         scale,
         quantize,
         **quality,
     )
 
 
-@torch.no_grad()
-def check_unpadded(sess: ort.InferenceSession, reference: CausalLM, prompt: list[int], steps: int) -> float:
-    """Max |Δlogits| / max(1, max|logits|) of a GenAI-flavour graph (no position_ids) vs `reference` over the
-    prefill of one unpadded prompt and `steps` cached greedy decode steps."""
-    cfg = reference.config
-    empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+def check_unpadded(sess: ort.InferenceSession, expected: list[np.ndarray], prompt: list[int]) -> float:
+    """Max |Δlogits| / max(1, max|logits|) of a GenAI-flavour graph (no position_ids) vs the reference's logits on
+    one unpadded prompt (`unpadded_logits`: prefill, then cached decode steps feeding the reference's greedy token)."""
+    first = next(i for i in sess.get_inputs() if i.name.startswith("past_key_values."))
+    empty = np.zeros((1, int(first.shape[1]), 0, int(first.shape[3])), np.float32)
     outputs = [o.name for o in sess.get_outputs()]
     past = {i.name: empty for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
-    ids = torch.tensor([prompt])
-    mask = torch.ones_like(ids)
-    ref, ref_past = reference(ids, mask, torch.arange(ids.shape[1])[None])
+    ids = np.asarray([prompt], np.int64)
+    mask = np.ones_like(ids)
     worst = 0.0
-    for step in range(steps + 1):
-        got, *present = sess.run(outputs, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), **past})
-        worst = max(worst, relative_difference(got[:, -ids.shape[1] :], ref.numpy()))
-        if step == steps:
-            return worst
+    for step, ref in enumerate(expected):
+        got, *present = sess.run(outputs, {"input_ids": ids, "attention_mask": mask, **past})
+        worst = max(worst, relative_difference(got[:, -ids.shape[1] :], ref))
+        if step == len(expected) - 1:
+            break
         past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(outputs[1:], present, strict=True)}
-        ids = ref[:, -1].argmax(-1, keepdim=True)
-        mask = torch.ones(1, mask.shape[1] + 1, dtype=torch.long)
-        ref, ref_past = reference(ids, mask, torch.tensor([[mask.shape[1] - 1]]), ref_past)
+        ids = ref[:, -1].argmax(-1)[:, None]
+        mask = np.ones((1, mask.shape[1] + 1), np.int64)
     return worst
 
 
@@ -224,21 +204,18 @@ def validate(
     routing_prompts: list[str],
 ) -> tuple[list[ValidationRow], tuple[float, float]]:
     """Check every decoder model against its PyTorch reference (one reference alive at a time, its forward passes
-    streaming the mapped checkpoint a layer at a time) and the predictor graph's routing."""
+    streaming the mapped checkpoint a layer at a time, run and dropped before the model's ORT sessions) and the
+    predictor graph's routing."""
     rows = []
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     for name, reference in references(backbone, weights, kept):
-        if artifacts.quantize != "none" and reference is backbone:
-            reference = fold_decoder(
-                backbone, torch.arange(backbone.config.intermediate_size).expand(backbone.config.num_hidden_layers, -1)
-            )  # a twin to dequantize, the backbone stays fp32
         genai = artifacts.genai_models.get(name)
         with weights.streaming(backbone, reference):
-            rows.append(
-                check_decoder(artifacts.models[name], reference, prompts[name], artifacts.quantize, resident, genai)
-            )
-        del reference
+            expected = reference_run(reference, prompts[name], artifacts.quantize, genai is not None, weights.release)
+        del reference  # then the ORT sessions: the reference's pages and the session's are never resident together
         weights.release()
+        trim_heap()
+        rows.append(check_decoder(artifacts.models[name], expected, prompts[name], artifacts.quantize, resident, genai))
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
 
