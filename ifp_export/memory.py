@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
-import sys
 
 
 def release_freed_memory() -> None:
-    """Collect reference cycles, then return the heap's free pages to the OS.
+    """Collect reference cycles, then give the C heap's free pages back to the system.
 
     coremltools' MIL programs and onnx-ir graphs are cycles (ops and values point at each other), so their arrays
     go only with a cyclic collection. And glibc keeps freed chunks below its mmap threshold (which grows to 32 MiB
-    as large arrays are freed: most weight tensors) in its heap: without `malloc_trim`, the bench model's Core ML
-    program (~1 GB) stayed resident after it was written, and the next pass started from the last one's peak.
+    as large arrays are freed: most weight tensors) in its heap, counted in RSS until trimmed: the bench model's
+    Core ML program (~1 GB) stayed resident after it was written, and the next pass started from the last one's
+    peak. A no-op trim where there is no `malloc_trim` (not glibc).
     """
     gc.collect()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.util.find_library("c")
-        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only (not musl)
-        if trim is not None:
-            trim(0)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)

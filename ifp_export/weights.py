@@ -268,15 +268,6 @@ class SafetensorsWeights:
                 handle.remove()
 
 
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the system. glibc keeps what a pass freed (the Core ML pass leaves
-    ~0.8x the weights' bytes of freed heap behind at 100M) and it counts in RSS until trimmed; a no-op where there
-    is no `malloc_trim` (not glibc)."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
 def weights_file(directory: Path) -> Path:
     """The file errors about the weights should name: the shard index if there is one."""
     index = directory / INDEX_FILE

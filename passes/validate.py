@@ -7,9 +7,9 @@ import dataclasses
 
 from ifp_export.errors import ValidationFailed
 from ifp_export.hf_check import check_checkpoint
+from ifp_export.memory import release_freed_memory
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets import coreml, onnx
-from ifp_export.weights import trim_heap
 
 VALIDATORS = {"onnx": onnx.validate_export, "coreml": coreml.validate_export}
 
@@ -18,13 +18,12 @@ class ValidatePass:
     name = "validate"
 
     def run(self, ctx: ExportContext) -> ExportContext:
-        trim_heap()  # what the emit passes freed (glibc keeps it) would otherwise sit under every check's peak
         hf = check_checkpoint(ctx.require("checkpoint", self.name))
         ctx.report["transformers_check"] = dataclasses.asdict(hf) | {"ok": hf.ok}
         ctx.console.log(hf.summary())
         if not hf.ok:
             raise ValidationFailed(f"our decoder differs from transformers' {hf.model_type}: {hf.summary()}")
         for target in ctx.emitted:
-            trim_heap()
+            release_freed_memory()
             VALIDATORS[target](ctx)
         return ctx

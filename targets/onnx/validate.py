@@ -30,6 +30,7 @@ from ifp_export.errors import ValidationFailed
 from ifp_export.fold import fold_decoder, relative_difference
 from ifp_export.generate import left_pad
 from ifp_export.masks import encode_prompts
+from ifp_export.memory import release_freed_memory
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.ort import OrtDecoder, ResidentWeights, session
@@ -38,7 +39,7 @@ from ifp_export.targets.onnx.dynamic import DYNAMIC_TOLERANCE, check_dynamic
 from ifp_export.targets.onnx.emitter import DENSE_NAME, SHARED_DATA, OnnxArtifacts
 from ifp_export.targets.onnx.predictor import PredictorRouter
 from ifp_export.targets.onnx.reference import ReferenceRun, reference_run
-from ifp_export.weights import WeightSource, trim_heap
+from ifp_export.weights import WeightSource
 
 PARITY_TOLERANCE = 1e-4  # max |Δlogits| / max(1, max |logits|), fp32 (or dequantized) PyTorch vs ORT
 VALIDATION_PROMPTS = 2
@@ -214,7 +215,7 @@ def validate(
             expected = reference_run(reference, prompts[name], artifacts.quantize, genai is not None, weights.release)
         del reference  # then the ORT sessions: the reference's pages and the session's are never resident together
         weights.release()
-        trim_heap()
+        release_freed_memory()
         rows.append(check_decoder(artifacts.models[name], expected, prompts[name], artifacts.quantize, resident, genai))
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
