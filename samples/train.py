@@ -44,6 +44,7 @@ DEFAULT_OUT = HERE / "checkpoint"
 DEFAULT_HELDOUT = HERE / "heldout.jsonl"
 CALIBRATION_PER_TASK = 64
 HELDOUT_PER_TASK = 100
+SPLIT_SEED = "ifp-sample-split"  # held-out and calibration prompts do not depend on --seed: every seed is judged alike
 DESCRIPTION = (
     "IFPruning sample: char-level Llama-style decoder (4 layers, hidden 128, d_ff 512) and sparsity predictor "
     "keeping 128 of 512 FFN neurons per layer; tasks add, reverse, sort, brackets (ifp_export.samples)."
@@ -60,6 +61,7 @@ class Batch:
         width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)) - 1
         pwidth = max(len(p) for p in prompts)
         n = len(examples)
+        self.task_ids = torch.tensor([corpus.TASKS.index(ex.task) for ex in examples])
         self.input_ids = torch.zeros(n, width, dtype=torch.long)
         self.attention_mask = torch.zeros(n, width, dtype=torch.long)
         self.targets = torch.zeros(n, width, dtype=torch.long)
@@ -77,14 +79,21 @@ class Batch:
 
 
 def batches(
-    rng: random.Random, reserved: set[str], vocab: dict[str, int], batch_size: int, group: int = 8
+    rng: random.Random,
+    reserved: set[str],
+    vocab: dict[str, int],
+    batch_size: int,
+    mix: list[int],
+    group: int = 8,
 ) -> Iterator[Batch]:
-    """Endless training batches, tasks mixed evenly; `group` batches at a time are cut from one length-sorted pool
-    so padding stays short. Prompts in `reserved` (calibration and held-out) are never trained on."""
+    """Endless training batches, task i drawn mix[i] times per round of the mix; `group` batches at a time are cut
+    from one length-sorted pool so padding stays short. Prompts in `reserved` (calibration and held-out) are never
+    trained on."""
+    cycle = [task for task, weight in zip(corpus.TASKS, mix, strict=True) for _ in range(weight)]
     while True:
         pool: list[Example] = []
         while len(pool) < batch_size * group:
-            ex = corpus.sample(corpus.TASKS[len(pool) % len(corpus.TASKS)], rng)
+            ex = corpus.sample(cycle[len(pool) % len(cycle)], rng)
             if ex.prompt not in reserved:
                 pool.append(ex)
         pool.sort(key=lambda ex: len(ex.prompt) + len(ex.answer))
@@ -190,6 +199,18 @@ def distill_predictor(
     model.requires_grad_(True)
 
 
+def task_overlap(masks: torch.Tensor, task_ids: torch.Tensor, running: torch.Tensor, momentum: float = 0.9):
+    """The diversity term: mean fraction of each prompt's kept neurons that the other tasks keep too, against
+    `running` [T, L, d_ff], each task's mean mask over recent batches (updated in place, no gradient), so a batch
+    needs no second task for its prompts to be pushed off the other tasks' neurons."""
+    with torch.no_grad():
+        for task in task_ids.unique().tolist():
+            mean = masks[task_ids == task].mean(0)
+            running[task] = momentum * running[task] + (1 - momentum) * mean
+        others = (running.sum(0, keepdim=True) - running[task_ids]) / (running.shape[0] - 1)
+    return ((masks * others).sum(-1) / masks.sum(-1).clamp(min=1)).mean()
+
+
 def train_joint(
     model: CausalLM,
     predictor: SparsityPredictor,
@@ -199,25 +220,33 @@ def train_joint(
     predictor_lr: float,
     topk: SoftTopK,
     anchor_weight: float = 0.0,
+    diversity_weight: float = 0.0,
 ) -> None:
     """Backbone and predictor through SoftTopK. With anchor_weight > 0 the predictor also pays BCE against the
-    top-k masks of its own distilled (frozen) copy, which keeps the tasks' masks from collapsing into one."""
+    top-k masks of its own distilled (frozen) copy, which keeps the tasks' masks from collapsing into one; with
+    diversity_weight > 0 it pays for the neurons its prompts share with other tasks (`task_overlap`)."""
     anchor = copy.deepcopy(predictor).eval().requires_grad_(False) if anchor_weight > 0 else None
     model.train()
     predictor.train()
     topk.train()
     opt_m, sched_m = optimizer(list(model.parameters()), lr, steps)
     opt_p, sched_p = optimizer(list(predictor.parameters()), predictor_lr, steps)
-    start, running = time.perf_counter(), 0.0
+    cfg = predictor.config
+    running_masks = torch.zeros(len(corpus.TASKS), cfg.target_layers, cfg.target_intermediate_size)
+    start, running, shared = time.perf_counter(), 0.0, 0.0
     for step in range(1, steps + 1):
         batch = next(data)
         scores = predictor(batch.prompt_ids, batch.prompt_mask)
-        logits, _ = model(batch.input_ids, batch.attention_mask, ffn_masks=topk(scores))
+        masks = topk(scores)
+        logits, _ = model(batch.input_ids, batch.attention_mask, ffn_masks=masks)
         loss = answer_loss(logits, batch)
         if anchor is not None:
             with torch.no_grad():
                 target = hard_topk_mask(anchor(batch.prompt_ids, batch.prompt_mask), topk.k)
             loss = loss + anchor_weight * F.binary_cross_entropy_with_logits(scores, target)
+        overlap = task_overlap(masks, batch.task_ids, running_masks)
+        if diversity_weight > 0:
+            loss = loss + diversity_weight * overlap
         opt_m.zero_grad(set_to_none=True)
         opt_p.zero_grad(set_to_none=True)
         loss.backward()
@@ -228,8 +257,9 @@ def train_joint(
         sched_m.step()
         sched_p.step()
         running = loss.item() if step == 1 else 0.95 * running + 0.05 * loss.item()
+        shared = overlap.item() if step == 1 else 0.95 * shared + 0.05 * overlap.item()
         if step % 250 == 0 or step == steps:
-            log("joint", step, steps, start, loss=running)
+            log("joint", step, steps, start, loss=running, shared_with_other_tasks=shared)
 
 
 @torch.no_grad()
@@ -301,6 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--anchor-weight", type=float, default=1.0, help="joint phase: BCE weight towards the distilled masks"
     )
+    parser.add_argument(
+        "--diversity-weight", type=float, default=1.0, help="joint phase: weight of the task-overlap penalty"
+    )
+    parser.add_argument("--mix", default="2,1,1,1", help="training examples per round of add,reverse,sort,brackets")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     args = parser.parse_args(argv)
 
@@ -309,16 +343,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     rng = random.Random(args.seed)
+    split = random.Random(SPLIT_SEED)
 
     tokenizer = corpus.build_tokenizer()
     vocab = tokenizer.get_vocab(with_added_tokens=True)
-    heldout = [ex for task in corpus.TASKS for ex in corpus.distinct_examples(task, HELDOUT_PER_TASK, rng)]
+    heldout = [ex for task in corpus.TASKS for ex in corpus.distinct_examples(task, HELDOUT_PER_TASK, split)]
     reserved = {ex.prompt for ex in heldout}
     calibration = [
-        ex for task in corpus.TASKS for ex in corpus.distinct_examples(task, CALIBRATION_PER_TASK, rng, reserved)
+        ex for task in corpus.TASKS for ex in corpus.distinct_examples(task, CALIBRATION_PER_TASK, split, reserved)
     ]
     reserved |= {ex.prompt for ex in calibration}
-    data = batches(rng, reserved, vocab, args.batch_size)
+    mix = [int(w) for w in args.mix.split(",")]
+    data = batches(rng, reserved, vocab, args.batch_size, mix)
 
     vocab_size = 8 * math.ceil(len(vocab) / 8)
     cfg = DecoderConfig(
@@ -363,7 +399,15 @@ def main(argv: list[str] | None = None) -> None:
     phase = time.perf_counter()
     topk = SoftTopK(k, args.temperature, iterations=40)
     train_joint(
-        model, predictor, data, args.joint_steps, args.joint_lr, args.joint_predictor_lr, topk, args.anchor_weight
+        model,
+        predictor,
+        data,
+        args.joint_steps,
+        args.joint_lr,
+        args.joint_predictor_lr,
+        topk,
+        args.anchor_weight,
+        args.diversity_weight,
     )
     times["joint"] = time.perf_counter() - phase
     print(f"task-mask IoU after joint training: {task_mask_iou(predictor, calibration, vocab, k):.3f}", flush=True)
