@@ -4,9 +4,13 @@ Mask settings (each keeps the checkpoint's k_per_layer neurons per layer):
   dense       no mask
   per-prompt  IFPruning proper: the predictor's top-k for each prompt
   per-task    one mask per task, `aggregate_topk` over that task's calibration prompts (tasks.jsonl)
+  routed      the per-task mask the predictor routes the prompt to (`routing_scores`, the export's routing rule)
   static      one mask for everything, `aggregate_topk` over all calibration prompts
 
-    python -m ifp_export.samples.evaluate [--checkpoint samples/checkpoint] [--heldout samples/heldout.jsonl]
+    python -m ifp_export.samples.evaluate [--checkpoint samples/checkpoint ...] [--heldout samples/heldout.jsonl]
+
+With several --checkpoint (e.g. the sample trained with --seed 0, 1 and 2), it ends with one summary row per
+checkpoint and whether each meets the sample's targets (TARGETS).
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import torch
 
 from ifp_export.checkpoint import Checkpoint, TaskPrompt, load_checkpoint
 from ifp_export.generate import greedy_generate
-from ifp_export.masks import aggregate_topk, mask_iou, predict_scores
+from ifp_export.masks import aggregate_topk, mask_iou, predict_scores, routing_scores
 from ifp_export.model.softtopk import hard_topk_mask
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = HERE / "checkpoint"
 DEFAULT_HELDOUT = HERE / "heldout.jsonl"
-SETTINGS = ("dense", "per-prompt", "per-task", "static")
+SETTINGS = ("dense", "per-prompt", "per-task", "routed", "static")
+# What the sample is held to (issue 15), in points of exact match and in IoU of different tasks' masks.
+TARGETS = (
+    "per-prompt mean >= 90, every task >= 75; per-task mean >= per-prompt - 3; routed mean >= per-task - 1; "
+    "static mean <= per-prompt - 40; task-mask IoU mean <= 0.4, max <= 0.6"
+)
 
 
 def load_heldout(path: str | Path = DEFAULT_HELDOUT) -> list[TaskPrompt]:
@@ -114,11 +123,15 @@ def accuracy_by_setting(ckpt: Checkpoint, examples: list[TaskPrompt]) -> dict[st
     missing = sorted(set(tasks_of(examples)) - set(by_task))
     if missing:
         raise ValueError(f"no calibration prompts for task(s) {missing}")
-    per_task = torch.stack([by_task[ex.task] for ex in examples])
+    names = list(by_task)
+    variant_masks = torch.stack([by_task[name] for name in names])
+    scores = scores_of(ckpt, [ex.prompt for ex in examples])
+    routed = routing_scores(scores, variant_masks).argmax(-1)
     masks = {
         "dense": None,
-        "per-prompt": per_prompt_masks(ckpt, [ex.prompt for ex in examples]),
-        "per-task": per_task,
+        "per-prompt": hard_topk_mask(scores, k_tensor(ckpt)),
+        "per-task": torch.stack([by_task[ex.task] for ex in examples]),
+        "routed": variant_masks[routed],
         "static": static_mask(ckpt),
     }
     return {setting: exact_match(ckpt, examples, mask) for setting, mask in masks.items()}
@@ -158,20 +171,48 @@ def mean(acc: dict[str, float]) -> float:
     return sum(acc.values()) / len(acc)
 
 
+def summary_row(label: str, accuracy: dict[str, dict[str, float]], iou: dict[tuple[str, str], float]) -> str:
+    """One markdown row: per-prompt accuracy per task, the settings' means, task-mask IoU and the targets' verdict."""
+    pts = {setting: 100 * mean(acc) for setting, acc in accuracy.items()}
+    off = [v for (a, b), v in iou.items() if a != b]
+    met = (
+        pts["per-prompt"] >= 90
+        and min(accuracy["per-prompt"].values()) >= 0.75
+        and pts["per-task"] >= pts["per-prompt"] - 3
+        and pts["routed"] >= pts["per-task"] - 1
+        and pts["static"] <= pts["per-prompt"] - 40
+        and sum(off) / len(off) <= 0.4
+        and max(off) <= 0.6
+    )
+    cells = [f"{100 * v:.0f}" for v in accuracy["per-prompt"].values()]
+    cells += [f"{pts[s]:.1f}" for s in ("per-prompt", "per-task", "routed", "static")]
+    cells += [f"{pts['per-prompt'] - pts['static']:+.1f}", f"{sum(off) / len(off):.2f}", f"{max(off):.2f}"]
+    return f"| {label} | " + " | ".join(cells) + f" | {'yes' if met else 'NO'} |"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--checkpoint", type=Path, action="append", help="repeatable; default samples/checkpoint")
     parser.add_argument("--heldout", type=Path, default=DEFAULT_HELDOUT)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.checkpoint)
     examples = load_heldout(args.heldout)
-    accuracy = accuracy_by_setting(ckpt, examples)
-    iou = pairwise_iou(task_masks(ckpt))
     counts = {task: len(p) for task, p in group_prompts(examples).items()}
-    print(f"exact match (%) on held-out prompts per task {counts}, k_per_layer={ckpt.k_per_layer}")
-    print(format_tables(accuracy, iou))
+    rows = []
+    for path in args.checkpoint or [DEFAULT_CHECKPOINT]:
+        ckpt = load_checkpoint(path)
+        accuracy = accuracy_by_setting(ckpt, examples)
+        iou = pairwise_iou(task_masks(ckpt))
+        print(f"{path}: exact match (%) on held-out prompts per task {counts}, k_per_layer={ckpt.k_per_layer}")
+        print(format_tables(accuracy, iou) + "\n")
+        rows.append(summary_row(str(path), accuracy, iou))
+    header = ["checkpoint", *(f"per-prompt {t}" for t in counts), "per-prompt", "per-task", "routed", "static"]
+    header += ["per-prompt - static", "IoU mean", "IoU max", "targets met"]
+    print("| " + " | ".join(header) + " |")
+    print("|---" * (len(counts) + 9) + "|")
+    print("\n".join(rows))
+    print(f"targets: {TARGETS}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ Three phases, all seeded:
   (b) distillation: with the backbone frozen, the predictor learns (BCE) to pick each prompt's top-k FFN
       neurons by the dense model's importance, mean |silu(gate) * up| over the answer positions;
   (c) joint fine-tuning: backbone and predictor together through SoftTopK (straight-through), so the backbone
-      adapts to running on 25 % of its FFN neurons, chosen per prompt.
+      adapts to running on 25 % of its FFN neurons, chosen per prompt; optionally (--diversity-weight) a term
+      (`task_contrast`) pushes each prompt's mask off the other tasks' neurons and onto its own task's.
 Joint training from scratch collapses to one mask for every task; starting it from the distilled predictor
-keeps the tasks' masks apart.
+keeps the tasks' masks apart. --mix weights the tasks in the training data. samples/README.md logs the recipes
+tried ("How it was tuned").
 
     python -m ifp_export.samples.train [--out samples/checkpoint] [--heldout samples/heldout.jsonl]
 """
@@ -44,6 +46,7 @@ DEFAULT_OUT = HERE / "checkpoint"
 DEFAULT_HELDOUT = HERE / "heldout.jsonl"
 CALIBRATION_PER_TASK = 64
 HELDOUT_PER_TASK = 100
+SPLIT_SEED = "ifp-sample-split"  # held-out and calibration prompts do not depend on --seed: every seed is judged alike
 DESCRIPTION = (
     "IFPruning sample: char-level Llama-style decoder (4 layers, hidden 128, d_ff 512) and sparsity predictor "
     "keeping 128 of 512 FFN neurons per layer; tasks add, reverse, sort, brackets (ifp_export.samples)."
@@ -60,6 +63,7 @@ class Batch:
         width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)) - 1
         pwidth = max(len(p) for p in prompts)
         n = len(examples)
+        self.task_ids = torch.tensor([corpus.TASKS.index(ex.task) for ex in examples])
         self.input_ids = torch.zeros(n, width, dtype=torch.long)
         self.attention_mask = torch.zeros(n, width, dtype=torch.long)
         self.targets = torch.zeros(n, width, dtype=torch.long)
@@ -77,14 +81,21 @@ class Batch:
 
 
 def batches(
-    rng: random.Random, reserved: set[str], vocab: dict[str, int], batch_size: int, group: int = 8
+    rng: random.Random,
+    reserved: set[str],
+    vocab: dict[str, int],
+    batch_size: int,
+    mix: list[int],
+    group: int = 8,
 ) -> Iterator[Batch]:
-    """Endless training batches, tasks mixed evenly; `group` batches at a time are cut from one length-sorted pool
-    so padding stays short. Prompts in `reserved` (calibration and held-out) are never trained on."""
+    """Endless training batches, task i drawn mix[i] times per round of the mix; `group` batches at a time are cut
+    from one length-sorted pool so padding stays short. Prompts in `reserved` (calibration and held-out) are never
+    trained on."""
+    cycle = [task for task, weight in zip(corpus.TASKS, mix, strict=True) for _ in range(weight)]
     while True:
         pool: list[Example] = []
         while len(pool) < batch_size * group:
-            ex = corpus.sample(corpus.TASKS[len(pool) % len(corpus.TASKS)], rng)
+            ex = corpus.sample(cycle[len(pool) % len(cycle)], rng)
             if ex.prompt not in reserved:
                 pool.append(ex)
         pool.sort(key=lambda ex: len(ex.prompt) + len(ex.answer))
@@ -190,6 +201,20 @@ def distill_predictor(
     model.requires_grad_(True)
 
 
+def task_contrast(masks: torch.Tensor, task_ids: torch.Tensor, running: torch.Tensor, momentum: float = 0.9):
+    """The diversity term: the mean fraction of each prompt's kept neurons that the other tasks keep, minus the
+    fraction its own task keeps. `running` [T, L, d_ff] holds each task's mean mask over recent batches (updated in
+    place, no gradient), so a batch needs no second task to push its prompts off the other tasks' neurons, and
+    prompts of one task are pulled onto one mask (what a per-task variant keeps)."""
+    with torch.no_grad():
+        for task in task_ids.unique().tolist():
+            mean = masks[task_ids == task].mean(0)
+            running[task] = momentum * running[task] + (1 - momentum) * mean
+        own = running[task_ids]
+        others = (running.sum(0, keepdim=True) - own) / (running.shape[0] - 1)
+    return ((masks * (others - own)).sum(-1) / masks.sum(-1).clamp(min=1)).mean()
+
+
 def train_joint(
     model: CausalLM,
     predictor: SparsityPredictor,
@@ -199,25 +224,33 @@ def train_joint(
     predictor_lr: float,
     topk: SoftTopK,
     anchor_weight: float = 0.0,
+    diversity_weight: float = 0.0,
 ) -> None:
     """Backbone and predictor through SoftTopK. With anchor_weight > 0 the predictor also pays BCE against the
-    top-k masks of its own distilled (frozen) copy, which keeps the tasks' masks from collapsing into one."""
+    top-k masks of its own distilled (frozen) copy, which keeps the tasks' masks from collapsing into one; with
+    diversity_weight > 0 it pays for the neurons its prompts share with other tasks (`task_contrast`)."""
     anchor = copy.deepcopy(predictor).eval().requires_grad_(False) if anchor_weight > 0 else None
     model.train()
     predictor.train()
     topk.train()
     opt_m, sched_m = optimizer(list(model.parameters()), lr, steps)
     opt_p, sched_p = optimizer(list(predictor.parameters()), predictor_lr, steps)
-    start, running = time.perf_counter(), 0.0
+    cfg = predictor.config
+    running_masks = torch.zeros(len(corpus.TASKS), cfg.target_layers, cfg.target_intermediate_size)
+    start, running, shared = time.perf_counter(), 0.0, 0.0
     for step in range(1, steps + 1):
         batch = next(data)
         scores = predictor(batch.prompt_ids, batch.prompt_mask)
-        logits, _ = model(batch.input_ids, batch.attention_mask, ffn_masks=topk(scores))
+        masks = topk(scores)
+        logits, _ = model(batch.input_ids, batch.attention_mask, ffn_masks=masks)
         loss = answer_loss(logits, batch)
         if anchor is not None:
             with torch.no_grad():
                 target = hard_topk_mask(anchor(batch.prompt_ids, batch.prompt_mask), topk.k)
             loss = loss + anchor_weight * F.binary_cross_entropy_with_logits(scores, target)
+        contrast = task_contrast(masks, batch.task_ids, running_masks)
+        if diversity_weight > 0:
+            loss = loss + diversity_weight * contrast
         opt_m.zero_grad(set_to_none=True)
         opt_p.zero_grad(set_to_none=True)
         loss.backward()
@@ -228,8 +261,9 @@ def train_joint(
         sched_m.step()
         sched_p.step()
         running = loss.item() if step == 1 else 0.95 * running + 0.05 * loss.item()
+        shared = contrast.item() if step == 1 else 0.95 * shared + 0.05 * contrast.item()
         if step % 250 == 0 or step == steps:
-            log("joint", step, steps, start, loss=running)
+            log("joint", step, steps, start, loss=running, task_contrast=shared)
 
 
 @torch.no_grad()
@@ -301,6 +335,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--anchor-weight", type=float, default=1.0, help="joint phase: BCE weight towards the distilled masks"
     )
+    parser.add_argument(
+        "--diversity-weight", type=float, default=0.0, help="joint phase: weight of the task_contrast term"
+    )
+    parser.add_argument("--mix", default="1,1,1,1", help="training examples per round of add,reverse,sort,brackets")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     args = parser.parse_args(argv)
 
@@ -309,16 +347,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     rng = random.Random(args.seed)
+    split = random.Random(SPLIT_SEED)
 
     tokenizer = corpus.build_tokenizer()
     vocab = tokenizer.get_vocab(with_added_tokens=True)
-    heldout = [ex for task in corpus.TASKS for ex in corpus.distinct_examples(task, HELDOUT_PER_TASK, rng)]
+    heldout = [ex for task in corpus.TASKS for ex in corpus.distinct_examples(task, HELDOUT_PER_TASK, split)]
     reserved = {ex.prompt for ex in heldout}
     calibration = [
-        ex for task in corpus.TASKS for ex in corpus.distinct_examples(task, CALIBRATION_PER_TASK, rng, reserved)
+        ex for task in corpus.TASKS for ex in corpus.distinct_examples(task, CALIBRATION_PER_TASK, split, reserved)
     ]
     reserved |= {ex.prompt for ex in calibration}
-    data = batches(rng, reserved, vocab, args.batch_size)
+    mix = [int(w) for w in args.mix.split(",")]
+    data = batches(rng, reserved, vocab, args.batch_size, mix)
 
     vocab_size = 8 * math.ceil(len(vocab) / 8)
     cfg = DecoderConfig(
@@ -363,7 +403,15 @@ def main(argv: list[str] | None = None) -> None:
     phase = time.perf_counter()
     topk = SoftTopK(k, args.temperature, iterations=40)
     train_joint(
-        model, predictor, data, args.joint_steps, args.joint_lr, args.joint_predictor_lr, topk, args.anchor_weight
+        model,
+        predictor,
+        data,
+        args.joint_steps,
+        args.joint_lr,
+        args.joint_predictor_lr,
+        topk,
+        args.anchor_weight,
+        args.diversity_weight,
     )
     times["joint"] = time.perf_counter() - phase
     print(f"task-mask IoU after joint training: {task_mask_iou(predictor, calibration, vocab, k):.3f}", flush=True)
