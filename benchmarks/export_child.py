@@ -46,6 +46,7 @@ def main() -> None:
     import ifp_export.targets.onnx.emitter as onnx_emit
     from ifp_export.passes import default_passes
     from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
+    from ifp_export.targets.onnx import DENSE_NAME
 
     imported = time.perf_counter() - START
     calls: list[tuple[str, str, float, float]] = []  # (function, detail, start, end) inside the ONNX emit
@@ -57,15 +58,18 @@ def main() -> None:
                 return fn(*a, **k)
             finally:
                 detail = Path(str(a[1])).stem if name == "save" and len(a) > 1 else ""
+                if name == "bind":
+                    detail = str(a[4]).removesuffix(".onnx_data")  # bind_model(graph, bindings, make, writer, own_file)
                 calls.append((name, detail, start, time.perf_counter()))
 
         return wrapper
 
     # emit() looks these up as module globals (ir.save as an attribute of onnx_ir): each model's iteration starts
-    # with bind_model (its weights streamed into the data files) and ends when its .onnx file is saved; the first
-    # variant also pays the graph (one per FFN width, built before any weights are bound).
+    # with bind_model (its weights streamed into the data files; the model is named by its own data file) and ends
+    # when its .onnx file is saved. The first model bound (the dense one) also writes every shared tensor and pays
+    # its graph (one per FFN width, built before any weights are bound).
     onnx_emit.decoder_graph = timed("graph", onnx_emit.decoder_graph)
-    onnx_emit.bind_model = timed("variant", onnx_emit.bind_model)
+    onnx_emit.bind_model = timed("bind", onnx_emit.bind_model)
     onnx_ir.save = timed("save", onnx_ir.save)
 
     passes = [p for p in default_passes() if p.name not in args.skip]
@@ -98,15 +102,17 @@ def main() -> None:
     }
     if "onnx" in ctx.emitted:
         art = ctx.emitted["onnx"]
-        names = result["variants"]
-        starts = [start for fn, _, start, _ in calls if fn == "variant"]
+        starts = [(detail, start) for fn, detail, start, _ in calls if fn == "bind"]
         saved = {detail: end for fn, detail, _, end in calls if fn == "save"}
-        iterations = [saved[name] - begin for name, begin in zip(names, starts, strict=False)]
-        trace = next(end - start for fn, _, start, end in calls if fn == "graph")  # the first: the variants' graph
+        iterations = {name: saved[name] - begin for name, begin in starts}
+        first = starts[0][0]
+        graphs = [end - start for fn, _, start, end in calls if fn == "graph"]  # the variants' width, then dense
+        graph = graphs[-1] if first == DENSE_NAME else graphs[0]
         result["onnx"] = {
             "emit_seconds": dict(ctx.timings)["onnx"],
-            "first_variant_seconds": trace + iterations[0],  # graph + bind every tensor + save
-            "extra_variant_seconds": iterations[1:],  # bind FFN tensors (shared ones are already written) + save
+            "first_model": first,
+            "first_model_seconds": graph + iterations[first],  # graph + bind every tensor + save
+            "extra_variant_seconds": [t for n, t in iterations.items() if n in result["variants"] and n != first],
             "disk_bytes": art.disk_bytes,
             "ideal_bytes": art.ideal_bytes,
             "dedup_ratio": art.dedup_ratio,
