@@ -2,16 +2,16 @@
 
 Three phases, all seeded:
   (a) dense LM: the backbone learns the four tasks (loss on answer tokens, AdamW + one-cycle LR);
-  (b) distillation: with the backbone frozen, the predictor learns (BCE) to pick each prompt's top-k FFN
-      neurons by the dense model's importance, mean |silu(gate) * up| over the answer positions;
+  (b) distillation: with the backbone frozen, the predictor learns (BCE) to pick top-k FFN neurons by the dense
+      model's importance, mean |silu(gate) * up| over the answer positions: by default its task's running mean
+      (--distill-task-share) minus the other tasks' (--distill-contrast), so each task gets neurons of its own;
   (c) joint fine-tuning: backbone and predictor together through SoftTopK (straight-through), so the backbone
-      adapts to running on 25 % of its FFN neurons, chosen per prompt; optionally (--diversity-weight) a term
-      (`task_contrast`) pushes each prompt's mask off the other tasks' neurons and onto its own task's.
-Joint training from scratch collapses to one mask for every task; starting it from the distilled predictor
-keeps the tasks' masks apart. --mix weights the tasks in the training data. samples/README.md logs the recipes
-tried ("How it was tuned").
+      learns to run each task on 25 % of its FFN neurons; a BCE anchor keeps the predictor near its distilled masks
+      and `task_contrast` (--diversity-weight) pushes each prompt's mask off the other tasks' neurons.
+Joint training from scratch collapses to one mask for every task; plain importance gives tasks overlapping masks
+that a static mask serves nearly as well. samples/README.md logs the recipes tried ("How it was tuned").
 
-    python -m ifp_export.samples.train [--out samples/checkpoint] [--heldout samples/heldout.jsonl]
+    python -m ifp_export.samples.train [--seed 0] [--out samples/checkpoint] [--heldout samples/heldout.jsonl]
 """
 
 from __future__ import annotations
@@ -173,19 +173,31 @@ def train_dense(model: CausalLM, data: Iterator[Batch], steps: int, lr: float) -
 
 
 def distill_predictor(
-    model: CausalLM, predictor: SparsityPredictor, data: Iterator[Batch], steps: int, lr: float, k: list[int]
+    model: CausalLM,
+    predictor: SparsityPredictor,
+    data: Iterator[Batch],
+    steps: int,
+    lr: float,
+    k: list[int],
+    contrast: float = 0.0,
+    task_share: float = 0.0,
 ) -> None:
+    """The predictor learns (BCE) each prompt's top-k neurons by `distillation_target`, the backbone frozen."""
     model.eval().requires_grad_(False)
     recorder = FFNRecorder(model)
     opt, sched = optimizer(list(predictor.parameters()), lr, steps)
     predictor.train()
     k_tensor = torch.tensor(k)
-    start, running, overlap = time.perf_counter(), 0.0, 0.0
+    cfg = predictor.config
+    running = torch.zeros(len(corpus.TASKS), cfg.target_layers, cfg.target_intermediate_size)
+    start, loss_avg, overlap = time.perf_counter(), 0.0, 0.0
     for step in range(1, steps + 1):
         batch = next(data)
         with torch.no_grad():
             model(batch.input_ids, batch.attention_mask)
-            target = hard_topk_mask(recorder.importance(batch.answer_mask), k_tensor)
+            importance = recorder.importance(batch.answer_mask)
+            ranking = distillation_target(importance, batch.task_ids, running, contrast, task_share)
+            target = hard_topk_mask(ranking, k_tensor)
         scores = predictor(batch.prompt_ids, batch.prompt_mask)
         loss = F.binary_cross_entropy_with_logits(scores, target)
         opt.zero_grad(set_to_none=True)
@@ -193,12 +205,44 @@ def distill_predictor(
         opt.step()
         sched.step()
         hit = ((hard_topk_mask(scores.detach(), k_tensor) * target).sum() / target.sum()).item()
-        running = loss.item() if step == 1 else 0.95 * running + 0.05 * loss.item()
+        loss_avg = loss.item() if step == 1 else 0.95 * loss_avg + 0.05 * loss.item()
         overlap = hit if step == 1 else 0.95 * overlap + 0.05 * hit
         if step % 100 == 0 or step == steps:
-            log("distill", step, steps, start, bce=running, topk_recall=overlap)
+            log("distill", step, steps, start, bce=loss_avg, topk_recall=overlap)
     recorder.close()
     model.requires_grad_(True)
+
+
+def update_task_means(running: torch.Tensor, values: torch.Tensor, task_ids: torch.Tensor, momentum: float) -> None:
+    """Each task's running mean of `values` [B, L, d_ff] over recent batches, in `running` [T, L, d_ff] (in place)."""
+    for task in task_ids.unique().tolist():
+        running[task] = momentum * running[task] + (1 - momentum) * values[task_ids == task].mean(0)
+
+
+def other_tasks(running: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """For each row, the mean of the other tasks' running means, [B, L, d_ff]."""
+    return (running.sum(0, keepdim=True) - running[task_ids]) / (running.shape[0] - 1)
+
+
+def distillation_target(
+    importance: torch.Tensor,
+    task_ids: torch.Tensor,
+    running: torch.Tensor,
+    contrast: float,
+    task_share: float,
+    momentum: float = 0.9,
+) -> torch.Tensor:
+    """What the predictor learns to rank first, [B, L, d_ff]: each prompt's neuron importance relative to its layer's
+    mean, blended (`task_share`) with its task's running mean of the same, minus `contrast` times the other tasks'
+    running mean. Dense-trained neurons serve every task, so plain importance gives tasks overlapping masks that a
+    static mask serves nearly as well (`contrast` pushes them apart), and masks that differ prompt by prompt within a
+    task, which one per-task variant then serves worse than each prompt's own (`task_share` pulls them together)."""
+    relative = importance / importance.mean(-1, keepdim=True).clamp(min=1e-12)
+    if contrast == 0 and task_share == 0:
+        return relative
+    update_task_means(running, relative, task_ids, momentum)
+    own = running[task_ids]
+    return (1 - task_share) * relative + task_share * own - contrast * other_tasks(running, task_ids)
 
 
 def task_contrast(masks: torch.Tensor, task_ids: torch.Tensor, running: torch.Tensor, momentum: float = 0.9):
@@ -207,12 +251,9 @@ def task_contrast(masks: torch.Tensor, task_ids: torch.Tensor, running: torch.Te
     place, no gradient), so a batch needs no second task to push its prompts off the other tasks' neurons, and
     prompts of one task are pulled onto one mask (what a per-task variant keeps)."""
     with torch.no_grad():
-        for task in task_ids.unique().tolist():
-            mean = masks[task_ids == task].mean(0)
-            running[task] = momentum * running[task] + (1 - momentum) * mean
-        own = running[task_ids]
-        others = (running.sum(0, keepdim=True) - own) / (running.shape[0] - 1)
-    return ((masks * (others - own)).sum(-1) / masks.sum(-1).clamp(min=1)).mean()
+        update_task_means(running, masks, task_ids, momentum)
+        shift = other_tasks(running, task_ids) - running[task_ids]
+    return ((masks * shift).sum(-1) / masks.sum(-1).clamp(min=1)).mean()
 
 
 def train_joint(
@@ -323,20 +364,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dense-steps", type=int, default=4200)
+    parser.add_argument("--dense-steps", type=int, default=2000)
     parser.add_argument("--distill-steps", type=int, default=500)
-    parser.add_argument("--joint-steps", type=int, default=1500)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--joint-steps", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--distill-lr", type=float, default=2e-3)
     parser.add_argument("--joint-lr", type=float, default=1e-3)
     parser.add_argument("--joint-predictor-lr", type=float, default=3e-4)
     parser.add_argument("--keep", type=int, default=128, help="FFN neurons kept per layer (k)")
     parser.add_argument("--temperature", type=float, default=0.5, help="SoftTopK temperature")
     parser.add_argument(
+        "--distill-contrast",
+        type=float,
+        default=1.0,
+        help="distillation: subtract this times the other tasks' mean importance (distillation_target)",
+    )
+    parser.add_argument(
+        "--distill-task-share",
+        type=float,
+        default=1.0,
+        help="distillation: weight of the task's mean importance against the prompt's own (distillation_target)",
+    )
+    parser.add_argument(
         "--anchor-weight", type=float, default=1.0, help="joint phase: BCE weight towards the distilled masks"
     )
     parser.add_argument(
-        "--diversity-weight", type=float, default=0.0, help="joint phase: weight of the task_contrast term"
+        "--diversity-weight", type=float, default=1.0, help="joint phase: weight of the task_contrast term"
     )
     parser.add_argument("--mix", default="1,1,1,1", help="training examples per round of add,reverse,sort,brackets")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
@@ -397,7 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     train_dense(model, data, args.dense_steps, args.lr)
     times = {"dense": time.perf_counter() - phase}
     phase = time.perf_counter()
-    distill_predictor(model, predictor, data, args.distill_steps, args.distill_lr, k)
+    distill_predictor(
+        model, predictor, data, args.distill_steps, args.distill_lr, k, args.distill_contrast, args.distill_task_share
+    )
     times["distill"] = time.perf_counter() - phase
     print(f"task-mask IoU after distillation: {task_mask_iou(predictor, calibration, vocab, k):.3f}", flush=True)
     phase = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The sample's training helpers: the task mix and the diversity term that keeps tasks on different neurons."""
+"""The sample's training helpers: the task mix, the distillation target and the diversity term that keep tasks on
+different neurons."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections import Counter
 
 import torch
 
+from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.samples import corpus
-from ifp_export.samples.train import batches, task_contrast
+from ifp_export.samples.train import batches, distillation_target, task_contrast
 
 
 def masks_of(rows: list[list[int]], d: int = 8) -> torch.Tensor:
@@ -53,3 +55,25 @@ def test_batches_follow_the_mix_and_skip_reserved_prompts() -> None:
     assert tasks == {"add": 20, "reverse": 10, "sort": 10, "brackets": 10}
     assert len(prompts) > 1 and all(p.endswith("=") for p in prompts)
     assert not prompts & reserved
+
+
+def test_distillation_target_moves_a_task_off_the_neurons_other_tasks_use() -> None:
+    # Two tasks, 6 neurons, k = 2. Task 0's prompts lean on neurons 0, 1 and 2; task 1's on neuron 0 and 3-5.
+    importance = torch.tensor([[[4.0, 3.0, 2.9, 0.1, 0.1, 0.1]], [[4.0, 0.1, 0.1, 3.0, 2.0, 2.0]]])
+    task_ids = torch.tensor([0, 1])
+    plain = hard_topk_mask(distillation_target(importance, task_ids, torch.zeros(2, 1, 6), 0.0, 0.0), 2)
+    assert plain[0, 0].tolist() == [1, 1, 0, 0, 0, 0]  # both tasks keep the shared neuron 0
+    assert plain[1, 0].tolist() == [1, 0, 0, 1, 0, 0]
+    apart = hard_topk_mask(distillation_target(importance, task_ids, torch.zeros(2, 1, 6), 1.0, 0.0, 0.0), 2)
+    assert apart[0, 0].tolist() == [0, 1, 1, 0, 0, 0]  # neuron 0 goes: task 1 needs it as much
+    assert apart[1, 0].tolist() == [0, 0, 0, 1, 1, 0]
+
+
+def test_distillation_target_with_task_share_gives_one_ranking_per_task() -> None:
+    importance = torch.rand(6, 2, 16, generator=torch.Generator().manual_seed(0)) + 0.1
+    task_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    own = distillation_target(importance, task_ids, torch.zeros(2, 2, 16), 0.5, 0.0, 0.0)
+    shared = distillation_target(importance, task_ids, torch.zeros(2, 2, 16), 0.5, 1.0, 0.0)
+    assert not torch.equal(own[0], own[1])  # prompts of one task differ by their own importance ...
+    for rows in ([0, 1, 2], [3, 4, 5]):  # ... unless the task's mean replaces it
+        assert all(torch.equal(shared[rows[0]], shared[r]) for r in rows)
