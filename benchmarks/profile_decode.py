@@ -1,6 +1,6 @@
 """Where decode time goes: ORT's profiler (SessionOptions.enable_profiling) over N decode steps, per op type.
 
-    python -m benchmarks.profile_decode MODEL.onnx [MODEL.onnx ...] [--threads 1] [--steps 8]
+    python -m benchmarks.profile_decode MODEL.onnx [MODEL.onnx ...] [--threads 1] [--steps 8] [--shapes 10]
 
 Same session options as the benchmarks (`ifp_export.ort.session`) plus profiling; prints, per model, the time
 per decode step by op type (kernel time summed over the timed steps, prefill excluded).
@@ -20,8 +20,9 @@ import onnxruntime as ort
 from ifp_export.ort import OrtDecoder
 
 
-def profile(path: Path, threads: int, steps: int, prompt_len: int = 16) -> tuple[Counter, float]:
-    """(microseconds per decode step by op type, total per step) for `steps` decode steps after a prefill."""
+def profile(path: Path, threads: int, steps: int, prompt_len: int = 16) -> tuple[Counter, Counter, float]:
+    """(microseconds per decode step by op type, the same by op type and input shapes, total per step) for `steps`
+    decode steps after a prefill."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -44,11 +45,15 @@ def profile(path: Path, threads: int, steps: int, prompt_len: int = 16) -> tuple
     runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
     decode_start = runs[1]["ts"] if len(runs) > 1 else 0  # skip the prefill run
     by_op: Counter = Counter()
+    by_shape: Counter = Counter()
     for event in trace:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= decode_start:
-            by_op[event["args"].get("op_name", "?")] += event["dur"] / steps
+            op = event["args"].get("op_name", "?")
+            shapes = [next(iter(i.values())) for i in event["args"].get("input_type_shape", [])]
+            by_op[op] += event["dur"] / steps
+            by_shape[f"{op} {shapes}"] += event["dur"] / steps
     total = sum(r["dur"] for r in runs[1:]) / max(1, len(runs) - 1)
-    return by_op, total
+    return by_op, by_shape, total
 
 
 def main() -> None:
@@ -56,13 +61,16 @@ def main() -> None:
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--shapes", type=int, default=0, help="also print the N costliest (op, input shapes)")
     args = parser.parse_args()
     for path in args.models:
-        by_op, total = profile(path, args.threads, args.steps)
+        by_op, by_shape, total = profile(path, args.threads, args.steps)
         kernels = sum(by_op.values())
         print(f"{path}: {total / 1000:.1f} ms per decode step (model_run), kernels {kernels / 1000:.1f} ms")
         for op, us in by_op.most_common(12):
             print(f"  {op:<28} {us / 1000:8.2f} ms  {us / kernels:6.1%}")
+        for key, us in by_shape.most_common(args.shapes):
+            print(f"  {us / 1000:8.2f} ms  {key}")
 
 
 if __name__ == "__main__":
