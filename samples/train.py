@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--diversity-weight", type=float, default=1.0, help="joint phase: weight of the task_contrast term"
     )
-    parser.add_argument("--mix", default="1,1,1,1", help="training examples per round of add,reverse,sort,brackets")
+    parser.add_argument("--mix", default="2,1,1,1", help="training examples per round of add,reverse,sort,brackets")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     args = parser.parse_args(argv)
 
