@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ifp_export.errors import IFPError
+
 
 def session(path: Path, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
@@ -25,17 +27,22 @@ def session(path: Path, threads: int = 0, optimize: bool = True) -> ort.Inferenc
 class ResidentWeights:
     """The initializers stored in one shared data file, memory-mapped once and handed to every session that uses
     them (`SessionOptions.add_initializer`), so N decoder sessions hold the shared weights once and a new session
-    reads only its own tensors. Sessions made with `options` skip weight pre-packing, which would copy them."""
+    reads only its own tensors. Sessions made with `options` skip weight pre-packing, which would copy them.
+
+    `decoder` goes further: graphs that differ only in the data of their own tensors (the variants of one export:
+    same shapes, own FFN slices) run on one session, with those tensors as inputs fed from memory-mapped files, so
+    switching to another such graph creates no session."""
 
     def __init__(self, shared_file: str) -> None:
         self.shared_file = shared_file
         self.values: dict[tuple[int, int], ort.OrtValue] = {}  # (offset, length) in the shared file -> value
+        self.sessions: dict[tuple[bytes, int], ort.InferenceSession] = {}  # (graph with own tensors as inputs, threads)
 
     def initializers(self, path: Path) -> Iterator[tuple[str, ort.OrtValue]]:
         """(name, OrtValue) for every initializer of the graph at `path` stored in the shared file."""
         model = onnx.load(str(path), load_external_data=False)
         for init in model.graph.initializer:
-            info = {entry.key: entry.value for entry in init.external_data}
+            info = external_data(init)
             if info.get("location") != self.shared_file:
                 continue
             offset, length = int(info.get("offset", 0)), int(info["length"])
@@ -57,6 +64,56 @@ class ResidentWeights:
         for name, value in self.initializers(path):
             options.add_initializer(name, value)
         return options
+
+    def decoder(self, path: Path, threads: int = 0) -> OrtDecoder:
+        """A decoder for the graph at `path` whose own tensors (every external one outside the shared file) are
+        inputs fed from memory-mapped arrays; the session is made once per distinct remaining graph."""
+        model = onnx.load(str(path), load_external_data=False)
+        own = own_tensor_feeds(model, path.parent, self.shared_file)
+        key = (model.SerializeToString(), threads)
+        if key not in self.sessions:
+            options = self.options(path, threads)
+            # a graph given as bytes resolves its (overridden) shared file from here; ORT checks that it exists
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            self.sessions[key] = ort.InferenceSession(key[0], options, providers=["CPUExecutionProvider"])
+        decoder = OrtDecoder(self.sessions[key])
+        decoder.extra_feeds = own
+        return decoder
+
+
+def external_data(init: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in init.external_data}
+
+
+def own_tensor_feeds(model: onnx.ModelProto, directory: Path, shared_file: str) -> dict[str, np.ndarray]:
+    """Turn every initializer of `model` stored in an external file other than `shared_file` into a graph input of
+    the same name, shape and type (in place); returns those tensors memory-mapped from their files, by name."""
+    feeds: dict[str, np.ndarray] = {}
+    files: dict[str, np.ndarray] = {}  # location -> the whole file, mapped once
+    kept = []
+    for init in model.graph.initializer:
+        info = external_data(init)
+        location = info.get("location")
+        if init.data_location != onnx.TensorProto.EXTERNAL or location == shared_file:
+            kept.append(init)
+            continue
+        if location not in files:
+            file = (directory / location).resolve()
+            if not file.is_relative_to(directory.resolve()):
+                raise IFPError(
+                    f"tensor {init.name!r} points outside its export ({location!r})",
+                    directory,
+                    "re-export it; an ifp-export graph keeps its data files beside it",
+                )
+            files[location] = np.memmap(file, np.uint8, "r")
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        count = length // dtype.itemsize
+        feeds[init.name] = np.frombuffer(files[location], dtype, count, offset).reshape(tuple(init.dims))
+        model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return feeds
 
 
 class OrtDecoder:

@@ -1,8 +1,8 @@
 """The reference client: open an export, route a prompt with the predictor graph, generate on ONNX Runtime.
 
-Switching variants keeps the shared weights resident: every tensor stored in the shared data file is
-memory-mapped once and handed to each variant's session with `SessionOptions.add_initializer`, so a new
-variant session only reads its own FFN slices.
+Switching variants creates no session: every tensor stored in the shared data file is memory-mapped once and
+handed to the session with `SessionOptions.add_initializer`, and the variants (one graph, their own FFN slices)
+share one session whose FFN tensors are inputs, fed from the variant's memory-mapped data file.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Runtime:
         )
         self.resident = ResidentWeights(SHARED_DATA)
         self.shared = self.resident.values  # (offset, length) in the shared file -> value
-        self.sessions: dict[str, OrtDecoder] = {}
+        self.decoders: dict[str, OrtDecoder] = {}  # by variant name (and DYNAMIC_NAME)
         self.sources: dict[tuple[str, int], np.memmap] = {}
 
     def options(self) -> ort.SessionOptions:
@@ -92,11 +92,10 @@ class Runtime:
         return self.output.path(files["files"]["onnx"]["model"])
 
     def decoder(self, name: str) -> OrtDecoder:
-        """The variant's decoder session (created once; shared weights come from the resident cache)."""
-        if name not in self.sessions:
-            path = self.model_path(name)
-            self.sessions[name] = self.resident_session(path)
-        return self.sessions[name]
+        """The variant's decoder: the session of its graph (made once for all variants) fed its own FFN slices."""
+        if name not in self.decoders:
+            self.decoders[name] = self.resident.decoder(self.model_path(name), self.threads)
+        return self.decoders[name]
 
     def dynamic_decoder(self, prompt: str) -> OrtDecoder:
         """The dynamic-mode decoder bound to this prompt's own FFN neurons (the predictor's top-k per layer).
@@ -110,12 +109,11 @@ class Runtime:
                 self.output.root / MANIFEST_FILE,
                 "export with --mode dynamic",
             )
-        if DYNAMIC_NAME not in self.sessions:
-            path = self.output.path(spec["model"])
-            self.sessions[DYNAMIC_NAME] = self.resident_session(path)
-        decoder = self.sessions[DYNAMIC_NAME]
+        if DYNAMIC_NAME not in self.decoders:
+            self.decoders[DYNAMIC_NAME] = self.resident.decoder(self.output.path(spec["model"]), self.threads)
+        decoder = self.decoders[DYNAMIC_NAME]
         kept = top_k_indices(self.predict(prompt).scores, self.output.manifest["model"]["k"])
-        decoder.extra_feeds = gather_dynamic_feeds(spec["ffn_inputs"], kept, self.source)
+        decoder.extra_feeds.update(gather_dynamic_feeds(spec["ffn_inputs"], kept, self.source))
         return decoder
 
     def source(self, source: dict) -> np.memmap:
@@ -128,13 +126,8 @@ class Runtime:
         return self.sources[key]
 
     def unload(self, name: str) -> None:
-        """Drop a variant's session (its FFN weights); the shared weights stay resident."""
-        self.sessions.pop(name, None)
-
-    def resident_session(self, path: Path) -> OrtDecoder:
-        """A decoder session whose shared weights come from the resident memory-mapped cache."""
-        options = self.resident.options(path, self.threads)
-        return OrtDecoder(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+        """Drop a variant's decoder (its FFN slices' mappings); the shared weights and the session stay."""
+        self.decoders.pop(name, None)
 
     def generate(
         self,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 from tiny import run_export
@@ -16,9 +19,10 @@ from tiny import run_export
 from ifp_export.artifacts import MANIFEST_FILE, open_output
 from ifp_export.cli import bundled_sample, main
 from ifp_export.errors import IFPError
-from ifp_export.fold import fold_decoder
+from ifp_export.fold import fold_decoder, relative_difference
 from ifp_export.generate import greedy_generate
 from ifp_export.masks import routing_scores
+from ifp_export.ort import own_tensor_feeds
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
 from ifp_export.targets.onnx import SHARED_DATA
@@ -103,6 +107,49 @@ def test_switching_keeps_shared_weights_resident(exported: ExportContext) -> Non
     Runtime(exported.workdir, threads=1, verify_hashes=False).decoder("dense")
     cold = time.perf_counter() - start
     print(f"switch to a variant {switch * 1e3:.1f} ms vs cold dense session {cold * 1e3:.1f} ms (tiny model)")
+
+
+def test_variants_share_one_session_each_with_its_own_weights(exported: ExportContext) -> None:
+    """A switch creates no session: every variant runs on one session, fed its own FFN slices; each variant's logits
+    still equal its own folded PyTorch model (and differ from the others', so no variant ran another's weights)."""
+    runtime = Runtime(exported.workdir, threads=1)
+    tokens = torch.tensor([exported.checkpoint.tokenizer.encode("add 12+7=").ids])
+    logits = {}
+    for variant in exported.variants:
+        decoder = runtime.decoder(variant.name)
+        got, _ = decoder(
+            tokens.numpy(), np.ones_like(tokens.numpy()), np.arange(tokens.shape[1])[None], decoder.empty_cache(1)
+        )
+        with torch.no_grad():
+            expected, _ = fold_decoder(exported.checkpoint.backbone, variant.kept)(tokens)
+        assert relative_difference(got, expected.numpy()) <= 1e-5, variant.name
+        logits[variant.name] = got
+    assert len({id(runtime.decoder(v.name).session) for v in exported.variants}) == 1
+    assert len(runtime.resident.sessions) == 1
+    assert all(not np.array_equal(logits[a], logits[b]) for a, b in itertools.combinations(logits, 2))
+    runtime.unload("add")
+    assert runtime.decoder("add").session is runtime.decoder("reverse").session  # re-loading makes no session
+    assert runtime.decoder("dense").session is not runtime.decoder("add").session  # other shapes, its own session
+    assert len(runtime.resident.sessions) == 2
+
+
+def test_a_tensor_outside_the_export_is_refused(tmp_path: Path) -> None:
+    tensor = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [2], [1.0, 2.0])
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in {"location": "../outside.bin", "offset": "0", "length": "8"}.items():
+        tensor.external_data.add(key=key, value=value)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        [tensor],
+    )
+    (tmp_path / "outside.bin").write_bytes(np.ones(2, np.float32).tobytes())
+    (tmp_path / "export").mkdir()
+    with pytest.raises(IFPError, match="points outside its export"):
+        own_tensor_feeds(onnx.helper.make_model(graph), tmp_path / "export", SHARED_DATA)
 
 
 def test_run_command_prints_route_and_text(exported: ExportContext, capsys: pytest.CaptureFixture[str]) -> None:
