@@ -12,24 +12,11 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.clients import SHORT_PROMPT
+from benchmarks.decode_child import decode_rate_in_child
 from benchmarks.model import build_lm_predictor
 from benchmarks.rows import Row, Stats
 from ifp_export.model.hf_io import load_decoder
 from ifp_export.ort import OrtDecoder, session
-
-
-def decode_rate(decoder: OrtDecoder, prompt: list[int], steps: int) -> float:
-    """Tokens/s of `steps` greedy decode steps (batch 1) after prefilling `prompt`."""
-    ids = np.asarray([prompt], np.int64)
-    n = len(prompt)
-    logits, past = decoder(ids, np.ones_like(ids), np.arange(n, dtype=np.int64)[None], decoder.empty_cache(1))
-    token = int(logits[0, -1].argmax())
-    start = time.perf_counter()
-    for i in range(steps):
-        mask = np.ones((1, n + i + 1), np.int64)
-        logits, past = decoder(np.asarray([[token]], np.int64), mask, np.asarray([[n + i]], np.int64), past)
-        token = int(logits[0, -1].argmax())
-    return steps / (time.perf_counter() - start)
 
 
 def prefill_seconds(decoder: OrtDecoder, prompt: list[int]) -> float:
@@ -58,7 +45,8 @@ def per_token_weight_bytes(hf_dir: Path) -> int:
 
 class DecodeFigures:
     def decode(self) -> None:
-        """P3 (pruned vs dense, ours) and P4b (our dense vs Optimum's dense), interleaved per repeat."""
+        """P3 (pruned vs dense, ours) and P4b (our dense vs Optimum's dense): every timing a fresh process
+        (`benchmarks.decode_child`), models interleaved per repeat."""
         onnx_dir = self.out / "onnx"
         models = {"dense": onnx_dir / "dense.onnx", "pruned": onnx_dir / f"{self.variants[0]}.onnx"}
         if self.optimum_dense is not None:
@@ -70,17 +58,12 @@ class DecodeFigures:
         steps = self.args.decode_steps
         decode_raw: dict[str, dict[str, list[float]]] = {}
         for threads in self.args.threads:
-            decoders = {name: OrtDecoder(session(path, threads)) for name, path in models.items()}
-            for decoder in decoders.values():  # warm-up: first runs allocate
-                decode_rate(decoder, prompt, 2)
-            rates: dict[str, Stats] = {name: Stats() for name in decoders}
-            names = list(decoders)
+            rates: dict[str, Stats] = {name: Stats() for name in models}
+            names = list(models)
             for repeat in range(self.args.repeats):  # rotate the order so no model always runs first
                 shift = repeat % len(names)
                 for name in names[shift:] + names[:shift]:
-                    rates[name].values.append(decode_rate(decoders[name], prompt, steps))
-            del decoders
-            gc.collect()
+                    rates[name].values.append(decode_rate_in_child(models[name], threads, prompt, steps))
             decode_raw[str(threads)] = {name: s.values for name, s in rates.items()}
             plural = f"{threads} thread{'s' * (threads > 1)}"
             speedup = Stats([p / d for p, d in zip(rates["pruned"].values, rates["dense"].values, strict=True)])
@@ -111,7 +94,7 @@ class DecodeFigures:
                         p4.range(),
                         "≥ 1.0 (aim 1.15)",
                         p4.median >= 1.0,
-                        "same ORT session options (ifp_export.ort.session), same loop",
+                        "same ORT session options (ifp_export.ort.session), same loop, one process per timing",
                     )
                 )
         if self.optimum_dense is None:
@@ -215,37 +198,49 @@ class DecodeFigures:
         self.raw["p5_lm"] = {"route": routes.values, "prefill": prefill.values, "parameters": n_params}
 
     def switching(self) -> None:
-        """P6: Runtime.decoder(name) for a variant not yet loaded (shared weights resident) vs a cold dense session."""
+        """P6: Runtime.decoder(name) for a variant not yet loaded (its graph's session already made by another
+        variant) vs a cold dense session; then each one's first prefill (where the weights are first read)."""
         from ifp_export.runtime import Runtime
 
         threads = max(self.args.threads)
         runtime = Runtime(self.out, threads=threads, verify_hashes=False)
-        runtime.decoder(self.variants[0])  # makes the shared weights resident
+        runtime.decoder(self.variants[0])  # makes the shared weights resident and the variants' session
         others = self.variants[1:] or self.variants
-        switch, cold = Stats(), Stats()
+        switch, cold, switch_prefill, cold_prefill = Stats(), Stats(), Stats(), Stats()
         dense_path = str(self.out / "onnx" / "dense.onnx")
+        prompt = self.prompt(SHORT_PROMPT)
         for i in range(self.args.repeats):
             name = others[i % len(others)]
             runtime.unload(name)
             gc.collect()
             switch.values.append(timed(lambda name=name: runtime.decoder(name)))
+            switch_prefill.values.append(prefill_seconds(runtime.decoder(name), prompt))
             gc.collect()
-            cold.values.append(
-                timed(lambda: ort.InferenceSession(dense_path, runtime.options(), providers=["CPUExecutionProvider"]))
-            )
+            start = time.perf_counter()
+            dense = ort.InferenceSession(dense_path, runtime.options(), providers=["CPUExecutionProvider"])
+            cold.values.append(time.perf_counter() - start)
+            cold_prefill.values.append(prefill_seconds(OrtDecoder(dense), prompt))
+            del dense
             gc.collect()
         ratio = Stats([s / c for s, c in zip(switch.values, cold.values, strict=True)])
         self.rows.append(
             Row(
                 "P6",
-                "variant switch in ifp_export.runtime (new variant, shared weights resident) / cold dense session load",
+                "variant switch in ifp_export.runtime (new variant: its graph matched to the variants' session, its "
+                "FFN slices memory-mapped as inputs) / cold dense session load",
                 f"switch {switch.fmt()}",
                 f"cold dense {cold.fmt()}",
                 ratio.median,
                 ratio.range(),
                 "≤ 0.25",
                 ratio.median <= 0.25,
-                "files in the page cache for both (warm disk)",
+                f"files in the page cache for both (warm disk); the first {len(prompt)}-token prefill after them: "
+                f"switch {switch_prefill.fmt()}, cold dense {cold_prefill.fmt()}",
             )
         )
-        self.raw["p6_seconds"] = {"switch": switch.values, "cold_dense": cold.values}
+        self.raw["p6_seconds"] = {
+            "switch": switch.values,
+            "cold_dense": cold.values,
+            "first_prefill_after_switch": switch_prefill.values,
+            "first_prefill_after_cold_dense": cold_prefill.values,
+        }

@@ -18,7 +18,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.run import decode_rate, timed
+from benchmarks.decode_child import decode_rate
+from benchmarks.decode_figures import timed
 from ifp_export.cli import bundled_sample, main
 from ifp_export.fsutil import write_json
 from ifp_export.runtime import Runtime
