@@ -29,7 +29,7 @@ from ifp_export.targets.onnx import (
     validate,
     validation_inputs,
 )
-from ifp_export.targets.onnx.genai import GENAI_CONFIG, write_genai_config
+from ifp_export.targets.onnx.genai import GENAI_CONFIG, genai_overlay, write_genai_config
 from ifp_export.targets.onnx.reference import dequantized, dequantizing
 
 
@@ -38,11 +38,12 @@ def exported(request: pytest.FixtureRequest) -> ExportContext:
     return request.getfixturevalue(request.param)
 
 
-def og_generate(onnx_dir: Path, model_file: str, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy tokens from onnxruntime-genai, loading `model_file` through the manifest's overlay recipe."""
+def og_generate(onnx_dir: Path, overlay: dict, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai: the directory's genai_config.json with `overlay` applied (an app's
+    recipe, with the manifest's overlay)."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install .[test])")
     config = og.Config(str(onnx_dir))
-    config.overlay(json.dumps({"model": {"decoder": {"filename": model_file}}}))
+    config.overlay(json.dumps(overlay))
     model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
@@ -76,7 +77,7 @@ def test_og_generates_what_transformers_generates(exported: ExportContext) -> No
             genai["config"] == f"{ONNX_DIR}/{GENAI_CONFIG}" and "onnxruntime-genai" in entry["files"]["onnx"]["clients"]
         )
         prompt = ckpt.tokenizer.encode(ckpt.tasks[prompt_index].prompt).ids
-        got = og_generate(directory, genai["overlay"]["model"]["decoder"]["filename"], prompt, 12)
+        got = og_generate(directory, genai["overlay"], prompt, 12)
         with torch.no_grad():
             out = hf_pruned(exported, mask).generate(
                 torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0
@@ -157,7 +158,7 @@ def test_head_dim_model_validates_and_runs_in_og(wide_heads: tuple[ExportContext
     variant = ctx.variants[0]
     prompt = ctx.checkpoint.tokenizer.encode(ctx.checkpoint.tasks[variant.prompt_indices[0]].prompt).ids
     expected = greedy_generate(fold_decoder(ctx.checkpoint.backbone, variant.kept), [prompt], 10, eos_id=2)[0]
-    assert og_generate(directory, f"{variant.name}.onnx", prompt, 10) == expected
+    assert og_generate(directory, genai_overlay(f"{variant.name}.onnx"), prompt, 10) == expected
 
 
 def test_head_dim_model_is_not_claimed_for_optimum(wide_heads: tuple[ExportContext, Path]) -> None:

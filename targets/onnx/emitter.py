@@ -30,7 +30,7 @@ from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.targets.onnx.build import build_decoder
 from ifp_export.targets.onnx.dynamic import emit_dynamic
-from ifp_export.targets.onnx.genai import write_genai_config
+from ifp_export.targets.onnx.genai import GENAI_SUFFIX, write_genai_config
 from ifp_export.targets.onnx.ops import Binding, Materializer
 from ifp_export.targets.onnx.predictor import trace_predictor
 from ifp_export.weights import WeightSource, ffn_slice
@@ -38,7 +38,6 @@ from ifp_export.weights import WeightSource, ffn_slice
 SHARED_DATA = "decoder_shared.onnx_data"
 DENSE_NAME = "dense"
 PREDICTOR_NAME = "predictor"
-GENAI_SUFFIX = ".genai.onnx"
 EXTERNAL_THRESHOLD = 256  # bytes; smaller tensors stay inside each .onnx file
 ALIGNMENT = 64
 FFN_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -190,7 +189,7 @@ class OnnxArtifacts:
     disk_bytes: int  # every decoder file on disk (graphs + data)
     quantize: str = "none"
     dynamic_inputs: list[dict] | None = None  # per FFN input of dynamic.onnx: where to gather it from
-    genai: Path | None = None  # genai_config.json (dense; a variant overlays its file name)
+    genai: Path | None = None  # genai_config.json (dense; a model's overlay sets its file and KV buffer mode)
     clients: tuple[str, ...] = ("ifp_export.runtime", "onnxruntime-genai", "optimum")
     genai_models: dict[str, Path] = field(default_factory=dict)  # model name -> <name>.genai.onnx (og's graph)
 

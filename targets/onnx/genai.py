@@ -3,9 +3,11 @@ files Optimum loads; no second copy).
 
 og reads exactly one `genai_config.json` per directory and refuses `..` in `model.decoder.filename`, so there is
 one config beside the graphs, naming the dense model (its `.genai.onnx` graph when there is one, else the
-Optimum-flavour graph, which og also runs); a variant is that config with its file overlaid:
-`config = og.Config(onnx_dir); config.overlay(genai_overlay(name)); og.Model(config)`. The app feeds token ids
-(`og.Generator.append_tokens`) from the output's `tokenizer.json`; no og tokenizer files are written.
+Optimum-flavour graph, which og also runs); a variant is that config with its overlay (the manifest's) applied:
+`config = og.Config(onnx_dir); config.overlay(json.dumps(genai_overlay(file))); og.Model(config)`. The overlay
+carries the KV buffer mode too, so any of our graphs loads through it, whichever one the config names. The app
+feeds token ids (`og.Generator.append_tokens`) from the output's `tokenizer.json`; no og tokenizer files are
+written.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from ifp_export.fsutil import write_json
 from ifp_export.model.config import DecoderConfig
 
 GENAI_CONFIG = "genai_config.json"
+GENAI_SUFFIX = ".genai.onnx"  # <name>.genai.onnx: the GenAI-flavour graph of model <name>
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
 def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool, generation: dict) -> dict:
-    """The og 0.18 config for our decoder graphs (separate past/present buffers); the GenAI-flavour graph
-    (GroupQueryAttention, rotary inside) takes no position_ids. Token ids come from `generation` (what
-    `model.config.generation_config` writes beside the graphs: every EOS id of config.json and
-    generation_config.json)."""
+    """The og 0.18 config for our decoder graphs. The GenAI-flavour graph (GroupQueryAttention, rotary inside)
+    takes no position_ids and shares og's past/present buffer (GQA writes each step's K/V into the max_length
+    buffer in place, as the GenAI builder's models do); the Optimum-flavour graph concatenates, so it gets separate
+    buffers. Token ids come from `generation` (what `model.config.generation_config` writes beside the graphs: every
+    EOS id of config.json and generation_config.json)."""
     eos = generation.get("eos_token_id")
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if position_ids:
@@ -66,7 +70,7 @@ def genai_config(cfg: DecoderConfig, filename: str, position_ids: bool, generati
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": not position_ids,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -84,8 +88,12 @@ def pad_id(generation: dict) -> int:
 
 
 def genai_overlay(filename: str) -> dict:
-    """What `og.Config.overlay` takes (as JSON) to load `filename` instead of the dense model."""
-    return {"model": {"decoder": {"filename": filename}}}
+    """What `og.Config.overlay` takes (as JSON) to load `filename` instead of the dense model: the file, and the KV
+    buffer mode its flavour needs (shared for a GenAI-flavour graph), whichever flavour the config names."""
+    return {
+        "model": {"decoder": {"filename": filename}},
+        "search": {"past_present_share_buffer": filename.endswith(GENAI_SUFFIX)},
+    }
 
 
 def write_genai_config(directory: Path, dense: Path, cfg: DecoderConfig, position_ids: bool, generation: dict) -> Path:

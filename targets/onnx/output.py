@@ -11,14 +11,13 @@ from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME
 from ifp_export.targets.onnx.emitter import (
     DENSE_NAME,
-    GENAI_SUFFIX,
     PREDICTOR_NAME,
     OnnxArtifacts,
     emit,
     external_data_files,
     stored_tensor_bytes,
 )
-from ifp_export.targets.onnx.genai import GENAI_CONFIG, genai_overlay
+from ifp_export.targets.onnx.genai import GENAI_CONFIG, GENAI_SUFFIX, genai_overlay
 
 ONNX_DIR = "onnx"
 
