@@ -4,12 +4,11 @@ P4c's bandwidth limit.
 The builder exports the bench checkpoint's dense HF backbone (the same weights our export read) in fp32 and int4;
 its fp32 build time is P1's baseline. Our dense model is loaded in `og` exactly as the manifest tells an app to
 (`onnx/genai_config.json` + the model's overlay, i.e. whichever graph file `og` is meant to use for it), and decoded
-alternately with the builder's export of the same weights, in one process, per thread count.
+alternately with the builder's export of the same weights, each timing in a fresh process, per thread count.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 import sys
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchmarks.genai import build, og_decode_rate, og_model, write_hf_tokenizer
+from benchmarks.decode_child import rates_in_children
+from benchmarks.genai import build, our_overlay, write_hf_tokenizer
 from benchmarks.proc import run_child
 from benchmarks.rows import Row, Stats
 
@@ -52,30 +52,6 @@ def builder_exports(ckpt: Path, work: Path, reuse: bool, log: Callable[[str], No
         log(f"GenAI builder -p {precision}: {seconds:.1f}s, peak RSS {(rss or 0) / 2**20:,.0f} MiB")
     saved.write_text(json.dumps(builds, indent=2))
     return builds
-
-
-def our_overlay(export_dir: Path) -> dict:
-    """The dense model's overlay from the manifest (what an app passes to `og.Config.overlay`)."""
-    manifest = json.loads((export_dir / "manifest.json").read_text())
-    return manifest["dense"]["files"]["onnx"]["genai"]["overlay"]
-
-
-def og_rates(
-    models: dict[str, tuple[Path, dict | None]], prompt: list[int], steps: int, threads: int, repeats: int
-) -> dict[str, list[float]]:
-    """Tokens/s of each model in `og.Generator`, all loaded at once and decoded in a rotating order per repeat."""
-    loaded = {name: og_model(path, threads, overlay) for name, (path, overlay) in models.items()}
-    for model in loaded.values():  # warm-up: first runs allocate
-        og_decode_rate(model, prompt, 2)
-    rates: dict[str, list[float]] = {name: [] for name in loaded}
-    names = list(loaded)
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            rates[name].append(og_decode_rate(loaded[name], prompt, steps))
-    del loaded
-    gc.collect()
-    return rates
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 3) -> float:
@@ -156,7 +132,7 @@ class GenaiFigures:
 
     def genai_decode(self) -> None:
         """P4a (fp32) and P4c (int4): our dense model / the builder's export of the same weights, both in
-        og.Generator, alternating in one process; P4c also vs this machine's bandwidth limit."""
+        og.Generator, alternating, each timing in a fresh process; P4c also vs this machine's bandwidth limit."""
         prompt, steps = self.prompt(SHORT_PROMPT), self.args.og_steps
         genai_file = our_overlay(self.out_int4)["model"]["decoder"]["filename"]
         read_bytes = decode_read_bytes(self.out_int4 / "onnx" / genai_file)
@@ -176,11 +152,8 @@ class GenaiFigures:
             og_raw[str(threads)] = {}
             for rid, precision, out in (("P4a", "fp32", self.out), ("P4c", "int4", self.out_int4)):
                 overlay = our_overlay(out)
-                models = {
-                    "ours": (out / "onnx", overlay),
-                    "builder": (Path(self.builds[precision]["dir"]), None),
-                }
-                rates = og_rates(models, prompt, steps, threads, self.args.repeats)
+                models = {"ours": out / "onnx", "builder": Path(self.builds[precision]["dir"])}
+                rates = rates_in_children(models, prompt, steps, threads, self.args.repeats)
                 og_raw[str(threads)].update({f"{k}_{precision}": v for k, v in rates.items()})
                 ours, builder = Stats(rates["ours"]), Stats(rates["builder"])
                 ratio = Stats([o / b for o, b in zip(ours.values, builder.values, strict=True)])

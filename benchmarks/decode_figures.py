@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.clients import SHORT_PROMPT
-from benchmarks.decode_child import decode_rate_in_child
+from benchmarks.decode_child import rates_in_children
 from benchmarks.model import build_lm_predictor
 from benchmarks.rows import Row, Stats
 from ifp_export.model.hf_io import load_decoder
@@ -58,12 +58,8 @@ class DecodeFigures:
         steps = self.args.decode_steps
         decode_raw: dict[str, dict[str, list[float]]] = {}
         for threads in self.args.threads:
-            rates: dict[str, Stats] = {name: Stats() for name in models}
-            names = list(models)
-            for repeat in range(self.args.repeats):  # rotate the order so no model always runs first
-                shift = repeat % len(names)
-                for name in names[shift:] + names[:shift]:
-                    rates[name].values.append(decode_rate_in_child(models[name], threads, prompt, steps))
+            raw = rates_in_children(models, prompt, steps, threads, self.args.repeats)
+            rates = {name: Stats(values) for name, values in raw.items()}
             decode_raw[str(threads)] = {name: s.values for name, s in rates.items()}
             plural = f"{threads} thread{'s' * (threads > 1)}"
             speedup = Stats([p / d for p, d in zip(rates["pruned"].values, rates["dense"].values, strict=True)])

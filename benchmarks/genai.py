@@ -64,6 +64,17 @@ def og_model(model_dir: Path, threads: int, overlay: dict | None = None):
     return og.Model(config)
 
 
+def our_overlay(export_dir: Path) -> dict:
+    """The dense model's overlay from the manifest (what an app passes to `og.Config.overlay`)."""
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    return manifest["dense"]["files"]["onnx"]["genai"]["overlay"]
+
+
+def app_overlay(model_dir: Path) -> dict | None:
+    """The overlay an app applies to `model_dir`: the manifest's dense one for our export's onnx/ dir, else none."""
+    return our_overlay(model_dir.parent) if (model_dir.parent / "manifest.json").is_file() else None
+
+
 def og_decode_rate(model, prompt: list[int], steps: int) -> float:
     """Tokens/s of `steps` greedy steps in `og.Generator` after prefilling `prompt` (timed from the first step)."""
     import onnxruntime_genai as og

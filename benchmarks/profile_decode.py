@@ -1,14 +1,18 @@
 """Where decode time goes: ORT's profiler (SessionOptions.enable_profiling) over N decode steps, per op type.
 
-    python -m benchmarks.profile_decode MODEL.onnx [MODEL.onnx ...] [--threads 1] [--steps 8] [--shapes 10]
+    python -m benchmarks.profile_decode MODEL [MODEL ...] [--threads 1] [--steps 8] [--shapes 10]
 
-Same session options as the benchmarks (`ifp_export.ort.session`) plus profiling; prints, per model, the time
-per decode step by op type (kernel time summed over the timed steps, prefill excluded).
+A MODEL.onnx (Optimum's layout) runs in `OrtDecoder` with the benchmarks' session options
+(`ifp_export.ort.session`) plus profiling. A directory with a genai_config.json runs in `og.Generator` (P4a, P4c),
+profiled through the config's `session_options.enable_profiling`; for our export's `onnx/` directory the manifest's
+dense overlay is applied, as an app does. Prints, per model, the time per decode step by op type (kernel time
+summed over the timed steps, prefill excluded).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 from collections import Counter
@@ -23,6 +27,8 @@ from ifp_export.ort import OrtDecoder
 def profile(path: Path, threads: int, steps: int, prompt_len: int = 16) -> tuple[Counter, Counter, float]:
     """(microseconds per decode step by op type, the same by op type and input shapes, total per step) for `steps`
     decode steps after a prefill."""
+    if path.is_dir():
+        return profile_og(path, threads, steps, prompt_len)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -42,6 +48,43 @@ def profile(path: Path, threads: int, steps: int, prompt_len: int = 16) -> tuple
             mask = np.ones((1, prompt_len + i + 1), np.int64)
             logits, past = decoder(token, mask, np.asarray([[prompt_len + i]], np.int64), past)
         trace = json.loads(Path(decoder.session.end_profiling()).read_text())
+    return per_decode_step(trace, steps)
+
+
+def profile_og(model_dir: Path, threads: int, steps: int, prompt_len: int) -> tuple[Counter, Counter, float]:
+    """`profile` for a model directory in `og.Generator` (ORT writes the trace when og's session is destroyed)."""
+    import onnxruntime_genai as og
+
+    from benchmarks.genai import app_overlay, og_model
+
+    overlay = app_overlay(model_dir) or {}
+    with tempfile.TemporaryDirectory() as tmp:
+        profiling = {"model": {"decoder": {"session_options": {"enable_profiling": str(Path(tmp) / "og")}}}}
+        model = og_model(model_dir, threads, merge(overlay, profiling))
+        params = og.GeneratorParams(model)
+        length = prompt_len + steps + 1
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens([list(range(4, 4 + prompt_len))])
+        for _ in range(steps + 1):  # the prefill's token, then `steps` decode steps
+            generator.generate_next_token()
+        del generator, params, model
+        gc.collect()
+        trace = json.loads(next(Path(tmp).glob("og*.json")).read_text())
+    return per_decode_step(trace, steps)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`base` with `extra`'s keys set, nested dicts merged (og.Config.overlay's own semantics)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def per_decode_step(trace: list[dict], steps: int) -> tuple[Counter, Counter, float]:
+    """Kernel time per decode step by op type and by (op, input shapes), and model_run time per decode step, from an
+    ORT profile whose first run is the prefill."""
     runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
     decode_start = runs[1]["ts"] if len(runs) > 1 else 0  # skip the prefill run
     by_op: Counter = Counter()

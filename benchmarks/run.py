@@ -59,6 +59,9 @@ class Bench(GenaiFigures, DecodeFigures, Report):
         from ifp_export.checkpoint import load_checkpoint
 
         reuse = self.args.reuse and (self.work / "ckpt" / "ifp.json").is_file()
+        if not reuse:  # a --workdir from an earlier run: rebuild (same seed, same bytes) rather than fail on it
+            for stale in (self.work / "ckpt", self.work / "src"):
+                shutil.rmtree(stale, ignore_errors=True)
         ckpt = load_checkpoint(self.work / "ckpt") if reuse else build_checkpoint(self.work, self.args.size, seed=0)
         self.ckpt = ckpt.root
         cfg = ckpt.backbone.config

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from ifp_export.pipeline import ExportContext
+
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
 
@@ -64,3 +66,23 @@ def test_scale_benchmark_runs_a_bf16_sharded_model_as_a_user_would(tmp_path: Pat
     variants = sorted((tmp_path / "work" / "out" / "variants").iterdir())
     assert len(variants) == 8
     assert "RSS / weight bytes" in done.stdout
+
+
+def test_profile_decode_in_ort_and_in_og(tiny_export: ExportContext) -> None:
+    """`benchmarks.profile_decode` on the dense graph in OrtDecoder and on the export's onnx/ dir in og.Generator
+    (the manifest's dense overlay): both traces give kernel time per decode step, MatMul among it."""
+    from benchmarks.profile_decode import profile
+
+    onnx_dir = tiny_export.workdir / "onnx"
+    models = [onnx_dir / "dense.onnx"]
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        models.append(onnx_dir)
+    except ImportError:
+        print("onnxruntime-genai not installed (pip install .[test]): og profile not checked")
+    for model in models:
+        by_op, by_shape, total = profile(model, threads=1, steps=3)
+        assert total > 0 and sum(by_op.values()) > 0, model
+        assert any(op.startswith("MatMul") for op in by_op), (model, sorted(by_op))
+        assert sum(by_shape.values()) == pytest.approx(sum(by_op.values())), model
