@@ -65,6 +65,13 @@ class ResidentWeights:
             options.add_initializer(name, value)
         return options
 
+    def session_from_bytes(self, graph: bytes, path: Path, threads: int = 0) -> ort.InferenceSession:
+        """A session of `graph`, an edited copy of the graph at `path`, with `options(path)`; its external data
+        resolves beside `path` (ORT checks even the files of initializers the options override)."""
+        options = self.options(path, threads)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
     def decoder(self, path: Path, threads: int = 0) -> OrtDecoder:
         """A decoder for the graph at `path` whose own tensors (every external one outside the shared file) are
         inputs fed from memory-mapped arrays; the session is made once per distinct remaining graph."""
@@ -72,10 +79,7 @@ class ResidentWeights:
         own = own_tensor_feeds(model, path.parent, self.shared_file)
         key = (model.SerializeToString(), threads)
         if key not in self.sessions:
-            options = self.options(path, threads)
-            # a graph given as bytes resolves its (overridden) shared file from here; ORT checks that it exists
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-            self.sessions[key] = ort.InferenceSession(key[0], options, providers=["CPUExecutionProvider"])
+            self.sessions[key] = self.session_from_bytes(key[0], path, threads)
         decoder = OrtDecoder(self.sessions[key])
         decoder.extra_feeds = own
         return decoder

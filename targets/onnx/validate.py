@@ -82,9 +82,7 @@ def exact_session(path: Path, resident: ResidentWeights) -> ort.InferenceSession
             for attribute in node.attribute:
                 if attribute.name == "accuracy_level":
                     attribute.i = 0
-    options = resident.options(path, threads=1)
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return resident.session_from_bytes(proto.SerializeToString(), path, threads=1)
 
 
 def check_decoder(
