@@ -52,14 +52,15 @@ def build(hf_dir: Path, out_dir: Path, precision: str, log: Path) -> tuple[float
     return seconds, rss
 
 
-def og_model(model_dir: Path, threads: int, overlay: dict | None = None):
-    """An `og.Model` from `model_dir`'s genai_config.json, with `overlay` (e.g. a manifest's per-model one) applied
-    first, then the thread count."""
+def og_model(model_dir: Path, threads: int, *overlays: dict | None):
+    """An `og.Model` from `model_dir`'s genai_config.json, with `overlays` (e.g. a manifest's per-model one) applied
+    in order (og merges nested keys), then the thread count."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
-    if overlay:
-        config.overlay(json.dumps(overlay))
+    for overlay in overlays:
+        if overlay:
+            config.overlay(json.dumps(overlay))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     return og.Model(config)
 

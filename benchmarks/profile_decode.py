@@ -53,33 +53,16 @@ def profile(path: Path, threads: int, steps: int, prompt_len: int = 16) -> tuple
 
 def profile_og(model_dir: Path, threads: int, steps: int, prompt_len: int) -> tuple[Counter, Counter, float]:
     """`profile` for a model directory in `og.Generator` (ORT writes the trace when og's session is destroyed)."""
-    import onnxruntime_genai as og
+    from benchmarks.genai import app_overlay, og_decode_rate, og_model
 
-    from benchmarks.genai import app_overlay, og_model
-
-    overlay = app_overlay(model_dir) or {}
     with tempfile.TemporaryDirectory() as tmp:
         profiling = {"model": {"decoder": {"session_options": {"enable_profiling": str(Path(tmp) / "og")}}}}
-        model = og_model(model_dir, threads, merge(overlay, profiling))
-        params = og.GeneratorParams(model)
-        length = prompt_len + steps + 1
-        params.set_search_options(max_length=length, min_length=length, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens([list(range(4, 4 + prompt_len))])
-        for _ in range(steps + 1):  # the prefill's token, then `steps` decode steps
-            generator.generate_next_token()
-        del generator, params, model
+        model = og_model(model_dir, threads, app_overlay(model_dir), profiling)
+        og_decode_rate(model, list(range(4, 4 + prompt_len)), steps)  # a prefill, then `steps` decode steps
+        del model
         gc.collect()
         trace = json.loads(next(Path(tmp).glob("og*.json")).read_text())
     return per_decode_step(trace, steps)
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """`base` with `extra`'s keys set, nested dicts merged (og.Config.overlay's own semantics)."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def per_decode_step(trace: list[dict], steps: int) -> tuple[Counter, Counter, float]:
