@@ -1,22 +1,24 @@
-"""S1 / S2 / P7 at real model sizes: a random seeded HF Llama through `ifp-export` as a user runs it.
+"""S1 / S2 / S3 / P7 at real model sizes: a random seeded HF Llama through `ifp-export` as a user runs it.
 
-    python -m benchmarks.scale --size 1b|3b|bench|100m|tiny [--dtype bfloat16] [--quantize int4] [--until PASS]
+    python -m benchmarks.scale --size 1b|3b|8b|bench|100m|tiny [--dtype bfloat16] [--quantize int4] [--until PASS]
                                [--export-arg ARG ...] [--workdir DIR] [--reuse] [--json RESULT.json]
 
-Writes the model with `transformers` (`save_pretrained`, sharded; 3b in bf16) built on the meta device and
-materialized once (`to_empty` + seeded in-place init: one copy of the weights, plus one shard while saving), a
-tokenizer and tasks of 8 x 4 prompts; then runs `ifp-export new-checkpoint` and `ifp-export export` as
-subprocesses under GNU time and prints per-pass seconds (from the export's log), wall time, peak RSS, the
-checkpoint's weight bytes, the RSS ratio, and whether the size's targets (DESIGN.md section 9) are met.
+Writes a random seeded Llama in `transformers`' sharded layout, one shard at a time (`write_model`: an 8B bf16
+model never has more than a shard in RAM), a tokenizer and tasks of 8 x 4 prompts; then runs `ifp-export
+new-checkpoint` and `ifp-export export` as subprocesses under GNU time and prints per-pass seconds (from the
+export's log), wall time, peak RSS, the checkpoint's weight bytes, the RSS ratio, and whether the size's targets
+(DESIGN.md section 9) are met.
 Sizes: bench = the P1-P7 benchmark model (fp32, P7); 1b = TinyLlama-1.1B shape (fp32, S1); 3b = Llama-3.2-3B-like
-(bf16 sharded, S2, run it with --quantize int4); 100m = a 125M-parameter model for the weights' own memory check
-(`--until fold`); tiny = the smoke test's (bf16 sharded, seconds). --dtype overrides the size's dtype.
+(bf16 sharded, S2, run it with --quantize int4); 8b = Llama-3.1-8B shape (bf16 sharded, S3, --quantize int4);
+100m = a 125M-parameter model for the weights' own memory check (`--until fold`); tiny = the smoke test's (bf16
+sharded, seconds). --dtype overrides the size's dtype.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
@@ -35,6 +37,7 @@ SHAPES: dict[str, dict] = {
     "bench": dict(hidden=1024, layers=16, d_ff=2816, heads=16, kv_heads=4, vocab=32000, dtype="float32", shard="2GB"),
     "1b": dict(hidden=2048, layers=22, d_ff=5632, heads=32, kv_heads=4, vocab=32000, dtype="float32", shard="2GB"),
     "3b": dict(hidden=3072, layers=28, d_ff=8192, heads=24, kv_heads=8, vocab=32000, dtype="bfloat16", shard="1GB"),
+    "8b": dict(hidden=4096, layers=32, d_ff=14336, heads=32, kv_heads=8, vocab=128256, dtype="bfloat16", shard="2GB"),
 }
 # (figure, max seconds or None, max peak RSS / checkpoint weight bytes) per size
 TARGETS = {
@@ -42,15 +45,41 @@ TARGETS = {
     "100m": ("P7", None, 1.5),
     "bench": ("P7", None, 1.5),
     "1b": ("S1", 600.0, 1.5),
-    "3b": ("S2", 1200.0, 1.5),
+    "3b": ("S2", 600.0, 1.0),
+    "8b": ("S3", 1800.0, 1.0),
 }
 TASKS, PROMPTS_PER_TASK, KEEP = 8, 4, 0.25
 PASS_LINE = re.compile(r"pass (\S+) done in ([0-9.]+)s")
 
 
+def llama_tensors(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of an untied Hugging Face `LlamaForCausalLM` of `shape`, in the model's order."""
+    hidden, d_ff, head_dim = shape["hidden"], shape["d_ff"], shape["hidden"] // shape["heads"]
+    q, kv = shape["heads"] * head_dim, shape["kv_heads"] * head_dim
+    tensors = [("model.embed_tokens.weight", (shape["vocab"], hidden))]
+    for i in range(shape["layers"]):
+        prefix = f"model.layers.{i}."
+        tensors += [
+            (prefix + "self_attn.q_proj.weight", (q, hidden)),
+            (prefix + "self_attn.k_proj.weight", (kv, hidden)),
+            (prefix + "self_attn.v_proj.weight", (kv, hidden)),
+            (prefix + "self_attn.o_proj.weight", (hidden, q)),
+            (prefix + "mlp.gate_proj.weight", (d_ff, hidden)),
+            (prefix + "mlp.up_proj.weight", (d_ff, hidden)),
+            (prefix + "mlp.down_proj.weight", (hidden, d_ff)),
+            (prefix + "input_layernorm.weight", (hidden,)),
+            (prefix + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    return [*tensors, ("model.norm.weight", (hidden,)), ("lm_head.weight", (shape["vocab"], hidden))]
+
+
 def write_model(directory: Path, size: str, dtype: torch.dtype, seed: int = 0) -> None:
-    """A random Llama saved by `transformers` in `dtype` and the size's shards, with a tokenizer; one copy in RAM."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random Llama in `transformers`' sharded layout (config.json, model-*.safetensors + index), written one shard
+    at a time: an 8B bf16 model (16 GB) never has more than one shard and one fp32 tensor in RAM. Matrices are
+    N(0, 0.02) (a Llama-like init keeps activations and logits in a normal range), norms 1; tensor i draws from its
+    own generator seeded `seed + i`, so the bytes depend only on the shape, dtype and seed."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
 
     shape = SHAPES[size]
     config = LlamaConfig(
@@ -65,19 +94,47 @@ def write_model(directory: Path, size: str, dtype: torch.dtype, seed: int = 0) -
         eos_token_id=2,
         pad_token_id=0,
         tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        torch_dtype=dtype,
     )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(dtype)
-    model = model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a Llama-like init (std 0.02) keeps activations and logits in a normal range
-        for _, param in sorted(model.named_parameters()):
-            if param.dim() == 2:
-                param.normal_(0.0, 0.02, generator=generator)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    tensors = llama_tensors(shape)
+    itemsize, shard_limit = torch.finfo(dtype).bits // 8, parse_bytes(shape["shard"])
+    shards: list[list[int]] = [[]]
+    shard_bytes = 0
+    for i, (_, dims) in enumerate(tensors):
+        nbytes = itemsize * math.prod(dims)
+        if shards[-1] and shard_bytes + nbytes > shard_limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(i)
+        shard_bytes += nbytes
+    weight_map = {}
+    for number, members in enumerate(shards, 1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        data = {}
+        for i in members:
+            name, dims = tensors[i]
+            tensor = torch.empty(dims)
+            if len(dims) == 2:
+                tensor.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed + i))
             else:
-                param.fill_(1.0)
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size=shape["shard"])
+                tensor.fill_(1.0)
+            data[name] = tensor.to(dtype)
+            weight_map[name] = filename
+        save_file(data, str(directory / filename), metadata={"format": "pt"})
+        del data
+    total = sum(itemsize * math.prod(dims) for _, dims in tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     synthetic_tokenizer(shape["vocab"]).save(str(directory / "tokenizer.json"))
+
+
+def parse_bytes(text: str) -> int:
+    """`transformers`' max_shard_size strings: "40KB", "2GB" (decimal units, as it reads them)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+    return int(float(text[:-2]) * units[text[-2:].upper()])
 
 
 def write_tasks(path: Path, size: str, seed: int = 0) -> None:
