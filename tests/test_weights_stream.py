@@ -23,13 +23,15 @@ from helpers import (
     run_cli,
 )
 from safetensors.torch import load_file
-from tiny import char_tokenizer, write_tasks
+from tiny import char_tokenizer, make_checkpoint, write_tasks
 from transformers import AutoModelForCausalLM
 
+from ifp_export.checkpoint import load_checkpoint
 from ifp_export.fold import fold_decoder, mask_from_indices, read_kept_indices
 from ifp_export.fsutil import TensorEntry, stream_safetensors, write_safetensors
 from ifp_export.model.hf_io import load_decoder, open_decoder
 from ifp_export.passes.fold import KEPT_INDICES_FILE
+from ifp_export.targets.onnx import emit
 from ifp_export.weights import FFN_PROJECTIONS, INDEX_FILE, SafetensorsWeights, ffn_name, ffn_slice
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -148,6 +150,25 @@ def test_streaming_forward_keeps_about_one_layer_resident(tmp_path: Path) -> Non
     read = (weights.nbytes - weights.info("model.embed_tokens.weight").nbytes) / 1024  # the lookup reads 5 rows
     assert resident[0] > 0.8 * read, (resident, read)
     assert resident[1] < 0.1 * read, (resident, read)
+
+
+def test_onnx_emit_keeps_about_one_tensor_resident(tmp_path: Path) -> None:
+    """Binding a model reads each weight once from the mapped checkpoint; the emitter drops those pages after every
+    tensor it writes, so the dense model's bind does not leave the whole checkpoint resident (RssFile, sampled after
+    every tensor, rises by about one tensor, not by the model)."""
+    ckpt = load_checkpoint(make_checkpoint(tmp_path, hidden_size=256, intermediate_size=1024, num_hidden_layers=4))
+    weights, d_ff = ckpt.weights, ckpt.backbone.config.intermediate_size
+    kept = {"half": np.stack([np.arange(0, d_ff, 2)] * 4)}
+    weights.release()
+    before, rises = rss_file_kib(), []
+
+    @contextlib.contextmanager
+    def sampling(description: str, total: int):
+        yield lambda n=1: rises.append(rss_file_kib() - before)
+
+    emit(tmp_path / "onnx", weights, kept, ckpt.predictor, torch.ones(1, 4, d_ff), progress=sampling)
+    largest = max(weights.info(name).nbytes for name in weights.names()) / 1024
+    assert rises and max(rises) < 3 * largest < 0.5 * weights.nbytes / 1024, (max(rises), largest, weights.nbytes)
 
 
 def rss_file_kib() -> int:

@@ -87,9 +87,11 @@ def bind_model(
     writer: DataWriter,
     own_file: str,
     advance: Progress,
+    release: Callable[[], None],
 ) -> None:
     """Fill `graph`'s bound initializers for one model: shared tensors from (or first into) the shared file, FFN
-    tensors into `own_file`; tiny tensors inline."""
+    tensors into `own_file`; tiny tensors inline. `release()` after each tensor written drops the source pages it
+    read, so binding the dense model does not leave every weight of the checkpoint resident."""
     for binding in bindings:
         value = graph.graph.initializers[binding.initializer]
         key = (binding.sources, binding.layout)
@@ -104,6 +106,7 @@ def bind_model(
             continue
         if array is not None:
             location = writer.write(own_file if binding.ffn else SHARED_DATA, array)
+            release()
             if binding.ffn:
                 writer.ffn_bytes += array.nbytes
             else:
@@ -264,8 +267,9 @@ def emit(
     total = sum(len(bindings) for _, _, (_, bindings), _ in plan)
     with (progress or no_progress)("ONNX: tensors written", total) as advance:
         for name, idx, (graph, bindings), graph_width in plan:
-            bind_model(graph, bindings, dense_rows.maker(source, idx), writer, f"{name}.onnx_data", advance)
-            source.release()
+            bind_model(
+                graph, bindings, dense_rows.maker(source, idx), writer, f"{name}.onnx_data", advance, source.release
+            )
             paths[name] = directory / f"{name}.onnx"
             ir.save(graph, paths[name])
             if (twin := genai_graphs[graph_width]) is not None:
