@@ -4,7 +4,8 @@ itself), nothing from ifp_export.
 
     python onnxruntime_app.py REQUEST.json  ->  JSON on stdout
 
-REQUEST: {"exports": {label: dir}, "prompts": [[token ids], ...], "max_new_tokens": N}. Per export and prompt: the
+REQUEST: {"exports": {label: {"dir": path, "prompts": [[token ids], ...]}}, "max_new_tokens": N}. Per export and
+prompt: the
 route (argmax of predictor.onnx's variant_scores on the prompt's first max_length tokens), then greedy tokens with
 the KV cache from the routed variant's graph, its GenAI-flavour twin (no position_ids), the dense graph and, when
 the export has one, the dynamic graph fed the prompt's own top-k FFN rows gathered from the dense data file.
@@ -72,7 +73,9 @@ def run_export(root: Path, prompts: list[list[int]], steps: int) -> list[dict]:
     predictor = session(root / manifest["predictor"]["onnx"]["model"])
     order = manifest["predictor"]["routing"]["variant_order"]
     limit = manifest["predictor"]["max_length"]
-    files = {v["name"]: v["files"]["onnx"] for v in manifest["variants"]} | {"dense": manifest["dense"]["files"]["onnx"]}
+    files = {v["name"]: v["files"]["onnx"] for v in manifest["variants"]} | {
+        "dense": manifest["dense"]["files"]["onnx"]
+    }
     sessions: dict[str, ort.InferenceSession] = {}
 
     def model(path: str) -> ort.InferenceSession:
@@ -83,13 +86,17 @@ def run_export(root: Path, prompts: list[list[int]], steps: int) -> list[dict]:
     results = []
     for prompt in prompts:
         ids = np.asarray([prompt[:limit]], np.int64)
-        scores, variant_scores = predictor.run(["scores", "variant_scores"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        scores, variant_scores = predictor.run(
+            ["scores", "variant_scores"], {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        )
         route = order[int(variant_scores[0].argmax())]
         result = {"route": route}
         result["variant"] = greedy(model(files[route]["model"]), prompt, steps, eos, {})
         result["dense"] = greedy(model(files["dense"]["model"]), prompt, steps, eos, {})
         if "genai" in files[route]:
-            twin = str(Path(files[route]["model"]).parent / files[route]["genai"]["overlay"]["model"]["decoder"]["filename"])
+            twin = str(
+                Path(files[route]["model"]).parent / files[route]["genai"]["overlay"]["model"]["decoder"]["filename"]
+            )
             result["genai"] = greedy(model(twin), prompt, steps, eos, {})
         if "dynamic" in manifest:
             feeds = dynamic_feeds(root, manifest["dynamic"], scores[0], manifest["model"]["k"])
@@ -101,9 +108,9 @@ def run_export(root: Path, prompts: list[list[int]], steps: int) -> list[dict]:
 def main() -> None:
     request = json.loads(Path(sys.argv[1]).read_text())
     report = {"onnxruntime": ort.__version__, "exports": {}}
-    for label, directory in request["exports"].items():
+    for label, export in request["exports"].items():
         try:
-            report["exports"][label] = run_export(Path(directory), request["prompts"], request["max_new_tokens"])
+            report["exports"][label] = run_export(Path(export["dir"]), export["prompts"], request["max_new_tokens"])
         except Exception as err:  # reported per export: the parent shows which release failed on which export
             report["exports"][label] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
     print(json.dumps(report, sort_keys=True))

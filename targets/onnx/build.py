@@ -5,32 +5,38 @@ initializers carry no data until an emitter binds them (`bind_lazy`: each become
 calls `materialize` when `ir.save` writes it, so a model streams to external data one tensor at a time and
 no second copy of the weights is ever held). Building takes milliseconds at any size: it reads no weights.
 
-Ops (ORT's fused CPU kernels where they keep the graph exact):
-- RMSNorm: ONNX's `RMSNormalization` (opset 23) for the first norm, then `SkipSimplifiedLayerNormalization`,
-  which adds the residual and normalizes in one kernel (its 4th output is the running residual). ORT's
-  `SimplifiedLayerNormalization` lives in the default domain where `onnx.checker` does not know it, and the
-  first norm is one node per model, so the standard op costs nothing.
+Ops (ORT's fused CPU kernels where they keep the graph exact), chosen for `min_onnxruntime`, the oldest release
+the graph must run on (floor.py; default 1.20: ai.onnx opset 21; from 1.24: opset 23):
+- RMSNorm: the first norm is ONNX's `RMSNormalization` (opset 23) from the 1.24 floor on, else the
+  Pow/ReduceMean/Add/Sqrt/Div/Mul chain that ORT's SimplifiedLayerNormFusion turns into one kernel at load (ORT's
+  `SimplifiedLayerNormalization` lives in the default domain where `onnx.checker` does not know it); then
+  `SkipSimplifiedLayerNormalization`, which adds the residual and normalizes in one kernel (its 4th output is the
+  running residual).
 - Q/K/V: one MatMul on a packed [hidden, (H + 2 KVH) D] weight (a shared tensor stored once), then Split
   (optimum) or straight into GroupQueryAttention (genai). gate/up are packed the same way (per variant).
 - RoPE (optimum): `com.microsoft.RotaryEmbedding` (interleaved=0 is HF's rotate_half). Its cos/sin "cache" is
   computed per token in the graph from `position_ids` x the inverse frequencies (a [head_dim/2]
   constant, `rope_inverse_frequencies`), and the op is fed row indices 0..B*T-1: exact for any position (no
   max_position_embeddings cap) and for left-padded batches, whose positions are not a plain offset.
-- Attention (optimum): ONNX's `Attention` (opset 23; q_num_heads / kv_num_heads, so GQA's KV heads are never
-  repeated) with past/present caches and a boolean mask built once from `attention_mask` (padding & causal &
-  Mistral's sliding window, plus the diagonal, as our decoder does): exact on left-padded batches. The
-  alternatives: `MultiHeadAttention` needs as many KV heads as query heads; `GroupQueryAttention` assumes
-  right padding (it reads only `seqlens_k`), which breaks Optimum's left-padded batches; MatMul/Softmax with
-  grouped [B, KVH, G, T, D] queries is exact too but 350 nodes against 162 (8 layers, hidden 512, 40M
-  params, 1 thread, best of 5 alternating rounds on a loaded machine): 147 vs 139 tok/s decoding after a
-  16-token prompt (noise), 101 vs 122 tok/s after 512 tokens; GroupQueryAttention (genai) 138 / 90.
+- Attention (optimum): a boolean mask built once from `attention_mask` (padding & causal & Mistral's sliding
+  window, plus the diagonal, as our decoder does), exact on left-padded batches, then per layer either
+  FusedMatMul/Softmax/MatMul with the queries grouped as [B, KVH, G, T, D] so GQA's KV heads broadcast and are
+  never repeated (the default floor), or ONNX's `Attention` (opset 23, from the 1.24 floor: 1.23's kernel fails
+  on an empty past; q_num_heads / kv_num_heads) with past/present caches. Both are exact; measured (8 layers,
+  hidden 512, 40M params, 1 thread, best of 5 alternating rounds on a loaded machine, the grouped form with a
+  MatMul on transposed keys): 147 (grouped) vs 139 (Attention) tok/s decoding after a 16-token prompt (noise),
+  101 vs 122 tok/s after 512 tokens; GroupQueryAttention (genai) 138 / 90. The alternatives: `MultiHeadAttention`
+  needs as many KV heads as query heads; `GroupQueryAttention` assumes right padding (it reads only `seqlens_k`),
+  which breaks Optimum's left-padded batches.
 - flavor="genai": `com.microsoft.GroupQueryAttention` with do_rotary=1, `seqlens_k` / `total_sequence_length`
   computed from `attention_mask` as onnxruntime-genai's builder does, cos/sin caches [max_positions, D/2]
   computed in the graph from constants (ORT folds them into initializers at session start, so they cost no
   disk). Exact for unpadded sequences; on a left-padded batch the padded rows are wrong (tested).
 - quantize="int8"/"int4": every linear is `com.microsoft.MatMulNBits` (block 32, symmetric, accuracy_level=4:
   int8 activations, the fast CPU path); the token embedding Gather stays float32 (tied lm_head reads the same
-  source quantized). fp32 tied lm_head is `FusedMatMul(transB=1)` on the embedding: no transposed copy.
+  source quantized). Below the 1.22 floor there is no 8-bit MatMulNBits CPU kernel: an int8 linear is then
+  FusedMatMul(transB) on its dequantized weight, made of initializers only and folded by ORT at load. fp32 tied
+  lm_head is `FusedMatMul(transB=1)` on the embedding: no transposed copy.
 
 Initializer names, layouts and shapes are the same in both flavours, so both graphs can point at the same
 external data.
