@@ -7,7 +7,7 @@ explicit higher floor (`ifp-export export --min-onnxruntime 1.24`). What each re
 loading and running graphs in every release from 1.20 on (tests/test_onnxruntime_releases.py installs them):
 
 - ai.onnx opset / IR version: 1.20 loads opset 21 and IR 10, 1.21-1.22 opset 22, 1.23 opset 23 and IR 11, 1.24
-  opset 25 and IR 13, 1.25 and newer opset 26.
+  opset 25 and IR 13, 1.25 and newer opset 26 or more (the probe stopped at 26).
 - opset-23 `Attention` loads in 1.23, but onnxruntime-node 1.23.2's CPU kernel fails on an empty past (the first
   step; issue 25): 1.24.
 - `com.microsoft.MatMulNBits` with bits=8 has no CPU kernel before 1.22 ("Only 4b quantization is supported").
