@@ -34,7 +34,7 @@ from ifp_export.passes import EmitOnnxPass, FoldPass, GroupPass, LoadPass, Manif
 from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
 from ifp_export.runtime import Runtime
 from ifp_export.targets.onnx import emit, validate, validation_inputs
-from ifp_export.targets.onnx.floor import check_floor, validate_floor
+from ifp_export.targets.onnx.floor import check_floor, graph_problems, validate_floor
 
 CACHE = Path.home() / ".cache" / "ifp-export" / "onnxruntime"
 OLDEST_MINOR = 20
@@ -190,3 +190,18 @@ def test_default_export_records_and_meets_its_floor(sample_export: ExportContext
         "graphs": len(sample_export.emitted["onnx"].graphs),
         "problems": [],
     }
+
+
+def test_floor_check_knows_each_releases_limits() -> None:
+    """The floor table: 8-bit MatMulNBits needs 1.22, an unknown contrib op is refused, opset/IR per release."""
+    nbits = onnx.helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", bits=8)
+    unknown = onnx.helper.make_node("SparseAttention", ["x"], ["z"], domain="com.microsoft")
+    graph = onnx.helper.make_graph([nbits, unknown], "g", [], [])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 22)], ir_version=11)
+    assert graph_problems(model, (1, 20)) == [
+        "IR version 11 > 10 (onnxruntime 1.20)",
+        "ai.onnx opset 22 > 21 (onnxruntime 1.20)",
+        "com.microsoft.MatMulNBits needs onnxruntime 1.22",
+        "contrib op SparseAttention is not known to run on onnxruntime 1.20",
+    ]
+    assert graph_problems(model, (1, 23)) == ["contrib op SparseAttention is not known to run on onnxruntime 1.23"]
