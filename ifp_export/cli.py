@@ -68,6 +68,14 @@ def cli() -> None:
     help="dynamic: also emit onnx/dynamic.onnx, pruned per prompt from the predictor's own top-k (fp32 only).",
 )
 @click.option(
+    "--min-onnxruntime",
+    metavar="RELEASE",
+    default="1.20",
+    show_default=True,
+    help="Oldest onnxruntime release the ONNX graphs must run on (recorded per file in the manifest); 1.24 or newer "
+    "uses the opset-23 Attention and RMSNormalization, 1.22 or newer keeps --quantize int8 as MatMulNBits.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
 )
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
@@ -87,6 +95,7 @@ def export(
     heldout: Path | None,
     quantize: str,
     mode: str,
+    min_onnxruntime: str,
     as_json: bool,
     junit: Path | None,
     batch_size: int,
@@ -96,6 +105,7 @@ def export(
     from ifp_export.pipeline import ExportContext, ExportOptions
     from ifp_export.preflight import preflight
     from ifp_export.staging import check_output_target, staged_directory
+    from ifp_export.targets.onnx.floor import floor_text, parse_floor
 
     ctx: ExportContext | None = None
     models: list | None = None
@@ -108,6 +118,7 @@ def export(
             )
         if batch_size < 1:
             raise IFPError(f"--batch-size must be at least 1, got {batch_size}", None, "pass e.g. --batch-size 64")
+        floor = floor_text(parse_floor(min_onnxruntime))
         pipeline = export_pipeline(until)
         if checkpoint is None:
             checkpoint, heldout = bundled_sample(), heldout or bundled_sample().parent / "heldout.jsonl"
@@ -124,6 +135,7 @@ def export(
             batch_size=batch_size,
             quantize=quantize,
             mode=mode,
+            min_onnxruntime=floor,
         )
         with staged_directory(output, force=force, checked=True) as stage:
             ctx = ExportContext(options=options, workdir=stage)

@@ -35,6 +35,7 @@ class ExportOptions:
     seed: int = 0
     quantize: str = "none"  # none | int8 | int4 (weight-only, per target)
     mode: str = "static"  # static | dynamic (also emit the per-prompt pruned decoder)
+    min_onnxruntime: str = "1.20"  # the oldest onnxruntime release the ONNX graphs must run on (targets/onnx/floor.py)
 
 
 @dataclass

@@ -35,3 +35,11 @@ def sample_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
     """The bundled trained sample exported with every pass, with its held-out prompts."""
     root = tmp_path_factory.mktemp("sample_export")
     return run_export(bundled_sample(), root / "out", heldout=bundled_sample().parent / "heldout.jsonl")
+
+
+@pytest.fixture(scope="session")
+def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
+    """A tiny random Llama-style checkpoint exported with --mode dynamic (dynamic.onnx beside the variants)."""
+    root = tmp_path_factory.mktemp("dynamic")
+    checkpoint = make_checkpoint(root)
+    return run_export(checkpoint, root / "out", mode="dynamic")

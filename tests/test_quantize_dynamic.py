@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from tiny import make_checkpoint, run_export
 
 from ifp_export.errors import IFPError
 from ifp_export.generate import greedy_generate
@@ -42,17 +40,28 @@ def test_quantized_models_pass_their_tolerance(quantized, tiny_export: ExportCon
 
 
 def test_quantized_graphs_use_the_runtime_kernels(quantized) -> None:
+    """int4: MatMulNBits (bits 4) at the default floor; int8: MatMulNBits (bits 8) has no CPU kernel before
+    onnxruntime 1.22, so at the default floor (1.20) every int8 linear is a FusedMatMul on a dequantized weight."""
     mode, artifacts = quantized
-    ops = Counter(n.op_type for n in onnx.load(str(artifacts.models["add"]), load_external_data=False).graph.node)
-    assert ops["MatMulNBits"] > 0
-    bits = {
-        attr.i
-        for node in onnx.load(str(artifacts.models["add"]), load_external_data=False).graph.node
-        if node.op_type == "MatMulNBits"
-        for attr in node.attribute
-        if attr.name == "bits"
-    }
-    assert bits == {8 if mode == "int8" else 4}
+    nodes = onnx.load(str(artifacts.models["add"]), load_external_data=False).graph.node
+    bits = {attr.i for node in nodes if node.op_type == "MatMulNBits" for attr in node.attribute if attr.name == "bits"}
+    assert bits == (set() if mode == "int8" else {4})
+    if mode == "int8":
+        dequantized = {node.output[0] for node in nodes if node.op_type in ("Reshape", "Slice")}
+        assert sum(node.op_type == "FusedMatMul" and node.input[1] in dequantized for node in nodes) > 0
+
+
+def test_int8_at_floor_1_22_uses_matmulnbits(tiny_export: ExportContext, tmp_path: Path) -> None:
+    ctx = tiny_export
+    masks = torch.stack([v.mask for v in ctx.variants])
+    kept = {v.name: v.kept.numpy() for v in ctx.variants}
+    artifacts = emit(tmp_path / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks, "int8",
+                     min_onnxruntime="1.22")  # fmt: skip
+    nodes = onnx.load(str(artifacts.models["add"]), load_external_data=False).graph.node
+    bits = {attr.i for node in nodes if node.op_type == "MatMulNBits" for attr in node.attribute if attr.name == "bits"}
+    assert bits == {8}
+    rows, _ = validate(artifacts, **validation_inputs(ctx))
+    assert all(row.ok for row in rows), rows
 
 
 def test_quantized_shared_weights_are_stored_once(quantized, tiny_export: ExportContext) -> None:
@@ -72,13 +81,6 @@ def test_quantized_shared_weights_are_stored_once(quantized, tiny_export: Export
 def data_bytes(directory: Path) -> int:
     """Decoder weight bytes (graphs excluded: at this tiny size they outweigh the weights)."""
     return sum(p.stat().st_size for p in directory.glob("*.onnx_data") if not p.name.startswith("predictor"))
-
-
-@pytest.fixture(scope="module")
-def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
-    root = tmp_path_factory.mktemp("dynamic")
-    checkpoint = make_checkpoint(root)
-    return run_export(checkpoint, root / "out", mode="dynamic")
 
 
 def test_dynamic_logits_equal_masked_full_model(dynamic_export: ExportContext) -> None:

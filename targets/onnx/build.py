@@ -5,32 +5,38 @@ initializers carry no data until an emitter binds them (`bind_lazy`: each become
 calls `materialize` when `ir.save` writes it, so a model streams to external data one tensor at a time and
 no second copy of the weights is ever held). Building takes milliseconds at any size: it reads no weights.
 
-Ops (ORT's fused CPU kernels where they keep the graph exact):
-- RMSNorm: ONNX's `RMSNormalization` (opset 23) for the first norm, then `SkipSimplifiedLayerNormalization`,
-  which adds the residual and normalizes in one kernel (its 4th output is the running residual). ORT's
-  `SimplifiedLayerNormalization` lives in the default domain where `onnx.checker` does not know it, and the
-  first norm is one node per model, so the standard op costs nothing.
+Ops (ORT's fused CPU kernels where they keep the graph exact), chosen for `min_onnxruntime`, the oldest release
+the graph must run on (floor.py; default 1.20: ai.onnx opset 21; from 1.24: opset 23):
+- RMSNorm: the first norm is ONNX's `RMSNormalization` (opset 23) from the 1.24 floor on, else the
+  Pow/ReduceMean/Add/Sqrt/Div/Mul chain that ORT's SimplifiedLayerNormFusion turns into one kernel at load (ORT's
+  `SimplifiedLayerNormalization` lives in the default domain where `onnx.checker` does not know it); then
+  `SkipSimplifiedLayerNormalization`, which adds the residual and normalizes in one kernel (its 4th output is the
+  running residual).
 - Q/K/V: one MatMul on a packed [hidden, (H + 2 KVH) D] weight (a shared tensor stored once), then Split
   (optimum) or straight into GroupQueryAttention (genai). gate/up are packed the same way (per variant).
 - RoPE (optimum): `com.microsoft.RotaryEmbedding` (interleaved=0 is HF's rotate_half). Its cos/sin "cache" is
   computed per token in the graph from `position_ids` x the inverse frequencies (a [head_dim/2]
   constant, `rope_inverse_frequencies`), and the op is fed row indices 0..B*T-1: exact for any position (no
   max_position_embeddings cap) and for left-padded batches, whose positions are not a plain offset.
-- Attention (optimum): ONNX's `Attention` (opset 23; q_num_heads / kv_num_heads, so GQA's KV heads are never
-  repeated) with past/present caches and a boolean mask built once from `attention_mask` (padding & causal &
-  Mistral's sliding window, plus the diagonal, as our decoder does): exact on left-padded batches. The
-  alternatives: `MultiHeadAttention` needs as many KV heads as query heads; `GroupQueryAttention` assumes
-  right padding (it reads only `seqlens_k`), which breaks Optimum's left-padded batches; MatMul/Softmax with
-  grouped [B, KVH, G, T, D] queries is exact too but 350 nodes against 162 (8 layers, hidden 512, 40M
-  params, 1 thread, best of 5 alternating rounds on a loaded machine): 147 vs 139 tok/s decoding after a
-  16-token prompt (noise), 101 vs 122 tok/s after 512 tokens; GroupQueryAttention (genai) 138 / 90.
+- Attention (optimum): a boolean mask built once from `attention_mask` (padding & causal & Mistral's sliding
+  window, plus the diagonal, as our decoder does), exact on left-padded batches, then per layer either
+  FusedMatMul/Softmax/MatMul with the queries grouped as [B, KVH, G, T, D] so GQA's KV heads broadcast and are
+  never repeated (the default floor), or ONNX's `Attention` (opset 23, from the 1.24 floor: 1.23's kernel fails
+  on an empty past; q_num_heads / kv_num_heads) with past/present caches. Both are exact; measured (8 layers,
+  hidden 512, 40M params, 1 thread, best of 5 alternating rounds on a loaded machine, the grouped form with a
+  MatMul on transposed keys): 147 (grouped) vs 139 (Attention) tok/s decoding after a 16-token prompt (noise),
+  101 vs 122 tok/s after 512 tokens; GroupQueryAttention (genai) 138 / 90. The alternatives: `MultiHeadAttention`
+  needs as many KV heads as query heads; `GroupQueryAttention` assumes right padding (it reads only `seqlens_k`),
+  which breaks Optimum's left-padded batches.
 - flavor="genai": `com.microsoft.GroupQueryAttention` with do_rotary=1, `seqlens_k` / `total_sequence_length`
   computed from `attention_mask` as onnxruntime-genai's builder does, cos/sin caches [max_positions, D/2]
   computed in the graph from constants (ORT folds them into initializers at session start, so they cost no
   disk). Exact for unpadded sequences; on a left-padded batch the padded rows are wrong (tested).
 - quantize="int8"/"int4": every linear is `com.microsoft.MatMulNBits` (block 32, symmetric, accuracy_level=4:
   int8 activations, the fast CPU path); the token embedding Gather stays float32 (tied lm_head reads the same
-  source quantized). fp32 tied lm_head is `FusedMatMul(transB=1)` on the embedding: no transposed copy.
+  source quantized). Below the 1.22 floor there is no 8-bit MatMulNBits CPU kernel: an int8 linear is then
+  FusedMatMul(transB) on its dequantized weight, made of initializers only and folded by ORT at load. fp32 tied
+  lm_head is `FusedMatMul(transB=1)` on the embedding: no transposed copy.
 
 Initializer names, layouts and shapes are the same in both flavours, so both graphs can point at the same
 external data.
@@ -46,9 +52,11 @@ import onnx_ir as ir
 
 from ifp_export.errors import IFPError
 from ifp_export.model.config import DecoderConfig, rope_inverse_frequencies
+from ifp_export.targets.onnx.floor import DEFAULT_FLOOR, MATMUL_NBITS_8, OPSET_23, parse_floor
 from ifp_export.targets.onnx.ops import QUANT_BITS, Binding, materialize, quantized_shapes
 
-OPSET = 23  # RMSNormalization (the first norm): SimplifiedLayerNormalization fails onnx.checker
+PORTABLE_OPSET = 21  # what onnxruntime 1.20 loads
+NEW_OPSET = 23  # RMSNormalization and Attention, from the 1.24 floor on
 MS_OPSET = 1
 IR_VERSION = 10
 MS = "com.microsoft"
@@ -69,12 +77,13 @@ class _Unbound(ir.LazyTensor):
 class _Builder:
     """Nodes, initializers and bindings of one graph, with short deterministic value names."""
 
-    def __init__(self, quantize: str, accuracy_level: int) -> None:
+    def __init__(self, quantize: str, accuracy_level: int, floor: tuple[int, int]) -> None:
         self.nodes: list[ir.Node] = []
         self.initializers: list[ir.Value] = []
         self.bindings: list[Binding] = []
         self.bits = QUANT_BITS[quantize]
         self.accuracy_level = accuracy_level
+        self.floor = floor
         self._count = 0
 
     def op(self, op_type: str, *inputs: ir.Value | None, domain: str = "", outputs: int = 1, **attrs: object):
@@ -107,8 +116,20 @@ class _Builder:
         kind = f"int{self.bits}"
         blocks = self.weight(f"{name}.q", sources, f"{kind}_blocks", blocks_shape, ffn, ir.DataType.UINT8)
         scales = self.weight(f"{name}.s", sources, f"{kind}_scales", scales_shape, ffn)
+        if self.bits == 8 and self.floor < MATMUL_NBITS_8:
+            return self.op("FusedMatMul", x, self._dequantized(blocks, scales, k, n), domain=MS, transB=1, alpha=1.0)
         attrs = dict(K=k, N=n, bits=self.bits, block_size=32, accuracy_level=self.accuracy_level)
         return self.op("MatMulNBits", x, blocks, scales, domain=MS, **attrs)
+
+    def _dequantized(self, blocks: ir.Value, scales: ir.Value, k: int, n: int) -> ir.Value:
+        """The [N, K] float weight of int8 blocks, (q - 128) x scale as `ops.dequantize` computes it: made of
+        initializers only, so onnxruntime folds it into one float32 initializer when the session loads."""
+        weight = self.op("Sub", self.op("Cast", blocks, to=FLOAT), self.const(128.0, np.float32))
+        weight = self.op("Mul", weight, self.op("Unsqueeze", scales, self.const([-1])))
+        weight = self.op("Reshape", weight, self.const([n, -1]))
+        if blocks.shape[1] * blocks.shape[2] != k:  # the last block is zero-padded
+            weight = self.op("Slice", weight, self.const([0]), self.const([k]), self.const([1]))
+        return weight
 
     def _name(self) -> str:
         self._count += 1
@@ -116,7 +137,12 @@ class _Builder:
 
 
 def build_decoder(
-    cfg: DecoderConfig, ffn_width: int, flavor: str = "optimum", quantize: str = "none", accuracy_level: int = 4
+    cfg: DecoderConfig,
+    ffn_width: int,
+    flavor: str = "optimum",
+    quantize: str = "none",
+    accuracy_level: int = 4,
+    min_onnxruntime: str = DEFAULT_FLOOR,
 ) -> tuple[ir.Model, list[Binding]]:
     """The decoder graph for a model whose FFN keeps `ffn_width` neurons per layer.
 
@@ -124,6 +150,7 @@ def build_decoder(
     `const_value`) before saving. Same arguments, same graph bytes. `accuracy_level` is MatMulNBits' compute
     type: 4 (int8 activations, fast) ships; 0 (float activations) over the same weights is exact against
     PyTorch run with `dequantized_sources`, which is what a validator can check at the fp32 bound.
+    `min_onnxruntime` is the oldest onnxruntime release the graph must run on (floor.py): it picks the ops.
     """
     if flavor not in FLAVORS:
         raise ValueError(f"unknown ONNX flavor {flavor!r} (expected one of {', '.join(FLAVORS)})")
@@ -137,7 +164,8 @@ def build_decoder(
             "config.json",
             "export the optimum flavour only for this model",
         )
-    g = _Builder(quantize, accuracy_level)
+    floor = parse_floor(min_onnxruntime)
+    g = _Builder(quantize, accuracy_level, floor)
     batch_seq = ir.Shape(["batch", "seq"])
     input_ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=batch_seq)
     attention_mask = ir.Value(
@@ -160,13 +188,14 @@ def build_decoder(
     embed = g.weight("embed", ("model.embed_tokens.weight",), "as_is", (cfg.vocab_size, cfg.hidden_size), False)
     x = g.op("Gather", embed, input_ids)
     if flavor == "optimum":
-        attention = _optimum_attention(g, cfg, input_ids, attention_mask, position_ids)
+        attend = _onnx_attention if floor >= OPSET_23 else _grouped_attention
+        attention = _optimum_attention(g, cfg, input_ids, attention_mask, position_ids, attend)
     else:
         attention = _gqa_attention(g, cfg, attention_mask)
 
     eps = float(cfg.rms_norm_eps)
     norm_in = g.weight("l0.in_norm", ("model.layers.0.input_layernorm.weight",), "as_is", (cfg.hidden_size,), False)
-    h = g.op("RMSNormalization", x, norm_in, axis=-1, epsilon=eps, stash_type=1)
+    h = _first_norm(g, x, norm_in, eps)
     residual = x
     presents = []
     for i in range(cfg.num_hidden_layers):
@@ -195,8 +224,8 @@ def build_decoder(
     for value in presents:
         value.type, value.shape = ir.TensorType(FLOAT), present_shape
     graph = ir.Graph(
-        inputs, outputs, nodes=g.nodes, initializers=g.initializers, opset_imports={"": OPSET, MS: MS_OPSET},
-        name="decoder",
+        inputs, outputs, nodes=g.nodes, initializers=g.initializers, name="decoder",
+        opset_imports={"": NEW_OPSET if floor >= OPSET_23 else PORTABLE_OPSET, MS: MS_OPSET},
     )  # fmt: skip
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="ifp-export"), g.bindings
 
@@ -213,6 +242,18 @@ def bind_lazy(model: ir.Model, bindings: list[Binding], get: Callable[[str], np.
 
         value.const_value = ir.LazyTensor(make, dtype, shape, name=binding.initializer)
     return model
+
+
+def _first_norm(g: _Builder, x: ir.Value, weight: ir.Value, eps: float) -> ir.Value:
+    """RMSNorm of the embeddings (no residual yet): ONNX's RMSNormalization from the 1.24 floor on, else the
+    Pow/ReduceMean/Add/Sqrt/Div/Mul chain that onnxruntime's SimplifiedLayerNormFusion turns back into one
+    SimplifiedLayerNormalization kernel when the session loads (ORT's own op fails onnx.checker in the default
+    domain). One node per model either way."""
+    if g.floor >= OPSET_23:
+        return g.op("RMSNormalization", x, weight, axis=-1, epsilon=eps, stash_type=1)
+    mean_square = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
+    rms = g.op("Sqrt", g.op("Add", mean_square, g.const(eps, np.float32)))
+    return g.op("Mul", g.op("Div", x, rms), weight)
 
 
 def _skip_norm(g: _Builder, x: ir.Value, skip: ir.Value, weight: ir.Value, eps: float) -> tuple[ir.Value, ir.Value]:
@@ -259,9 +300,15 @@ def _inverse_frequencies(g: _Builder, cfg: DecoderConfig) -> ir.Value:
 
 
 def _optimum_attention(
-    g: _Builder, cfg: DecoderConfig, input_ids: ir.Value, attention_mask: ir.Value, position_ids: ir.Value
+    g: _Builder,
+    cfg: DecoderConfig,
+    input_ids: ir.Value,
+    attention_mask: ir.Value,
+    position_ids: ir.Value,
+    attend: Callable,
 ) -> Callable:
-    """Optimum flavour: fused RoPE + ONNX Attention with a boolean mask (exact with left padding)."""
+    """Optimum flavour: fused RoPE + attention over a boolean mask (exact with left padding); `attend` is the
+    attention proper (`_onnx_attention` or `_grouped_attention`)."""
     heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     batch = g.op("Shape", input_ids, start=0, end=1)
     seq = g.op("Shape", input_ids, start=1, end=2)
@@ -288,22 +335,62 @@ def _optimum_attention(
     rows = g.op("Range", g.const(0), g.op("Squeeze", g.op("Mul", batch, seq), scalar), g.const(1))
     rows = g.op("Reshape", rows, g.op("Concat", batch, seq, axis=0))
     split = g.const([heads * d, kv_heads * d, kv_heads * d])
-    scale = 1.0 / math.sqrt(d)
+    layer_attention = attend(g, cfg, allowed)
 
     def attention(h: ir.Value, i: int, past: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, list[ir.Value]]:
         q, k, v = g.op("Split", _qkv(g, cfg, h, i), split, axis=-1, outputs=3)
         q = g.op("RotaryEmbedding", q, rows, cos, sin, domain=MS, interleaved=0, num_heads=heads)
         k = g.op("RotaryEmbedding", k, rows, cos, sin, domain=MS, interleaved=0, num_heads=kv_heads)
-        out, k, v = g.op("Attention", q, k, v, allowed, *past, outputs=3, q_num_heads=heads, kv_num_heads=kv_heads,
-                         scale=scale)  # fmt: skip
+        out, k, v = layer_attention(q, k, v, past)
         return _o_proj(g, cfg, out, i), [k, v]
 
     return attention
 
 
+def _onnx_attention(g: _Builder, cfg: DecoderConfig, allowed: ir.Value) -> Callable:
+    """ONNX's `Attention` (opset 23: the 1.24 floor) on [B, T, heads x D] with past/present caches and the boolean
+    mask [B, 1, T, S]: one node per layer."""
+    attrs = dict(q_num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, scale=_scale(cfg))
+
+    def attend(q: ir.Value, k: ir.Value, v: ir.Value, past: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, ...]:
+        return g.op("Attention", q, k, v, allowed, *past, outputs=3, **attrs)
+
+    return attend
+
+
+def _grouped_attention(g: _Builder, cfg: DecoderConfig, allowed: ir.Value) -> Callable:
+    """MatMul/Softmax attention that any onnxruntime since 1.20 runs: the query heads grouped as [B, KVH, G, T, D]
+    so the KV heads broadcast and are never repeated; scores by one FusedMatMul (K transposed and the 1/sqrt(D)
+    scale inside the GEMM, as Attention does); an additive mask [B, 1, 1, T, S] built once from `allowed`."""
+    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    blocked = float(np.finfo(np.float32).min)
+    bias = g.op("Where", g.op("Unsqueeze", allowed, g.const([1])), g.const(0.0, np.float32),
+                g.const(blocked, np.float32))  # fmt: skip
+    grouped, merged = g.const([0, 0, kv_heads, heads // kv_heads, d]), g.const([0, 0, heads * d])
+    per_kv_head, by_kv_head = g.const([0, 0, kv_heads, d]), g.const([2])
+
+    def attend(q: ir.Value, k: ir.Value, v: ir.Value, past: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, ...]:
+        q = g.op("Transpose", g.op("Reshape", q, grouped), perm=[0, 2, 3, 1, 4])  # [B, KVH, G, T, D]
+        k, v = (
+            g.op("Concat", p, g.op("Transpose", g.op("Reshape", t, per_kv_head), perm=[0, 2, 1, 3]), axis=2)
+            for p, t in zip(past, (k, v), strict=True)
+        )  # present [B, KVH, S, D]
+        scores = g.op("FusedMatMul", q, g.op("Unsqueeze", k, by_kv_head), domain=MS, transA=0, transB=1,
+                      alpha=_scale(cfg))  # fmt: skip
+        probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)
+        out = g.op("MatMul", probs, g.op("Unsqueeze", v, by_kv_head))  # [B, KVH, G, T, D]
+        return g.op("Reshape", g.op("Transpose", out, perm=[0, 3, 1, 2, 4]), merged), k, v
+
+    return attend
+
+
+def _scale(cfg: DecoderConfig) -> float:
+    return 1.0 / math.sqrt(cfg.head_dim)
+
+
 def _gqa_attention(g: _Builder, cfg: DecoderConfig, attention_mask: ir.Value) -> Callable:
     """GenAI flavour: one GroupQueryAttention per layer with rotary fused (right padding only)."""
-    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     lengths = g.op("ReduceSum", attention_mask, g.const([1]), keepdims=0)
     seqlens_k = g.op("Cast", g.op("Sub", lengths, g.const(1)), to=ir.DataType.INT32)
     total = g.op("Cast", g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2), g.const([0])),
@@ -312,7 +399,7 @@ def _gqa_attention(g: _Builder, cfg: DecoderConfig, attention_mask: ir.Value) ->
     freqs = g.op("Mul", g.op("Unsqueeze", positions, g.const([1])), _inverse_frequencies(g, cfg))
     cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
     attrs = dict(
-        num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(d),
+        num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=_scale(cfg),
         local_window_size=cfg.sliding_window if cfg.sliding_window is not None else -1,
     )  # fmt: skip
 

@@ -29,7 +29,8 @@ from ifp_export.model.config import GENERATION_CONFIG_FILE, DecoderConfig, gener
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.targets.onnx.build import build_decoder
-from ifp_export.targets.onnx.dynamic import emit_dynamic
+from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME, emit_dynamic
+from ifp_export.targets.onnx.floor import DEFAULT_FLOOR
 from ifp_export.targets.onnx.genai import GENAI_SUFFIX, write_genai_config
 from ifp_export.targets.onnx.ops import Binding, Materializer
 from ifp_export.targets.onnx.predictor import trace_predictor
@@ -162,16 +163,16 @@ class DenseRows:
         return make
 
 
-def decoder_graph(cfg: DecoderConfig, ffn_width: int, quantize: str) -> tuple[ir.Model, list[Binding]]:
+def decoder_graph(cfg: DecoderConfig, ffn_width: int, quantize: str, floor: str) -> tuple[ir.Model, list[Binding]]:
     """The Optimum-flavour graph of one FFN width, initializers declared but not bound."""
-    return build_decoder(cfg, ffn_width, "optimum", quantize)
+    return build_decoder(cfg, ffn_width, "optimum", quantize, min_onnxruntime=floor)
 
 
-def genai_graph(cfg: DecoderConfig, ffn_width: int, quantize: str) -> ir.Model | None:
+def genai_graph(cfg: DecoderConfig, ffn_width: int, quantize: str, floor: str) -> ir.Model | None:
     """The GenAI-flavour graph of one FFN width, or None when GroupQueryAttention cannot run it."""
     if cfg.head_dim % 16:
         return None
-    return build_decoder(cfg, ffn_width, "genai", quantize)[0]
+    return build_decoder(cfg, ffn_width, "genai", quantize, min_onnxruntime=floor)[0]
 
 
 def share_initializers(source: ir.Model, target: ir.Model) -> None:
@@ -192,6 +193,13 @@ class OnnxArtifacts:
     genai: Path | None = None  # genai_config.json (dense; a model's overlay sets its file and KV buffer mode)
     clients: tuple[str, ...] = ("ifp_export.runtime", "onnxruntime-genai", "optimum")
     genai_models: dict[str, Path] = field(default_factory=dict)  # model name -> <name>.genai.onnx (og's graph)
+    min_onnxruntime: str = DEFAULT_FLOOR  # every graph's floor: the oldest onnxruntime release it runs on
+
+    @property
+    def graphs(self) -> list[Path]:
+        """Every .onnx file: decoders, their GenAI twins, the dynamic graph if any, the predictor."""
+        dynamic = [self.directory / f"{DYNAMIC_NAME}.onnx"] if self.dynamic_inputs is not None else []
+        return [*self.models.values(), *self.genai_models.values(), *dynamic, self.predictor]
 
     @property
     def dedup_ratio(self) -> float:
@@ -236,10 +244,12 @@ def emit(
     dynamic: bool = False,
     progress: Callable[[str, int], AbstractContextManager[Progress]] | None = None,
     generation: dict | None = None,
+    min_onnxruntime: str = DEFAULT_FLOOR,
 ) -> OnnxArtifacts:
     """Write every variant (`kept`: name -> [L, k] kept indices), the dense model and the predictor under
     `directory` (created, must be new). `generation`: the checkpoint's generation_config.json (its EOS ids join
-    config.json's in what Optimum and og read)."""
+    config.json's in what Optimum and og read). `min_onnxruntime`: the oldest onnxruntime release every graph must
+    run on (it picks the decoder's ops: floor.py)."""
     if dynamic and quantize != "none":
         raise IFPError("--mode dynamic gathers fp32 FFN rows at run time", None, "drop --quantize or --mode dynamic")
     cfg = source.config
@@ -249,11 +259,11 @@ def emit(
     if len(widths) != 1:
         raise IFPError(f"variants keep different FFN widths {sorted(widths)}", None, "use one k for every variant")
     width = widths.pop()
-    pruned = decoder_graph(cfg, width, quantize)
-    dense = decoder_graph(cfg, cfg.intermediate_size, quantize)
+    pruned = decoder_graph(cfg, width, quantize, min_onnxruntime)
+    dense = decoder_graph(cfg, cfg.intermediate_size, quantize, min_onnxruntime)
     genai_graphs = {
-        width: genai_graph(cfg, width, quantize),
-        cfg.intermediate_size: genai_graph(cfg, cfg.intermediate_size, quantize),
+        width: genai_graph(cfg, width, quantize, min_onnxruntime),
+        cfg.intermediate_size: genai_graph(cfg, cfg.intermediate_size, quantize, min_onnxruntime),
     }
     # the dense model first: its quantized gate/up rows are the variants' (DenseRows)
     plan = [(DENSE_NAME, None, dense, cfg.intermediate_size)]
@@ -308,6 +318,7 @@ def emit(
         genai,
         supported_clients(cfg),
         genai_paths,
+        min_onnxruntime,
     )
 
 

@@ -20,6 +20,7 @@ from ifp_export.targets.onnx.emitter import (
 from ifp_export.targets.onnx.genai import GENAI_CONFIG, GENAI_SUFFIX, genai_overlay
 
 ONNX_DIR = "onnx"
+LEGACY_FLOOR = "1.24"  # an export whose manifest records no floor predates the field: its graphs were opset 23
 
 
 class EmitOnnxPass:
@@ -38,6 +39,7 @@ class EmitOnnxPass:
             ctx.options.mode == "dynamic",
             ctx.progress,
             ckpt.generation,
+            ctx.options.min_onnxruntime,
         )
         ctx.emitted[self.name] = artifacts
         ctx.console.log(
@@ -70,8 +72,9 @@ def open_artifacts(directory: Path, names: list[str], manifest: dict) -> OnnxArt
     predictor = directory / f"{PREDICTOR_NAME}.onnx"
     clients = tuple(manifest["dense"]["files"]["onnx"].get("clients", ()))
     disk += sum(p.stat().st_size for p in genai_models.values())
+    floor = manifest["dense"]["files"]["onnx"].get("min_onnxruntime", LEGACY_FLOOR)
     return OnnxArtifacts(
-        directory, models, predictor, ideal, disk, quantize, dynamic_inputs, genai, clients, genai_models
+        directory, models, predictor, ideal, disk, quantize, dynamic_inputs, genai, clients, genai_models, floor
     )
 
 
@@ -80,7 +83,7 @@ def manifest_entries(artifacts: OnnxArtifacts, root: Path) -> tuple[dict[str, di
 
     def entry(path: Path) -> dict:
         data = [(path.parent / location).relative_to(root).as_posix() for location in external_data_files(path)]
-        return {"model": path.relative_to(root).as_posix(), "data": data}
+        return {"model": path.relative_to(root).as_posix(), "data": data, "min_onnxruntime": artifacts.min_onnxruntime}
 
     predictor = {
         **entry(artifacts.predictor),

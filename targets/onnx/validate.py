@@ -37,6 +37,7 @@ from ifp_export.ort import OrtDecoder, ResidentWeights, session
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx.dynamic import DYNAMIC_TOLERANCE, check_dynamic
 from ifp_export.targets.onnx.emitter import DENSE_NAME, SHARED_DATA, OnnxArtifacts
+from ifp_export.targets.onnx.floor import validate_floor
 from ifp_export.targets.onnx.predictor import PredictorRouter
 from ifp_export.targets.onnx.reference import ReferenceRun, reference_run
 from ifp_export.weights import WeightSource
@@ -278,6 +279,7 @@ def validation_inputs(ctx: ExportContext) -> dict:
 def validate_export(ctx: ExportContext) -> None:
     """Run `validate` on the context's ONNX artifacts, print the table, raise if anything is off."""
     artifacts: OnnxArtifacts = ctx.emitted["onnx"]
+    validate_floor(ctx)
     inputs = validation_inputs(ctx)
     rows, routing = validate(artifacts, **inputs)
     ctx.console.print(validation_table(rows, routing))
