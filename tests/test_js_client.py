@@ -21,9 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tiny import run_export
 
-from ifp_export.cli import bundled_sample
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
 
@@ -33,9 +31,10 @@ EXAMPLE_WEB = REPO / "examples" / "web"
 NPM_CACHE = Path.home() / ".cache" / "ifp-export" / "npm"
 CHROMIUM = Path("/usr/bin/chromium")
 
-# The releases the JavaScript client is tested on (and README's compatibility table states): the oldest supported
-# and the newest on the registry. The example's package.json pins the newest.
-RELEASES = {"onnxruntime-node": ("1.24.3", "1.30.0"), "onnxruntime-web": ("1.24.3", "1.31.1")}
+# The releases the JavaScript client is tested on (and README's compatibility table states): the export's default
+# floor (`--min-onnxruntime 1.20`, its latest patch) and the newest on the registry. The example's package.json pins
+# the newest.
+RELEASES = {"onnxruntime-node": ("1.20.1", "1.30.0"), "onnxruntime-web": ("1.20.1", "1.31.1")}
 
 MAX_NEW_TOKENS = 12
 # One prompt per task of the sample, a held-out one each, and one longer than the predictor's max_length (128 tokens:
@@ -128,14 +127,6 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def sample_int4_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
-    """The bundled trained sample exported with `--quantize int4`."""
-    root = tmp_path_factory.mktemp("sample_int4_export")
-    sample = bundled_sample()
-    return run_export(sample, root / "out", heldout=sample.parent / "heldout.jsonl", quantize="int4")
-
-
 def python_answers(out: Path, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """Route, greedy tokens and streamed text of each prompt from the reference runtime."""
     runtime = Runtime(out, threads=1)
@@ -148,14 +139,18 @@ def python_answers(out: Path, prompts: list[str], max_new_tokens: int = MAX_NEW_
     return answers
 
 
-def node_answers(example: Path, out: Path, runtime: Path, prompts: list[str]) -> list[dict]:
+def run_cli(example: Path, out: Path, runtime: Path, prompts: list[str]) -> subprocess.CompletedProcess:
     """examples/js/cli.js on every prompt in one Node process."""
     argv = [tool("node"), str(example / "examples" / "js" / "cli.js"), str(out), "--runtime", str(runtime), "--json"]
     argv += ["--max-new-tokens", str(MAX_NEW_TOKENS)]
     for prompt in prompts:
         argv += ["--prompt", prompt]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(argv[:5])}: {result.stderr[-3000:]}"
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+def node_answers(example: Path, out: Path, runtime: Path, prompts: list[str]) -> list[dict]:
+    result = run_cli(example, out, runtime, prompts)
+    assert result.returncode == 0, f"{runtime}: {result.stderr[-3000:]}"
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
@@ -168,7 +163,8 @@ def test_node_client_equals_python_runtime(
 ) -> None:
     """examples/js under Node (onnxruntime-node natively, onnxruntime-web as WebAssembly) routes every prompt to the
     variant the Python runtime picks, with the same scores, and generates the same tokens and text."""
-    out = request.getfixturevalue(exported).workdir
+    value = request.getfixturevalue(exported)
+    out = value.workdir if isinstance(value, ExportContext) else value
     got = node_answers(example, out, runtime_package(package, version), PROMPTS)
     expected = python_answers(out, PROMPTS)
     assert len(got) == len(PROMPTS)
@@ -180,6 +176,22 @@ def test_node_client_equals_python_runtime(
         assert js["route"]["scores"] == pytest.approx(py["route"].scores, abs=1e-4), prompt
         assert (js["tokens"], js["text"]) == (py["tokens"], py["text"]), prompt
     assert got[-1]["route"]["truncated"], "the long prompt must exceed the predictor's max_length"
+
+
+def test_damaged_file_is_refused(example: Path, sample_export: ExportContext, tmp_path: Path) -> None:
+    """A data file that differs from the manifest (one flipped bit, as a broken download) is refused before any
+    session runs on it: exit 2, one line naming the file."""
+    out = tmp_path / "out"
+    shutil.copytree(sample_export.workdir, out)
+    data = out / "onnx" / "decoder_shared.onnx_data"
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    data.write_bytes(bytes(damaged))
+    web = runtime_package("onnxruntime-web", RELEASES["onnxruntime-web"][-1])
+    result = run_cli(example, out, web, ["add 45+12="])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: onnx/decoder_shared.onnx_data does not match manifest.json"), result.stderr
+    assert len(result.stderr.splitlines()) == 1
 
 
 def test_package_pins_the_newest_tested_releases() -> None:

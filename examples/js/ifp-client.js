@@ -12,6 +12,10 @@
 // it (onnxruntime-node before 1.24 has no `externalData` option). Without it (onnxruntime-web), each model's bytes are
 // passed with its external data through the session option `externalData`.
 //
+// Every file the client reads itself (the tokenizer; with `bytes`, the models and their data) must be listed in the
+// manifest with its size and, where `crypto.subtle` exists (Node, browsers on https or localhost), its sha256: a
+// truncated download or a damaged file is refused, never run.
+//
 // Shared weights: the onnxruntime-common API has no way to hand one weight buffer to several sessions (the Python
 // runtime's `SessionOptions.add_initializer`) nor to feed weights as inputs of one shared session, so every session
 // holds its own copy of the shared weights in ONNX Runtime's memory. What the API allows is done: each data file is
@@ -41,8 +45,9 @@ export class IfpClient {
    */
   static async open({ ort, files, sessionOptions = {}, maxSessions = 2 }) {
     const client = new IfpClient(ort, files, sessionOptions, maxSessions);
-    client.manifest = JSON.parse(await client.text("manifest.json"));
-    const tokenizerJson = JSON.parse(await client.text(client.manifest.tokenizer.file));
+    client.manifest = JSON.parse(new TextDecoder().decode(await files.bytes("manifest.json")));
+    client.listed = new Map(client.manifest.files.map((file) => [file.path, file]));
+    const tokenizerJson = JSON.parse(new TextDecoder().decode(await client.read(client.manifest.tokenizer.file)));
     client.tokenizer = new Tokenizer(tokenizerJson, {});
     const eos = client.manifest.tokenizer.eos_token_id;
     client.eosIds = new Set(eos == null ? [] : [eos].flat());
@@ -59,12 +64,23 @@ export class IfpClient {
     this.sessions = new Map(); // variant name -> session, in least-recently-used order
   }
 
-  async text(path) {
-    return new TextDecoder().decode(await this.files.bytes(path));
+  /** A file's bytes, checked against its manifest entry (size; sha256 where `crypto.subtle` exists). */
+  async read(path) {
+    const listed = this.listed.get(path);
+    if (!listed) throw new Error(`${path} is not listed in manifest.json: re-export, or copy the whole export`);
+    const bytes = await this.files.bytes(path);
+    const subtle = globalThis.crypto?.subtle;
+    const digest = subtle ? hex(await subtle.digest("SHA-256", bytes)) : listed.sha256;
+    if (bytes.length !== listed.size || digest !== listed.sha256) {
+      const got = `${bytes.length} bytes, sha256 ${digest.slice(0, 12)}…`;
+      const want = `${listed.size} bytes, ${listed.sha256.slice(0, 12)}…`;
+      throw new Error(`${path} does not match manifest.json (${got}; listed: ${want}): copy the export again`);
+    }
+    return bytes;
   }
 
   async buffer(path) {
-    if (!this.buffers.has(path)) this.buffers.set(path, await this.files.bytes(path));
+    if (!this.buffers.has(path)) this.buffers.set(path, await this.read(path));
     return this.buffers.get(path);
   }
 
@@ -78,7 +94,7 @@ export class IfpClient {
     const externalData = await Promise.all(
       entry.data.map(async (path) => ({ path: path.slice(folder.length), data: await this.buffer(path) })),
     );
-    const model = await this.files.bytes(entry.model);
+    const model = await this.read(entry.model);
     return this.ort.InferenceSession.create(model, { ...this.sessionOptions, externalData });
   }
 
@@ -182,6 +198,10 @@ export class IfpClient {
     this.sessions.clear();
     this.buffers.clear();
   }
+}
+
+function hex(digest) {
+  return Array.from(new Uint8Array(digest), (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
 /** Index of the largest value, ties to the first (as numpy's argmax). */
