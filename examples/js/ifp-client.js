@@ -3,7 +3,8 @@
 //
 // The ONNX Runtime object is injected, never imported, so the same module runs on every package of the
 // onnxruntime-common API: onnxruntime-node and onnxruntime-react-native (files from disk) and onnxruntime-web
-// (WebAssembly, in a browser or in Node). The export's files are reached through a small `files` object:
+// (WebAssembly, in a browser or in Node). It needs `BigInt64Array` and `TextDecoder` (React Native's Hermes: add a
+// TextDecoder polyfill if your version lacks one). The export's files are reached through a small `files` object:
 //
 //   files.bytes(path)      -> Promise<Uint8Array>  the file at `path` (relative to the export's root), for every runtime
 //   files.localPath(path)  -> string                optional: a path ONNX Runtime can open itself (Node, React Native)
@@ -12,15 +13,16 @@
 // it (onnxruntime-node before 1.24 has no `externalData` option). Without it (onnxruntime-web), each model's bytes are
 // passed with its external data through the session option `externalData`.
 //
-// Every file the client reads itself (the tokenizer; with `bytes`, the models and their data) must be listed in the
+// Every file the client reads itself (the tokenizer; without `localPath`, the models and their data) must be listed in the
 // manifest with its size and, where `crypto.subtle` exists (Node, browsers on https or localhost), its sha256: a
 // truncated download or a damaged file is refused, never run.
 //
-// Shared weights: the onnxruntime-common API has no way to hand one weight buffer to several sessions (the Python
-// runtime's `SessionOptions.add_initializer`) nor to feed weights as inputs of one shared session, so every session
-// holds its own copy of the shared weights in ONNX Runtime's memory. What the API allows is done: each data file is
-// read or fetched once and its buffer passed to every session that uses it (`externalData`), and a variant's session
-// is kept after a switch (up to `maxSessions`, least recently used released first), so switching back costs nothing.
+// Shared weights: the onnxruntime-common API cannot hand one weight buffer to several sessions (the Python runtime
+// does it with `SessionOptions.add_initializer`, and runs all variants on one session by turning their FFN
+// initializers into inputs, an in-memory graph edit this module does not make), so every session holds its own copy
+// of the shared weights in ONNX Runtime's memory. What the API allows is done: each data file is read or fetched once
+// and its buffer passed to every session that uses it (`externalData`), and a variant's session is kept after a
+// switch (up to `maxSessions`, least recently used released first), so switching back costs nothing.
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
