@@ -127,6 +127,11 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def export_dir(exported: ExportContext | Path) -> Path:
+    """The output directory of a full export (`sample_export`) or of an ONNX-only one (`sample_int4_export`)."""
+    return exported.workdir if isinstance(exported, ExportContext) else exported
+
+
 def python_answers(out: Path, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """Route, greedy tokens and streamed text of each prompt from the reference runtime."""
     runtime = Runtime(out, threads=1)
@@ -163,8 +168,7 @@ def test_node_client_equals_python_runtime(
 ) -> None:
     """examples/js under Node (onnxruntime-node natively, onnxruntime-web as WebAssembly) routes every prompt to the
     variant the Python runtime picks, with the same scores, and generates the same tokens and text."""
-    value = request.getfixturevalue(exported)
-    out = value.workdir if isinstance(value, ExportContext) else value
+    out = export_dir(request.getfixturevalue(exported))
     got = node_answers(example, out, runtime_package(package, version), PROMPTS)
     expected = python_answers(out, PROMPTS)
     assert len(got) == len(PROMPTS)
@@ -206,10 +210,8 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture()
-def static_server(example: Path, sample_export: ExportContext) -> Iterator[str]:
-    """The example and the sample's export served over HTTP on 127.0.0.1 (a thread of this process)."""
-    (example / "export").unlink(missing_ok=True)
-    (example / "export").symlink_to(sample_export.workdir, target_is_directory=True)
+def static_server(example: Path) -> Iterator[str]:
+    """The example's directory served over HTTP on 127.0.0.1 (a thread of this process)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(example)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -220,20 +222,25 @@ def static_server(example: Path, sample_export: ExportContext) -> Iterator[str]:
         server.server_close()
 
 
+@pytest.mark.parametrize("exported", ["sample_export", "sample_int4_export"])
 def test_browser_page_equals_python_runtime(
-    example: Path, static_server: str, sample_export: ExportContext, tmp_path: Path
+    example: Path, static_server: str, exported: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """examples/web in headless Chromium: each typed prompt shows the Python runtime's variant and streams its
     answer (onnxruntime-web of the lockfile, the export fetched over HTTP)."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found: apt-get install chromium")
+    out = export_dir(request.getfixturevalue(exported))
+    served = example / exported
+    if not served.exists():
+        served.symlink_to(out, target_is_directory=True)
     screenshot = tmp_path / "page.png"
-    url = f"{static_server}/examples/web/?export=/export/"
+    url = f"{static_server}/examples/web/?export=/{exported}/"
     argv = [tool("node"), "drive_page.mjs", url, json.dumps(BROWSER_PROMPTS), str(screenshot)]
     result = subprocess.run(argv, cwd=example / "examples" / "js", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     got = [json.loads(line) for line in result.stdout.splitlines()]
-    expected = python_answers(sample_export.workdir, BROWSER_PROMPTS, PAGE_MAX_NEW_TOKENS)
+    expected = python_answers(out, BROWSER_PROMPTS, PAGE_MAX_NEW_TOKENS)
     assert [answer["state"] for answer in got] == ["done"] * len(BROWSER_PROMPTS), (got, result.stderr)
     for prompt, page, py in zip(BROWSER_PROMPTS, got, expected, strict=True):
         assert page["variant"] == py["route"].variant, prompt
