@@ -1,8 +1,10 @@
 """Suite-wide settings and the shared full-export fixtures."""
 
+from pathlib import Path
+
 import pytest
 import torch
-from tiny import make_checkpoint, run_export
+from tiny import make_checkpoint, onnx_only_export, run_export
 
 from ifp_export.cli import bundled_sample
 from ifp_export.pipeline import ExportContext
@@ -35,6 +37,12 @@ def sample_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
     """The bundled trained sample exported with every pass, with its held-out prompts."""
     root = tmp_path_factory.mktemp("sample_export")
     return run_export(bundled_sample(), root / "out", heldout=bundled_sample().parent / "heldout.jsonl")
+
+
+@pytest.fixture(scope="session")
+def sample_int4_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample's ONNX files with `--quantize int4` (only the passes an ONNX app needs)."""
+    return onnx_only_export(tmp_path_factory.mktemp("sample_int4") / "out", quantize="int4")
 
 
 @pytest.fixture(scope="session")

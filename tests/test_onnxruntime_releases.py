@@ -27,11 +27,10 @@ import onnx
 import pytest
 import torch
 from rich.console import Console
+from tiny import onnx_only_export
 
-from ifp_export.cli import bundled_sample
 from ifp_export.errors import ValidationFailed
-from ifp_export.passes import EmitOnnxPass, FoldPass, GroupPass, LoadPass, ManifestPass, PredictPass
-from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
+from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
 from ifp_export.targets.onnx import emit, validate, validation_inputs
 from ifp_export.targets.onnx.floor import check_floor, graph_problems, validate_floor
@@ -73,14 +72,6 @@ def installed(version: str) -> Path:
     return target
 
 
-def onnx_only_export(root: Path, **options: object) -> Path:
-    """The bundled sample through the passes an ONNX app needs (no Core ML, no validation: seconds less)."""
-    opts = ExportOptions(checkpoint=bundled_sample(), output=root, heldout=bundled_sample().parent / "heldout.jsonl")
-    ctx = ExportContext(options=dataclasses.replace(opts, **options), workdir=root, console=Console(file=io.StringIO()))
-    Pipeline([LoadPass(), PredictPass(), GroupPass(), FoldPass(), EmitOnnxPass(), ManifestPass()]).run(ctx)
-    return root
-
-
 def prompts_of(ctx_tasks: list, per_task: int = 1) -> list[str]:
     """One prompt per task (so every variant is routed to), in file order."""
     seen: dict[str, list[str]] = {}
@@ -108,13 +99,16 @@ def expected_results(root: Path, prompts: list[str]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def exports(
-    sample_export: ExportContext, dynamic_export: ExportContext, tmp_path_factory: pytest.TempPathFactory
+    sample_export: ExportContext,
+    sample_int4_export: Path,
+    dynamic_export: ExportContext,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, dict]:
     """label -> {"dir", "prompts" (token ids), "expected"} for fp32, int8, int4 and dynamic exports."""
     root = tmp_path_factory.mktemp("releases")
     dirs = {"fp32": (sample_export.workdir, sample_export)}
-    for quantize in ("int8", "int4"):
-        dirs[quantize] = (onnx_only_export(root / quantize, quantize=quantize), sample_export)
+    dirs["int8"] = (onnx_only_export(root / "int8", quantize="int8"), sample_export)
+    dirs["int4"] = (sample_int4_export, sample_export)
     dirs["dynamic (tiny)"] = (dynamic_export.workdir, dynamic_export)
     table = {}
     for label, (directory, ctx) in dirs.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -14,10 +15,11 @@ from rich.console import Console
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from ifp_export.checkpoint import create_checkpoint
+from ifp_export.cli import bundled_sample
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import save_decoder
-from ifp_export.passes import default_passes
+from ifp_export.passes import EmitOnnxPass, FoldPass, GroupPass, LoadPass, ManifestPass, PredictPass, default_passes
 from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
 
 ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789 +=()-:")
@@ -83,6 +85,14 @@ def run_export(checkpoint: Path, workdir: Path, until: str | None = None, **opti
     opts = ExportOptions(checkpoint=checkpoint, output=workdir, until=until, **options)
     ctx = ExportContext(options=opts, workdir=workdir, console=Console(file=io.StringIO(), width=200))
     return Pipeline(default_passes()).run(ctx, until=until)
+
+
+def onnx_only_export(root: Path, **options: object) -> Path:
+    """The bundled sample through the passes an ONNX app needs (no Core ML, no validation: seconds less)."""
+    opts = ExportOptions(checkpoint=bundled_sample(), output=root, heldout=bundled_sample().parent / "heldout.jsonl")
+    ctx = ExportContext(options=dataclasses.replace(opts, **options), workdir=root, console=Console(file=io.StringIO()))
+    Pipeline([LoadPass(), PredictPass(), GroupPass(), FoldPass(), EmitOnnxPass(), ManifestPass()]).run(ctx)
+    return root
 
 
 def console_text(ctx: ExportContext) -> str:
