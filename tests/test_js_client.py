@@ -199,6 +199,21 @@ def test_damaged_file_is_refused(example: Path, sample_export: ExportContext, tm
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_graph_above_the_runtime_is_refused(example: Path, sample_export: ExportContext, tmp_path: Path) -> None:
+    """A graph whose recorded floor (`min_onnxruntime`, here raised to 1.24 as `--min-onnxruntime 1.24` records it)
+    is newer than the injected runtime gets a one-line error naming it and both releases, not the runtime's own."""
+    out = tmp_path / "out"
+    shutil.copytree(sample_export.workdir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["predictor"]["onnx"]["min_onnxruntime"] = "1.24"
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    oldest = RELEASES["onnxruntime-node"][0]
+    result = run_cli(example, out, runtime_package("onnxruntime-node", oldest), ["add 45+12="])
+    assert result.returncode == 2 and result.stdout == ""
+    expected = f"error: onnx/predictor.onnx needs onnxruntime 1.24 or newer, this app has {oldest}: "
+    assert result.stderr.startswith(expected) and len(result.stderr.splitlines()) == 1, result.stderr
+
+
 SWITCH_PROMPTS = ["add 45+12=", "reverse kqzvb=", "add 3+5=", "reverse abc="]
 
 

@@ -93,6 +93,7 @@ export class IfpClient {
 
   /** A session of a manifest model entry ({model, data}): from its path, or from bytes with its external data. */
   async createSession(entry) {
+    this.checkFloor(entry);
     if (this.files.localPath) {
       return this.ort.InferenceSession.create(this.files.localPath(entry.model), this.sessionOptions);
     }
@@ -103,6 +104,18 @@ export class IfpClient {
     );
     const model = await this.read(entry.model);
     return this.ort.InferenceSession.create(model, { ...this.sessionOptions, externalData });
+  }
+
+  /** Refuse a graph whose recorded floor (`min_onnxruntime`) is newer than the injected runtime: ONNX Runtime's own
+   * error for an opset it does not know is cryptic (onnxruntime-web 1.20 throws a bare number). */
+  checkFloor(entry) {
+    const have = this.ort.env?.versions?.common;
+    if (entry.min_onnxruntime && have && compareReleases(have, entry.min_onnxruntime) < 0) {
+      throw new Error(
+        `${entry.model} needs onnxruntime ${entry.min_onnxruntime} or newer, this app has ${have}: ` +
+          "update the package, or re-export with an older --min-onnxruntime",
+      );
+    }
   }
 
   /** The prompt's token ids (special tokens as the export's tokenizer adds them, like `tokenizers` in Python). */
@@ -205,6 +218,12 @@ export class IfpClient {
     this.sessions.clear();
     this.buffers.clear();
   }
+}
+
+/** Negative, zero or positive as release `a` is older than, the same as or newer than `b` ("1.20" = "1.20.0"). */
+function compareReleases(a, b) {
+  const [x, y] = [a, b].map((release) => [0, 1, 2].map((i) => parseInt(release.split(/[.-]/)[i], 10) || 0));
+  return x.map((part, i) => part - (y[i] ?? 0)).find((difference) => difference !== 0) ?? 0;
 }
 
 function hex(digest) {
