@@ -128,6 +128,10 @@ def export_missing_dir(w: World) -> tuple[list[str], tuple[str, ...]]:
     return export_args(w), (str(w.ckpt), "checkpoint directory not found", "Fix:")
 
 
+def export_min_onnxruntime_too_old(w: World) -> tuple[list[str], tuple[str, ...]]:
+    return export_args(w, "--min-onnxruntime", "1.19"), ("--min-onnxruntime 1.19", "pass 1.20 or newer")
+
+
 def export_missing_spec(w: World) -> tuple[list[str], tuple[str, ...]]:
     (w.ckpt / "ifp.json").unlink()
     return export_args(w), ("ifp.json", "not found", "Fix:")
@@ -482,6 +486,7 @@ class Case:
 CASES = [
     Case(export_missing_dir),
     Case(export_missing_spec),
+    Case(export_min_onnxruntime_too_old),
     Case(export_corrupt_spec),
     Case(export_wrong_format_version),
     Case(export_truncated_safetensors),

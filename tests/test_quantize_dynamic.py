@@ -40,15 +40,16 @@ def test_quantized_models_pass_their_tolerance(quantized, tiny_export: ExportCon
 
 
 def test_quantized_graphs_use_the_runtime_kernels(quantized) -> None:
-    """int4: MatMulNBits (bits 4) at the default floor; int8: MatMulNBits (bits 8) has no CPU kernel before
-    onnxruntime 1.22, so at the default floor (1.20) every int8 linear is a FusedMatMul on a dequantized weight."""
+    """Every linear is MatMulNBits; at the default floor (1.20) with 4 bits: int8 has no 8-bit CPU kernel before
+    onnxruntime 1.22, so each int8 linear is two 4-bit MatMulNBits over its blocks' high and low nibbles."""
     mode, artifacts = quantized
     nodes = onnx.load(str(artifacts.models["add"]), load_external_data=False).graph.node
-    bits = {attr.i for node in nodes if node.op_type == "MatMulNBits" for attr in node.attribute if attr.name == "bits"}
-    assert bits == (set() if mode == "int8" else {4})
-    if mode == "int8":
-        dequantized = {node.output[0] for node in nodes if node.op_type in ("Reshape", "Slice")}
-        assert sum(node.op_type == "FusedMatMul" and node.input[1] in dequantized for node in nodes) > 0
+    nbits = [node for node in nodes if node.op_type == "MatMulNBits"]
+    bits = {attr.i for node in nbits for attr in node.attribute if attr.name == "bits"}
+    assert bits == {4}
+    assert not [node for node in nodes if node.op_type in ("MatMul", "FusedMatMul") and "." in node.input[1]]
+    names = sorted(node.input[1].rsplit(".", 1)[-1] for node in nbits)
+    assert set(names) == ({"qh", "ql"} if mode == "int8" else {"q"})
 
 
 def test_int8_at_floor_1_22_uses_matmulnbits(tiny_export: ExportContext, tmp_path: Path) -> None:

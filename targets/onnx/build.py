@@ -34,8 +34,8 @@ the graph must run on (floor.py; default 1.20: ai.onnx opset 21; from 1.24: opse
   disk). Exact for unpadded sequences; on a left-padded batch the padded rows are wrong (tested).
 - quantize="int8"/"int4": every linear is `com.microsoft.MatMulNBits` (block 32, symmetric, accuracy_level=4:
   int8 activations, the fast CPU path); the token embedding Gather stays float32 (tied lm_head reads the same
-  source quantized). Below the 1.22 floor there is no 8-bit MatMulNBits CPU kernel: an int8 linear is then
-  FusedMatMul(transB) on its dequantized weight, made of initializers only and folded by ORT at load. fp32 tied
+  source quantized). Below the 1.22 floor there is no 8-bit MatMulNBits CPU kernel: an int8 linear is then two
+  4-bit MatMulNBits on the high and low nibbles of the same int8 blocks (ops.py "int8hi"/"int8lo"), summed. fp32 tied
   lm_head is `FusedMatMul(transB=1)` on the embedding: no transposed copy.
 
 Initializer names, layouts and shapes are the same in both flavours, so both graphs can point at the same
@@ -112,24 +112,29 @@ class _Builder:
         """x @ W for W [K, N] made from HF [out, in] sources (packed when several): MatMul or MatMulNBits."""
         if not self.bits:
             return self.op("MatMul", x, self.weight(name, sources, "transposed", (k, n), ffn))
+        if self.bits == 8 and self.floor < MATMUL_NBITS_8:
+            return self._int8_as_int4_pair(x, name, sources, k, n, ffn)
         blocks_shape, scales_shape = quantized_shapes(k, n, self.bits)
         kind = f"int{self.bits}"
         blocks = self.weight(f"{name}.q", sources, f"{kind}_blocks", blocks_shape, ffn, ir.DataType.UINT8)
         scales = self.weight(f"{name}.s", sources, f"{kind}_scales", scales_shape, ffn)
-        if self.bits == 8 and self.floor < MATMUL_NBITS_8:
-            return self.op("FusedMatMul", x, self._dequantized(blocks, scales, k, n), domain=MS, transB=1, alpha=1.0)
         attrs = dict(K=k, N=n, bits=self.bits, block_size=32, accuracy_level=self.accuracy_level)
         return self.op("MatMulNBits", x, blocks, scales, domain=MS, **attrs)
 
-    def _dequantized(self, blocks: ir.Value, scales: ir.Value, k: int, n: int) -> ir.Value:
-        """The [N, K] float weight of int8 blocks, (q - 128) x scale as `ops.dequantize` computes it: made of
-        initializers only, so onnxruntime folds it into one float32 initializer when the session loads."""
-        weight = self.op("Sub", self.op("Cast", blocks, to=FLOAT), self.const(128.0, np.float32))
-        weight = self.op("Mul", weight, self.op("Unsqueeze", scales, self.const([-1])))
-        weight = self.op("Reshape", weight, self.const([n, -1]))
-        if blocks.shape[1] * blocks.shape[2] != k:  # the last block is zero-padded
-            weight = self.op("Slice", weight, self.const([0]), self.const([k]), self.const([1]))
-        return weight
+    def _int8_as_int4_pair(self, x: ir.Value, name: str, sources: tuple[str, ...], k: int, n: int, ffn: bool):
+        """x @ W for int8 blocks q where onnxruntime has no 8-bit MatMulNBits kernel (before 1.22): q - 128 =
+        16 (hi - 8) + lo for q's high and low nibbles, so two 4-bit MatMulNBits over the same bytes (hi: scale 16 s,
+        the default zero point 8; lo: scale s, zero point 0) sum to the int8 product."""
+        planes_shape, scales_shape = quantized_shapes(k, n, 4)
+        high = self.weight(f"{name}.qh", sources, "int8hi_blocks", planes_shape, ffn, ir.DataType.UINT8)
+        low = self.weight(f"{name}.ql", sources, "int8lo_blocks", planes_shape, ffn, ir.DataType.UINT8)
+        scales = self.weight(f"{name}.s", sources, "int8_scales", scales_shape, ffn)
+        zero_points = self.op("ConstantOfShape", self.const([n, -(-scales_shape[1] // 2)]),
+                              value=ir.tensor(np.zeros(1, np.uint8)))  # fmt: skip
+        attrs = dict(K=k, N=n, bits=4, block_size=32, accuracy_level=self.accuracy_level)
+        high_scales = self.op("Mul", scales, self.const(16.0, np.float32))
+        high_part = self.op("MatMulNBits", x, high, high_scales, domain=MS, **attrs)
+        return self.op("Add", high_part, self.op("MatMulNBits", x, low, scales, zero_points, domain=MS, **attrs))
 
     def _name(self) -> str:
         self._count += 1

@@ -7,8 +7,9 @@ explicit higher floor (`ifp-export export --min-onnxruntime 1.24`). What each re
 loading and running graphs in every release from 1.20 on (tests/test_onnxruntime_releases.py installs them):
 
 - ai.onnx opset / IR version: 1.20 loads opset 21 and IR 10, 1.21-1.22 opset 22, 1.23 opset 23 and IR 11, 1.24
-  opset 25 and IR 13, 1.25 and newer opset 26.
-- opset-23 `Attention` loads in 1.23 but its CPU kernel fails on an empty past (the first step): 1.24.
+  opset 25 and IR 13, 1.25 and newer opset 26 or more (the probe stopped at 26).
+- opset-23 `Attention` loads in 1.23, but onnxruntime-node 1.23.2's CPU kernel fails on an empty past (the first
+  step; issue 25): 1.24.
 - `com.microsoft.MatMulNBits` with bits=8 has no CPU kernel before 1.22 ("Only 4b quantization is supported").
 - the other contrib ops the builder uses (RotaryEmbedding, GroupQueryAttention with do_rotary,
   SkipSimplifiedLayerNormalization, FusedMatMul, MatMulNBits bits=4) run from 1.20 on.
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 DEFAULT_FLOOR = "1.20"
 OLDEST = (1, 20)
-OPSET_23 = (1, 24)  # RMSNormalization + Attention (opset 23): Attention's CPU kernel needs an empty past from 1.24
+OPSET_23 = (1, 24)  # RMSNormalization + Attention (opset 23): Attention runs an empty past from 1.24 on
 MATMUL_NBITS_8 = (1, 22)  # MatMulNBits bits=8 CPU kernel
 
 # release -> (max ai.onnx opset, max IR version) it loads; a release newer than the last row supports at least that

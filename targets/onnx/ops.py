@@ -14,10 +14,14 @@ Layouts (the vocabulary of `Binding.layout`):
 - "int4_blocks" / "int4_scales" / "int8_blocks" / "int8_scales": the "transposed" matrix [K, N] quantized;
   blocks are uint8 [N, ceil(K/32), 32*bits/8], scales float32 [N, ceil(K/32)]. K not a multiple of 32 is
   zero-padded to whole blocks, as ORT's quantizer does.
+- "int8hi_blocks" / "int8lo_blocks": the high / low nibbles of the int8 blocks, each packed as int4 blocks
+  [N, ceil(K/32), 16] (element 2j in the low nibble): q - 128 = 16 (hi - 8) + lo, so an int8 weight runs as two 4-bit
+  MatMulNBits over the same bytes where onnxruntime has no 8-bit kernel (before 1.22); scales are "int8_scales".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,14 +70,17 @@ class Materializer:
         if layout == "transposed":
             return _transposed(binding.sources, get)
         kind, _, part = layout.partition("_")
-        if kind not in ("int4", "int8") or part not in ("blocks", "scales"):
+        if kind not in ("int4", "int8", "int8hi", "int8lo") or part not in ("blocks", "scales"):
             raise ValueError(f"unknown layout {layout!r} for initializer {binding.initializer!r}")
-        if self._key != (binding.sources, kind):
+        bits = int(kind[3])
+        if self._key != (binding.sources, bits):
             self._key, self._quantized = None, None  # drop the last matrix before making the next
-            self._quantized = quantize(_transposed(binding.sources, get), int(kind[3:]))
-            self._key = (binding.sources, kind)
+            self._quantized = quantize(_transposed(binding.sources, get), bits)
+            self._key = (binding.sources, bits)
         blocks, scales = self._quantized
-        return blocks if part == "blocks" else scales
+        if part == "scales":
+            return scales
+        return nibble_plane(blocks, kind[4:]) if kind in ("int8hi", "int8lo") else blocks
 
 
 def _transposed(sources: tuple[str, ...], get: Callable[[str], np.ndarray]) -> np.ndarray:
@@ -107,6 +114,12 @@ def quantize(matrix: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return blocks, scales
 
 
+def nibble_plane(blocks: np.ndarray, plane: str) -> np.ndarray:
+    """The high ("hi") or low ("lo") nibbles of int8 blocks [N, kb, 32], packed as int4 blocks [N, kb, 16]."""
+    values = blocks >> 4 if plane == "hi" else blocks & 0x0F
+    return np.ascontiguousarray(values[..., 0::2] | (values[..., 1::2] << 4))
+
+
 def dequantized_sources(bindings: list[Binding], get: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
     """HF name -> the float32 [out, in] weight a quantized graph really uses, for every quantized source.
 
@@ -116,9 +129,10 @@ def dequantized_sources(bindings: list[Binding], get: Callable[[str], np.ndarray
     scales = {b.sources: b for b in bindings if b.layout.endswith("_scales")}
     weights: dict[str, np.ndarray] = {}
     for binding in bindings:
-        if not binding.layout.endswith("_blocks"):
+        if not binding.layout.endswith("_blocks") or binding.layout == "int8lo_blocks":
             continue
         bits = int(binding.layout[3])
+        binding = dataclasses.replace(binding, layout=f"int{bits}_blocks")  # int8hi: the whole int8 blocks
         rows = [get(s).shape[0] for s in binding.sources]
         k = get(binding.sources[0]).shape[1]
         make = Materializer(get)
