@@ -122,7 +122,8 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("js_example")
     shutil.copytree(EXAMPLE_JS, root / "examples" / "js", ignore=shutil.ignore_patterns("node_modules"))
     shutil.copytree(EXAMPLE_WEB, root / "examples" / "web", ignore=shutil.ignore_patterns("*.png"))
-    shutil.copy(REPO / "tests" / "js" / "drive_page.mjs", root / "examples" / "js")
+    for script in (REPO / "tests" / "js").glob("*.mjs"):
+        shutil.copy(script, root / "examples" / "js")
     (root / "examples" / "js" / "node_modules").symlink_to(modules, target_is_directory=True)
     return root
 
@@ -196,6 +197,53 @@ def test_damaged_file_is_refused(example: Path, sample_export: ExportContext, tm
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: onnx/decoder_shared.onnx_data does not match manifest.json"), result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_graph_above_the_runtime_is_refused(example: Path, sample_export: ExportContext, tmp_path: Path) -> None:
+    """A graph whose recorded floor (`min_onnxruntime`, here raised to 1.24 as `--min-onnxruntime 1.24` records it)
+    is newer than the injected runtime gets a one-line error naming it and both releases, not the runtime's own."""
+    out = tmp_path / "out"
+    shutil.copytree(sample_export.workdir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["predictor"]["onnx"]["min_onnxruntime"] = "1.24"
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    oldest = RELEASES["onnxruntime-node"][0]
+    result = run_cli(example, out, runtime_package("onnxruntime-node", oldest), ["add 45+12="])
+    assert result.returncode == 2 and result.stdout == ""
+    expected = f"error: onnx/predictor.onnx needs onnxruntime 1.24 or newer, this app has {oldest}: "
+    assert result.stderr.startswith(expected) and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+SWITCH_PROMPTS = ["add 45+12=", "reverse kqzvb=", "add 3+5=", "reverse abc="]
+
+
+def switch_reads(example: Path, out: Path, max_sessions: int) -> dict:
+    web = runtime_package("onnxruntime-web", RELEASES["onnxruntime-web"][-1])
+    argv = [tool("node"), "switch_reads.mjs", str(out), str(web), json.dumps(SWITCH_PROMPTS), str(max_sessions)]
+    result = subprocess.run(argv, cwd=example / "examples" / "js", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_switching_variants_reads_the_shared_weights_once(example: Path, sample_export: ExportContext) -> None:
+    """On onnxruntime-web (model bytes + `externalData`) the shared weights are read once however often the client
+    switches variants; with one session kept, switching back re-reads only the variant's own two files."""
+    out = sample_export.workdir
+    runtime = Runtime(out, threads=1)
+    first, second = (runtime.route(p).variant for p in SWITCH_PROMPTS[:2])
+    assert [runtime.route(p).variant for p in SWITCH_PROMPTS] == [first, second, first, second]
+    own = {name: [runtime.output.variant(name)["files"]["onnx"]["model"]] for name in (first, second)}
+    shared = set.intersection(*(set(v["files"]["onnx"]["data"]) for v in runtime.output.manifest["variants"]))
+    for name in own:
+        own[name] += [path for path in runtime.output.variant(name)["files"]["onnx"]["data"] if path not in shared]
+    assert len(shared) == 1 and all(len(files) == 2 for files in own.values())
+    (shared_file,) = shared
+    for max_sessions, reads_per_variant in ((1, 2), (2, 1)):
+        got = switch_reads(example, out, max_sessions)
+        assert got["variants"] == [first, second, first, second]
+        assert got["reads"][shared_file] == 1, got
+        for files in own.values():
+            assert [got["reads"][path] for path in files] == [reads_per_variant] * 2, (max_sessions, got)
 
 
 def test_package_pins_the_newest_tested_releases() -> None:

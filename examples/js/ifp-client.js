@@ -20,9 +20,10 @@
 // Shared weights: the onnxruntime-common API cannot hand one weight buffer to several sessions (the Python runtime
 // does it with `SessionOptions.add_initializer`, and runs all variants on one session by turning their FFN
 // initializers into inputs, an in-memory graph edit this module does not make), so every session holds its own copy
-// of the shared weights in ONNX Runtime's memory. What the API allows is done: each data file is read or fetched once
-// and its buffer passed to every session that uses it (`externalData`), and a variant's session is kept after a
-// switch (up to `maxSessions`, least recently used released first), so switching back costs nothing.
+// of the shared weights in ONNX Runtime's memory. What the API allows is done: a data file several models use (the
+// shared weights) is read or fetched once and its buffer passed to every session that uses it (`externalData`), and a
+// variant's session is kept after a switch (up to `maxSessions`, least recently used released first), so switching
+// back costs nothing.
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
@@ -49,6 +50,8 @@ export class IfpClient {
     const client = new IfpClient(ort, files, sessionOptions, maxSessions);
     client.manifest = JSON.parse(new TextDecoder().decode(await files.bytes("manifest.json")));
     client.listed = new Map(client.manifest.files.map((file) => [file.path, file]));
+    const decoders = [client.manifest.dense, ...client.manifest.variants].map((entry) => entry.files.onnx.data).flat();
+    client.shared = new Set(decoders.filter((path, i) => decoders.indexOf(path) !== i)); // data of several models
     const tokenizerJson = JSON.parse(new TextDecoder().decode(await client.read(client.manifest.tokenizer.file)));
     client.tokenizer = new Tokenizer(tokenizerJson, {});
     const eos = client.manifest.tokenizer.eos_token_id;
@@ -62,7 +65,7 @@ export class IfpClient {
     this.files = files;
     this.sessionOptions = sessionOptions;
     this.maxSessions = maxSessions;
-    this.buffers = new Map(); // path -> Uint8Array, each file read once
+    this.buffers = new Map(); // path -> Uint8Array of a data file several models use, read once and kept
     this.sessions = new Map(); // variant name -> session, in least-recently-used order
   }
 
@@ -81,23 +84,38 @@ export class IfpClient {
     return bytes;
   }
 
-  async buffer(path) {
+  /** A data file's bytes: kept when several models use it (the shared weights), else read for this session only. */
+  async dataFile(path) {
+    if (!this.shared.has(path)) return this.read(path);
     if (!this.buffers.has(path)) this.buffers.set(path, await this.read(path));
     return this.buffers.get(path);
   }
 
   /** A session of a manifest model entry ({model, data}): from its path, or from bytes with its external data. */
   async createSession(entry) {
+    this.checkFloor(entry);
     if (this.files.localPath) {
       return this.ort.InferenceSession.create(this.files.localPath(entry.model), this.sessionOptions);
     }
     const folder = entry.model.slice(0, entry.model.lastIndexOf("/") + 1);
     // `path` is the location the graph names, relative to the graph's own folder.
     const externalData = await Promise.all(
-      entry.data.map(async (path) => ({ path: path.slice(folder.length), data: await this.buffer(path) })),
+      entry.data.map(async (path) => ({ path: path.slice(folder.length), data: await this.dataFile(path) })),
     );
     const model = await this.read(entry.model);
     return this.ort.InferenceSession.create(model, { ...this.sessionOptions, externalData });
+  }
+
+  /** Refuse a graph whose recorded floor (`min_onnxruntime`) is newer than the injected runtime: ONNX Runtime's own
+   * error for an opset it does not know is cryptic (onnxruntime-web 1.20 throws a bare number). */
+  checkFloor(entry) {
+    const have = this.ort.env?.versions?.common;
+    if (entry.min_onnxruntime && have && compareReleases(have, entry.min_onnxruntime) < 0) {
+      throw new Error(
+        `${entry.model} needs onnxruntime ${entry.min_onnxruntime} or newer, this app has ${have}: ` +
+          "update the package, or re-export with an older --min-onnxruntime",
+      );
+    }
   }
 
   /** The prompt's token ids (special tokens as the export's tokenizer adds them, like `tokenizers` in Python). */
@@ -200,6 +218,12 @@ export class IfpClient {
     this.sessions.clear();
     this.buffers.clear();
   }
+}
+
+/** Negative, zero or positive as release `a` is older than, the same as or newer than `b` ("1.20" = "1.20.0"). */
+function compareReleases(a, b) {
+  const [x, y] = [a, b].map((release) => [0, 1, 2].map((i) => parseInt(release.split(/[.-]/)[i], 10) || 0));
+  return x.map((part, i) => part - (y[i] ?? 0)).find((difference) => difference !== 0) ?? 0;
 }
 
 function hex(digest) {
