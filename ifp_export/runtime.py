@@ -23,6 +23,8 @@ from ifp_export.masks import encode_prompts
 from ifp_export.ort import OrtDecoder, ResidentWeights, decode_tokens
 from ifp_export.targets.onnx import DENSE_NAME, DYNAMIC_NAME, SHARED_DATA, gather_dynamic_feeds
 
+INCOMPLETE = "\ufffd"  # what a byte-level decoder makes of a partial UTF-8 character
+
 
 @dataclass(frozen=True)
 class Route:
@@ -151,16 +153,22 @@ class Runtime:
         yield from decode_tokens(decoder, ids, max_new_tokens, self.eos_ids, temperature, np.random.default_rng(seed))
 
     def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
-        """Decoded text pieces as tokens arrive (decoding the whole prefix keeps multi-token characters right)."""
+        """Decoded text pieces as tokens arrive. The whole prefix is decoded each time (multi-token characters come
+        out right), and text ending in an incomplete UTF-8 character (a byte-level BPE token holding only its first
+        bytes decodes to U+FFFD) is held back until the character is complete, as transformers' TextStreamer does."""
         ids: list[int] = []
-        shown = ""
+        shown = 0
+        text = ""
         for token in tokens:
             if token in self.eos_ids:
-                return
+                break
             ids.append(token)
             text = self.tokenizer.decode(ids)
-            yield text[len(shown) :]
-            shown = text
+            if not text.endswith(INCOMPLETE):
+                yield text[shown:]
+                shown = len(text)
+        if len(text) > shown:  # the stream ended inside a character: show what decoding all of it shows
+            yield text[shown:]
 
 
 def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
