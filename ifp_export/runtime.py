@@ -7,6 +7,7 @@ share one session whose FFN tensors are inputs, fed from the variant's memory-ma
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,8 @@ class Runtime:
         return self.decoders[name]
 
     def dynamic_decoder(self, prompt: str) -> OrtDecoder:
-        """The dynamic-mode decoder bound to this prompt's own FFN neurons (the predictor's top-k per layer).
+        """A dynamic-mode decoder of its own, bound to this prompt's FFN neurons (the predictor's top-k per layer);
+        every call returns a new one over the one shared session, so concurrent generations never share weights.
 
         The kept rows/columns are gathered from the dense model's FFN tensors, memory-mapped from disk.
         """
@@ -113,9 +115,10 @@ class Runtime:
             )
         if DYNAMIC_NAME not in self.decoders:
             self.decoders[DYNAMIC_NAME] = self.resident.decoder(self.output.path(spec["model"]), self.threads)
-        decoder = self.decoders[DYNAMIC_NAME]
+        shared = self.decoders[DYNAMIC_NAME]
         kept = top_k_indices(self.predict(prompt).scores, self.output.manifest["model"]["k"])
-        decoder.extra_feeds.update(gather_dynamic_feeds(spec["ffn_inputs"], kept, self.source))
+        decoder = copy.copy(shared)  # same session, its own feeds: a generation still decoding keeps its weights
+        decoder.extra_feeds = {**shared.extra_feeds, **gather_dynamic_feeds(spec["ffn_inputs"], kept, self.source)}
         return decoder
 
     def source(self, source: dict) -> np.memmap:
