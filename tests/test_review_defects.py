@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_cli
+from safetensors.torch import load_file, save_file
+from tiny import TASK_PROMPTS, char_tokenizer, make_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
+from ifp_export.targets.coreml.validate import blob_difference
 
 
 def byte_level_tokenizer() -> Tokenizer:
@@ -32,3 +42,36 @@ def test_stream_text_holds_back_an_incomplete_character(tiny_export: ExportConte
     # a stream that ends inside a character shows what decoding all of its ids shows
     cut = ids[:4]
     assert "".join(runtime.stream_text(iter(cut))) == runtime.tokenizer.decode(cut) == "caf\ufffd"
+
+
+# --- 27.3: a weight that overflows fp16 is not fp16-exact ------------------------------------------------------
+
+
+def test_core_ml_weight_check_fails_a_weight_stored_as_inf() -> None:
+    tensor = torch.tensor([1.0, 70000.0, -1e6], dtype=torch.bfloat16)
+    stored = tensor.float().numpy().astype(np.float16)  # what an fp16 blob holds: [1, inf, -inf]
+    assert np.isinf(stored[1:]).all()
+    difference, exact = blob_difference(stored, tensor)
+    assert not exact and difference == float("inf")
+    fine = torch.tensor([1.0, 65504.0, -0.5])
+    assert blob_difference(fine.numpy().astype(np.float16), fine) == (0.0, True)
+
+
+def test_an_export_whose_weight_overflows_fp16_fails_validation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An embedding element of 70000 (an unused token's row, so the fp32 checks pass) becomes inf in fp16: exit 3,
+    the Core ML weight check failed in the summary."""
+    checkpoint = make_checkpoint(tmp_path)
+    weights_file = checkpoint / "backbone" / "model.safetensors"
+    tensors = load_file(weights_file)
+    unused = char_tokenizer().token_to_id("j")
+    assert all("j" not in p for prompts in TASK_PROMPTS.values() for p in prompts)
+    tensors["model.embed_tokens.weight"][unused, 0] = 70000.0
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    args = ["export", str(checkpoint), "-o", str(tmp_path / "out"), "--heldout", str(checkpoint / "tasks.jsonl")]
+    code, stdout, err = run_cli(capsys, *args, "--json")
+    assert code == 3, err[-2000:]
+    assert "Core ML functions" in err.strip().splitlines()[-1]
+    assert json.loads(stdout)["status"] == "validation_failed"
+    assert not (tmp_path / "out").exists()
