@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 from tiny import TASK_PROMPTS, char_tokenizer, make_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ifp_export.checkpoint import schema
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
 from ifp_export.targets.coreml.validate import blob_difference
@@ -75,3 +77,28 @@ def test_an_export_whose_weight_overflows_fp16_fails_validation(
     assert "Core ML functions" in err.strip().splitlines()[-1]
     assert json.loads(stdout)["status"] == "validation_failed"
     assert not (tmp_path / "out").exists()
+
+
+# --- 27.9: a usage error under --json still prints the summary object ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["export", "--quantize", "int3"], "int3"),
+        (["export", "--variants", "many"], "many"),
+        (["export", "--no-such-option"], "--no-such-option"),
+        (["validate", "OUT", "--no-such-option"], "--no-such-option"),
+    ],
+)
+def test_usage_error_with_json_prints_the_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: list[str], needle: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_cli(capsys, *args, "--json")
+    assert_one_line_error(code, err, needle, "--help")
+    summary = json.loads(stdout)
+    jsonschema.validate(summary, schema("summary.schema.json"))
+    assert summary["status"] == "bad_input" and summary["exit_code"] == 2 and summary["command"] == args[0]
+    assert needle in summary["error"] and summary["error"] == err.strip()
+    assert list(tmp_path.iterdir()) == []
