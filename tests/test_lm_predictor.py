@@ -250,6 +250,18 @@ def test_broken_lm_predictor_is_one_line_error(ckpt: Path, breakage: str) -> Non
     assert_one_line_ifp_error(lambda: load_checkpoint(ckpt), str(ckpt / expected[0]), *expected[1:])
 
 
+@pytest.mark.parametrize(
+    "relative",
+    ["predictor/head.safetensors", "predictor/lm/model.safetensors", "predictor/lm/config.json", "predictor/lm"],
+)
+def test_lm_predictor_files_may_not_be_symlinks(ckpt: Path, relative: str) -> None:
+    """27.12: the no-symlink rule of backbone/ holds for the LM predictor's files too (valid content, wrong place)."""
+    inside, outside = ckpt / relative, ckpt.parent / ("outside-" + relative.replace("/", "-"))
+    shutil.move(inside, outside)
+    inside.symlink_to(outside)
+    assert_one_line_ifp_error(lambda: load_checkpoint(ckpt), str(inside), "symlink", "Fix:")
+
+
 def test_new_checkpoint_with_predictor_backbone_is_reproducible(tmp_path: Path) -> None:
     save_backbone(tmp_path / "backbone")
     hf_lm(tmp_path / "lm", "qwen2-tied")
