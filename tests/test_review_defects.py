@@ -102,3 +102,24 @@ def test_usage_error_with_json_prints_the_summary(
     assert summary["status"] == "bad_input" and summary["exit_code"] == 2 and summary["command"] == args[0]
     assert needle in summary["error"] and summary["error"] == err.strip()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 27.14: --variants N says when it made fewer than N --------------------------------------------------------
+
+
+def test_fewer_variants_than_requested_are_reported(
+    tiny_export: ExportContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With keep 1.0 every prompt's mask is the whole FFN: 4 clusters requested, 1 distinct mask, 1 variant made."""
+    checkpoint = tiny_export.checkpoint.root
+    args = ["export", str(checkpoint), "-o", str(tmp_path / "out"), "--until", "group", "--keep", "1.0"]
+    code, stdout, err = run_cli(capsys, *args, "--variants", "4", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)["report"]
+    assert (report["variants_requested"], report["variants_made"]) == (4, 1)
+    assert len(report["warnings"]) == 1 and "--variants 4 made only 1 variants" in report["warnings"][0]
+    assert "warning: --variants 4 made only 1 variants" in " ".join(err.split())
+    code, stdout, err = run_cli(capsys, *args[:-2], "--variants", "2", "--json")
+    report = json.loads(stdout)["report"]
+    assert code == 0 and (report["variants_requested"], report["variants_made"]) == (2, 2)
+    assert "warnings" not in report and "warning:" not in err
