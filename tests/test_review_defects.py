@@ -11,13 +11,17 @@ import pytest
 import torch
 from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
-from tiny import TASK_PROMPTS, char_tokenizer, make_checkpoint
+from tiny import TASK_PROMPTS, char_tokenizer, make_checkpoint, run_export
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ifp_export.artifacts import open_output
 from ifp_export.checkpoint import schema
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
+from ifp_export.targets.coreml.quantize import quantize_weight
 from ifp_export.targets.coreml.validate import blob_difference
+from ifp_export.targets.onnx.ops import dequantize as onnx_dequantize
+from ifp_export.targets.onnx.ops import quantize as onnx_quantize
 
 
 def byte_level_tokenizer() -> Tokenizer:
@@ -123,3 +127,31 @@ def test_fewer_variants_than_requested_are_reported(
     report = json.loads(stdout)["report"]
     assert code == 0 and (report["variants_requested"], report["variants_made"]) == (2, 2)
     assert "warnings" not in report and "warning:" not in err
+
+
+# --- 27.15: the manifest records the sliding window an app must apply in Core ML's causalMask -----------------
+
+
+def test_manifest_records_the_sliding_window(tiny_export: ExportContext, tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(tmp_path, model_type="mistral", sliding_window=3)
+    mistral = run_export(checkpoint, tmp_path / "out")
+    assert open_output(mistral.workdir).manifest["model"]["sliding_window"] == 3  # open_output checks the schema
+    assert open_output(tiny_export.workdir).manifest["model"]["sliding_window"] is None
+
+
+# --- 27.15: int4 granularity where the input width is not a multiple of 32, as the README states it ------------
+
+
+@pytest.mark.parametrize("in_features", [48, 80])  # e.g. q/k/v or gate/up of a hidden-48 model; any weight
+def test_int4_granularity_when_the_input_width_is_not_a_multiple_of_32(in_features: int) -> None:
+    """Core ML falls back to one scale per output channel for ANY such weight (not only a pruned down_proj); ONNX's
+    MatMulNBits stays block-wise, the last block zero-padded. A multiple of 32 is block-wise in both."""
+    weight = np.random.default_rng(0).normal(0, 0.02, (16, in_features)).astype(np.float32)  # [out, in]
+    assert quantize_weight(weight, "int4").scale.shape == (16, 1)
+    assert quantize_weight(np.tile(weight[:, :32], (1, 2)), "int4").scale.shape == (16, 2)
+    blocks, scales = onnx_quantize(np.ascontiguousarray(weight.T), 4)
+    assert scales.shape == (16, -(-in_features // 32))
+    error = np.abs(onnx_dequantize(blocks, scales, 4, in_features) - weight.T)
+    assert float(error.max()) <= float(scales.max()) / 2 * (1 + 1e-6)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "any weight whose input width is not a multiple of 32" in " ".join(readme.split())
