@@ -125,7 +125,7 @@ def export(
             quantize=quantize,
             mode=mode,
         )
-        with staged_directory(output, force=force, checked=True) as stage:
+        with staged_directory(output, force, inputs, previous_export, checked=True) as stage:
             ctx = ExportContext(options=options, workdir=stage)
             try:
                 pipeline.run(ctx, until=until)

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, snapshot
 from safetensors.torch import load_file, save_file
 from tiny import TASK_PROMPTS, char_tokenizer, make_checkpoint, run_export
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ifp_export.artifacts import open_output
 from ifp_export.checkpoint import schema
+from ifp_export.errors import IFPError
+from ifp_export.passes.load import LoadPass
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
+from ifp_export.staging import NO_RENAMEAT2_ENV, PREVIOUS_SUFFIX, reclaim_debris, staged_directory
 from ifp_export.targets.coreml.quantize import quantize_weight
 from ifp_export.targets.coreml.validate import blob_difference
 from ifp_export.targets.onnx.ops import dequantize as onnx_dequantize
 from ifp_export.targets.onnx.ops import quantize as onnx_quantize
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def byte_level_tokenizer() -> Tokenizer:
@@ -155,3 +167,97 @@ def test_int4_granularity_when_the_input_width_is_not_a_multiple_of_32(in_featur
     assert float(error.max()) <= float(scales.max()) / 2 * (1 + 1e-6)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "any weight whose input width is not a multiple of 32" in " ".join(readme.split())
+
+
+# --- 27.4 / 27.6: the swap re-checks the target, and the two-rename swap (no renameat2) is kill safe ----------
+
+STAGING_KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from ifp_export import staging
+
+target, kill_after = Path(sys.argv[1]), int(sys.argv[2])
+renames = []
+real_rename = os.rename
+
+
+def rename(a, b):
+    real_rename(a, b)
+    renames.append(b)
+    if len(renames) == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+staging.os.rename = rename
+with staging.staged_directory(target, force=True) as stage:
+    (stage / "new.txt").write_text("new output")
+"""
+
+
+@pytest.fixture(params=["renameat2", "two_renames"])
+def swap_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "two_renames":
+        monkeypatch.setenv(NO_RENAMEAT2_ENV, "1")
+    return request.param
+
+
+def previous_output(tmp_path: Path) -> Path:
+    target = tmp_path / "out"
+    (target / "sub").mkdir(parents=True)
+    (target / "old.txt").write_text("previous output")
+    (target / "sub" / "data.bin").write_bytes(b"\x00\x01" * 100)
+    return target
+
+
+def test_a_directory_that_appears_during_the_run_is_not_replaced(tmp_path: Path, swap_kind: str) -> None:
+    target = tmp_path / "out"
+    appeared = pytest.raises(IFPError, match="output directory exists and is not empty")
+    with appeared as info, staged_directory(target) as stage:
+        (stage / "new.txt").write_text("new")
+        target.mkdir()
+        (target / "mine.txt").write_text("a user's file")
+    assert info.value.exit_code == 2
+    assert snapshot(tmp_path) == {"out": "dir", "out/mine.txt": sha256(b"a user's file")}  # no staging debris
+
+
+def test_a_directory_that_appears_during_an_export_is_the_one_line_error(
+    tiny_export: ExportContext, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    load = LoadPass.run
+
+    def load_while_another_run_finishes(self: LoadPass, ctx: ExportContext) -> ExportContext:
+        out.mkdir()
+        (out / "manifest.json").write_text("another run's output")
+        return load(self, ctx)
+
+    monkeypatch.setattr(LoadPass, "run", load_while_another_run_finishes)
+    before = {"out": "dir", "out/manifest.json": sha256(b"another run's output")}
+    code, _, err = run_cli(capsys, "export", str(tiny_export.checkpoint.root), "-o", str(out), "--until", "load")
+    assert_one_line_error(code, err.strip().splitlines()[-1] + "\n", str(out), "not empty", "--force")
+    assert snapshot(tmp_path) == before
+
+
+def test_two_rename_swap_replaces_the_previous_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(NO_RENAMEAT2_ENV, "1")
+    target = previous_output(tmp_path)
+    with staged_directory(target, force=True) as stage:
+        (stage / "new.txt").write_text("new output")
+    assert snapshot(tmp_path) == {"out": "dir", "out/new.txt": sha256(b"new output")}
+
+
+@pytest.mark.parametrize("kill_after", [1, 2])
+def test_a_run_killed_inside_the_two_rename_swap_is_settled_by_the_next_run(tmp_path: Path, kill_after: int) -> None:
+    """Killed between the renames (no OUT, the previous output parked): the next run puts it back. Killed after
+    both (the new output in place, the previous one parked): the next run removes the parked one."""
+    target = previous_output(tmp_path)
+    previous = snapshot(target)
+    env = {**os.environ, NO_RENAMEAT2_ENV: "1"}
+    done = subprocess.run([sys.executable, "-c", STAGING_KILL_SCRIPT, str(target), str(kill_after)], env=env)
+    assert done.returncode == -signal.SIGKILL
+    assert target.exists() == (kill_after == 2)
+    parked = [p.name for p in tmp_path.iterdir() if p.name.endswith(PREVIOUS_SUFFIX)]
+    assert len(parked) == 1, sorted(p.name for p in tmp_path.iterdir())
+    reclaim_debris(target.absolute())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no debris: staging dir, lock, parked output
+    assert snapshot(target) == (previous if kill_after == 1 else {"new.txt": sha256(b"new output")})
