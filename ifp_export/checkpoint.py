@@ -29,6 +29,7 @@ from ifp_export.model.config import eos_token_ids, read_generation_config
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import check_weight_map, load_decoder, open_decoder
 from ifp_export.model.lm_predictor import (
+    HEAD_FILE,
     LM_DIR,
     LM_PREDICTOR_FORMAT,
     HeadConfig,
@@ -172,17 +173,19 @@ def read_tokenizer(path: Path) -> Tokenizer:
 
 def check_containment(root: Path) -> None:
     """Every file the loader opens is a regular path inside the checkpoint: no symlink (to a file or a directory)
-    anywhere below `root`, shards of a sharded backbone included. `root` itself may be a symlink."""
+    anywhere below `root`, shards of a sharded backbone or LM predictor included. `root` itself may be a symlink."""
     fix = "copy the real file into the checkpoint directory instead of linking it"
-    files = [SPEC_FILE, TOKENIZER_FILE, TASKS_FILE]
-    for part in (BACKBONE_DIR, PREDICTOR_DIR):
+    files = [SPEC_FILE, TOKENIZER_FILE, TASKS_FILE, f"{PREDICTOR_DIR}/{HEAD_FILE}"]
+    hf_dirs = (BACKBONE_DIR, PREDICTOR_DIR, f"{PREDICTOR_DIR}/{LM_DIR}")
+    for part in hf_dirs:
         files += [f"{part}/{name}" for name in (*HF_FILES, "model.safetensors.index.json")]
-    index = root / BACKBONE_DIR / "model.safetensors.index.json"
     for relative in files:
         check_no_symlink_below(root, root / relative, fix)
-    if index.is_file():
-        for shard in sorted(set(check_weight_map(read_json(index, "safetensors index"), index).values())):
-            check_no_symlink_below(root, root / BACKBONE_DIR / shard, fix)
+    for part in hf_dirs:
+        index = root / part / "model.safetensors.index.json"
+        if index.is_file():
+            for shard in sorted(set(check_weight_map(read_json(index, "safetensors index"), index).values())):
+                check_no_symlink_below(root, root / part / shard, fix)
 
 
 def load_checkpoint(root: str | Path) -> Checkpoint:

@@ -137,7 +137,7 @@ def export(
             mode=mode,
             min_onnxruntime=floor,
         )
-        with staged_directory(output, force=force, checked=True) as stage:
+        with staged_directory(output, force, inputs, previous_export, checked=True) as stage:
             ctx = ExportContext(options=options, workdir=stage)
             try:
                 pipeline.run(ctx, until=until)
@@ -417,5 +417,27 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: aborted.", err=True)
         sys.exit(130)
     except click.ClickException as err:
-        click.echo(f"error: {err.format_message()}", err=True)
+        args = sys.argv[1:] if argv is None else argv
+        help_command = " ".join(["ifp-export", *(args[:1] if args and args[0] in cli.commands else []), "--help"])
+        usage = IFPError(err.format_message().rstrip("."), None, f"see {help_command}")
+        click.echo(str(usage), err=True)
+        usage_error_summary(args, usage)
         sys.exit(err.exit_code)
+
+
+def usage_error_summary(args: list[str], error: IFPError) -> None:
+    """Under `--json`, a usage error (a bad option value, an unknown option) still prints the summary object:
+    a CI step that parses stdout always gets one. The options are read leniently (click's resilient parsing,
+    unknown options skipped)."""
+    command = cli.commands.get(args[0]) if args else None
+    if command is None or command.name not in ("export", "validate"):
+        return
+    try:
+        with command.make_context(
+            command.name, list(args[1:]), resilient_parsing=True, ignore_unknown_options=True
+        ) as ctx:
+            params = ctx.params
+    except click.ClickException:
+        params = {"as_json": "--json" in args}
+    if params.get("as_json"):
+        emit_results(command.name, Path(params.get("output") or DEFAULT_OUTPUT), None, None, error, True, None)

@@ -19,11 +19,11 @@ from pathlib import Path
 from ifp_export.errors import EnvironmentFailure, IFPError
 from ifp_export.weights import is_ffn
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # Bytes per weight element on disk. ONNX quantization is MatMulNBits (blocks of 32, one fp32 scale each) on every
 # MatMul; the embedding Gather stays fp32. Core ML stores fp16, or int8 per channel / int4 with a fp16 scale per 32.
 ONNX_BYTES = {"none": 4.0, "int8": 1.0 + 4 / 32, "int4": 0.5 + 4 / 32}
 COREML_BYTES = {"none": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 32}
+PREDICTOR_BYTES = 4  # both targets keep the predictor fp32, whatever its checkpoint's dtype (a bf16 LM included)
 # Serialized graphs / specs, per model and layer (measured: ONNX ~6 KB, Core ML MIL spec ~34 KB per function-layer
 # on the tiny test models; both grow with the op count, not the weights), and fixed files (report, heatmap, ...).
 ONNX_GRAPH_BYTES_PER_LAYER = 8 << 10
@@ -65,6 +65,17 @@ def model_shapes(hf_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: info for shard in shards for name, info in safetensors_shapes(hf_dir / shard).items()}
 
 
+def predictor_shapes(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The predictor's tensors: the encoder's model.safetensors, or an LM predictor's head.safetensors plus its LM
+    (lm/, one file or sharded) without the LM's own `lm_head`, which the predictor graphs do not use."""
+    from ifp_export.model.lm_predictor import HEAD_FILE, LM_DIR, LM_PREDICTOR_FORMAT
+
+    if json.loads((directory / "config.json").read_text()).get("format") != LM_PREDICTOR_FORMAT:
+        return safetensors_shapes(directory / "model.safetensors")
+    body = {name: info for name, info in model_shapes(directory / LM_DIR).items() if not name.startswith("lm_head")}
+    return {**body, **safetensors_shapes(directory / HEAD_FILE)}
+
+
 def count(shape: tuple[int, ...]) -> int:
     n = 1
     for dim in shape:
@@ -88,7 +99,7 @@ def estimate_export(
     spec = json.loads((checkpoint / SPEC_FILE).read_text())
     config = json.loads((checkpoint / BACKBONE_DIR / "config.json").read_text())
     backbone = model_shapes(checkpoint / BACKBONE_DIR)
-    predictor = safetensors_shapes(checkpoint / PREDICTOR_DIR / "model.safetensors")
+    predictor = predictor_shapes(checkpoint / PREDICTOR_DIR)
     layers, d_ff = int(config["num_hidden_layers"]), int(config["intermediate_size"])
     k = max(1, round(keep * d_ff)) if keep is not None else max(int(v) for v in spec["k_per_layer"])
     n_variants = variants or len({t.task for t in read_tasks(checkpoint / TASKS_FILE)})
@@ -98,7 +109,7 @@ def estimate_export(
     if config.get("tie_word_embeddings", True) is not False and not any("lm_head" in n for n in backbone):
         shared += embedding  # a tied lm_head becomes its own (transposed / quantized) MatMul weight in the graphs
     ffn_all = ffn + n_variants * ffn * k // d_ff  # dense + every variant's slices
-    predictor_bytes = sum(count(shape) * DTYPE_BYTES.get(dtype, 4) for shape, dtype in predictor.values())
+    predictor_bytes = PREDICTOR_BYTES * sum(count(shape) for shape, _ in predictor.values())
     other = FIXED_BYTES + (checkpoint / TOKENIZER_FILE).stat().st_size
     if until in ("load", "predict", "group"):
         return Estimate(other, 0, 0, other, n_variants, layers)

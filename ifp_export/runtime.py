@@ -7,6 +7,7 @@ share one session whose FFN tensors are inputs, fed from the variant's memory-ma
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from ifp_export.errors import IFPError
 from ifp_export.masks import encode_prompts
 from ifp_export.ort import OrtDecoder, ResidentWeights, decode_tokens
 from ifp_export.targets.onnx import DENSE_NAME, DYNAMIC_NAME, SHARED_DATA, gather_dynamic_feeds
+
+INCOMPLETE = "\ufffd"  # what a byte-level decoder makes of a partial UTF-8 character
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class Runtime:
         return self.decoders[name]
 
     def dynamic_decoder(self, prompt: str) -> OrtDecoder:
-        """The dynamic-mode decoder bound to this prompt's own FFN neurons (the predictor's top-k per layer).
+        """A dynamic-mode decoder of its own, bound to this prompt's FFN neurons (the predictor's top-k per layer);
+        every call returns a new one over the one shared session, so concurrent generations never share weights.
 
         The kept rows/columns are gathered from the dense model's FFN tensors, memory-mapped from disk.
         """
@@ -111,9 +115,10 @@ class Runtime:
             )
         if DYNAMIC_NAME not in self.decoders:
             self.decoders[DYNAMIC_NAME] = self.resident.decoder(self.output.path(spec["model"]), self.threads)
-        decoder = self.decoders[DYNAMIC_NAME]
+        shared = self.decoders[DYNAMIC_NAME]
         kept = top_k_indices(self.predict(prompt).scores, self.output.manifest["model"]["k"])
-        decoder.extra_feeds.update(gather_dynamic_feeds(spec["ffn_inputs"], kept, self.source))
+        decoder = copy.copy(shared)  # same session, its own feeds: a generation still decoding keeps its weights
+        decoder.extra_feeds = {**shared.extra_feeds, **gather_dynamic_feeds(spec["ffn_inputs"], kept, self.source)}
         return decoder
 
     def source(self, source: dict) -> np.memmap:
@@ -151,16 +156,22 @@ class Runtime:
         yield from decode_tokens(decoder, ids, max_new_tokens, self.eos_ids, temperature, np.random.default_rng(seed))
 
     def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
-        """Decoded text pieces as tokens arrive (decoding the whole prefix keeps multi-token characters right)."""
+        """Decoded text pieces as tokens arrive. The whole prefix is decoded each time (multi-token characters come
+        out right), and text ending in an incomplete UTF-8 character (a byte-level BPE token holding only its first
+        bytes decodes to U+FFFD) is held back until the character is complete, as transformers' TextStreamer does."""
         ids: list[int] = []
-        shown = ""
+        shown = 0
+        text = ""
         for token in tokens:
             if token in self.eos_ids:
-                return
+                break
             ids.append(token)
             text = self.tokenizer.decode(ids)
-            yield text[len(shown) :]
-            shown = text
+            if not text.endswith(INCOMPLETE):
+                yield text[shown:]
+                shown = len(text)
+        if len(text) > shown:  # the stream ended inside a character: show what decoding all of it shows
+            yield text[shown:]
 
 
 def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:

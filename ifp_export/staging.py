@@ -5,6 +5,11 @@ staging dir `.OUT.staging-XXXX` has a sibling lock file `.OUT.staging-XXXX.lock`
 dir exists and held until the dir is gone: the kernel drops the lock when its owner dies (even by SIGKILL), so
 the next run to the same output can tell debris (lock free) from a run in progress (lock held) and reclaims only
 the debris.
+
+The swap re-checks the target (something may have appeared there meanwhile) and is one renameat2 (RENAME_EXCHANGE,
+or RENAME_NOREPLACE when there is no previous output). Without renameat2 (macOS, some filesystems) it is two renames
+with the previous output parked at `.OUT.staging-XXXX.previous`, under the same lock: a run killed between them is
+restored by the next run (`reclaim_debris`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from pathlib import Path
 from ifp_export.errors import IFPError, environment_failure
 
 LOCK_SUFFIX = ".lock"
+PREVIOUS_SUFFIX = ".previous"  # the previous output, parked during a swap made of two renames
+# Tests set this to exercise the two-rename swap (what runs where renameat2 is missing) on Linux.
+NO_RENAMEAT2_ENV = "IFP_EXPORT_NO_RENAMEAT2"
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
 def staging_prefix(target: Path) -> str:
@@ -74,6 +83,34 @@ def check_output_target(
         raise IFPError("no write permission in the output's parent directory", parent, "choose a writable -o path")
 
 
+def unlisted_entries(root: Path, listed: set[str]) -> list[str]:
+    """Entries below `root` that are neither a listed file nor a directory holding one (relative paths; a
+    directory is named once, with a trailing `/`): what replacing `root` would delete that no one wrote down."""
+    keep_dirs = {parent.as_posix() for path in listed for parent in Path(path).parents}
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath).relative_to(root)
+        for name in sorted(dirnames):
+            relative = (base / name).as_posix()
+            if relative not in keep_dirs or (Path(dirpath) / name).is_symlink():
+                found.append(relative + "/")
+        dirnames[:] = sorted(d for d in dirnames if (base / d).as_posix() in keep_dirs)
+        found += [(base / name).as_posix() for name in sorted(filenames) if (base / name).as_posix() not in listed]
+    return sorted(found)
+
+
+def check_nothing_unlisted(target: Path, listed: set[str], what: str) -> None:
+    """`--force` never deletes what `target`'s own listing does not name (DESIGN.md section 10): refuse, naming it."""
+    extra = unlisted_entries(target, listed)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise IFPError(
+            f"--force replaces only {what} that holds nothing else; this one also holds {shown}",
+            target,
+            "move those files out of it, or choose another -o",
+        )
+
+
 def reclaim_debris(target: Path) -> list[str]:
     """Remove the staging dirs beside `target` whose runs are dead (their lock is free); names removed.
 
@@ -92,6 +129,8 @@ def reclaim_debris(target: Path) -> list[str]:
             continue
         try:
             stage = lock.with_name(lock.name.removesuffix(LOCK_SUFFIX))
+            if not settle_parked_previous(stage, target):
+                continue  # a previous output that cannot be put back: kept, with its lock file, never deleted
             if stage.is_dir() and not stage.is_symlink():
                 shutil.rmtree(stage, ignore_errors=True)
                 removed.append(stage.name)
@@ -99,6 +138,22 @@ def reclaim_debris(target: Path) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def settle_parked_previous(stage: Path, target: Path) -> bool:
+    """A dead run's previous output parked beside `stage` (a two-rename swap, killed between or after the renames):
+    put it back if the target is missing (killed between them), drop it if the new output took its place (the
+    stage was renamed). False when neither holds (something else now sits at the target): it is left alone."""
+    previous = stage.with_name(stage.name + PREVIOUS_SUFFIX)
+    if not previous.is_dir() or previous.is_symlink():
+        return True
+    if not os.path.lexists(target):
+        os.rename(previous, target)
+        return True
+    if not os.path.lexists(stage):
+        shutil.rmtree(previous, ignore_errors=True)
+        return True
+    return False
 
 
 @contextmanager
@@ -142,15 +197,7 @@ def staged_directory(
         with locked_stage(target) as stage:
             yield stage
             os.chmod(stage, 0o755)
-            if not target.exists():
-                os.replace(stage, target)
-            elif exchange(stage, target):
-                shutil.rmtree(stage, ignore_errors=True)  # now holds the previous output
-            else:  # no atomic exchange here: the old output is out of the way only between two renames
-                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, retired / "previous")
-                os.replace(stage, target)
-                shutil.rmtree(retired, ignore_errors=True)
+            swap_into_place(stage, target, force, inputs, replaceable)
     except Exception as err:
         failure = environment_failure(err, target)
         if failure is None:
@@ -158,16 +205,41 @@ def staged_directory(
         raise failure from None
 
 
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False where unsupported.
+def swap_into_place(
+    stage: Path, target: Path, force: bool, inputs: tuple[Path, ...], replaceable: Callable[[Path], None] | None
+) -> None:
+    """Put the finished `stage` at `target`. The target is checked again first: what appeared there during the run
+    (another export, a user's directory) is refused like at the start (exit 2), never deleted."""
+    if os.path.lexists(target):
+        check_output_target(target, force, inputs, replaceable)
+    if not os.path.lexists(target):
+        try:
+            if not renameat2(stage, target, RENAME_NOREPLACE):
+                os.rename(stage, target)  # replaces at most an empty directory that appeared meanwhile
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+            raise IFPError(
+                "output path appeared during the run", target, "pass --force to replace it, or choose another -o"
+            ) from None
+    elif renameat2(stage, target, RENAME_EXCHANGE):
+        shutil.rmtree(stage, ignore_errors=True)  # now holds the previous output
+    else:  # two renames; killed between them, the next run puts the parked previous output back
+        previous = stage.with_name(stage.name + PREVIOUS_SUFFIX)
+        os.rename(target, previous)
+        os.rename(stage, target)
+        shutil.rmtree(previous, ignore_errors=True)
 
-    With it, the target name always points at a complete output, old or new, even under SIGKILL.
-    """
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
+
+def renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2 (RENAME_EXCHANGE: atomically swap two entries; RENAME_NOREPLACE: rename unless `b`
+    exists); False where unsupported. With it, the target name always points at a complete output, old or new,
+    even under SIGKILL."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is None or os.environ.get(NO_RENAMEAT2_ENV):
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if function(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.EPERM):

@@ -124,4 +124,19 @@ class GroupPass:
                 variant.routing_accuracy = accuracy
         ctx.variants = variants
         ctx.console.log(f"grouped {len(preds.prompts)} prompts into {len(variants)} variants")
+        if ctx.options.variants is not None:
+            record_variant_count(ctx, ctx.options.variants, len(variants))
         return ctx
+
+
+def record_variant_count(ctx: ExportContext, requested: int, made: int) -> None:
+    """`--variants N` makes fewer than N variants when prompts' masks coincide (empty clusters): say so in the
+    report (JSON summary, report.json) and on the console, never silently."""
+    ctx.report["variants_requested"], ctx.report["variants_made"] = requested, made
+    if made < requested:
+        warning = (
+            f"--variants {requested} made only {made} variants: the calibration prompts' masks fall into {made} "
+            "distinct groups (identical masks cannot be split)"
+        )
+        ctx.report.setdefault("warnings", []).append(warning)
+        ctx.console.print(f"warning: {warning}")

@@ -102,6 +102,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
             "intermediate_size": cfg.intermediate_size,
             "k": k,
             "keep_ratio": k / cfg.intermediate_size,
+            "sliding_window": cfg.sliding_window,
         },
         "tokenizer": {
             "file": TOKENIZER_FILE,

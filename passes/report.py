@@ -98,6 +98,8 @@ class ReportPass:
         write_json(ctx.workdir / REPORT_FILE, ctx.report)
         write_heatmap(ctx.workdir / HEATMAP_FILE, variants, mean_iou, pair_layers)
         ctx.console.print(variants_table(ctx.report))
+        for warning in ctx.report.get("warnings", []):
+            ctx.console.print(f"warning: {warning}")
         if accuracy is not None:
             ctx.console.print(accuracy_table(accuracy))
         return ctx

@@ -1,5 +1,6 @@
 """Suite-wide settings and the shared full-export fixtures."""
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,17 @@ def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
     root = tmp_path_factory.mktemp("dynamic")
     checkpoint = make_checkpoint(root)
     return run_export(checkpoint, root / "out", mode="dynamic")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A real tmpfs of `request.param` bytes (root in CI): writes past it fail with ENOSPC from whatever writer
+    (Python, C++)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}): needs root / CAP_SYS_ADMIN")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

@@ -196,20 +196,6 @@ def test_preflight_refuses_with_exit_4_saying_needed_and_available(
 # --- out of disk mid-write -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
-    """A real tmpfs of `request.param` bytes (root in CI): writes past it fail with ENOSPC from whatever writer
-    (Python, C++)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}): needs root / CAP_SYS_ADMIN")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 # A previous output (~2.0 MB) on a filesystem with ~0.5 MB left: the ONNX writers (Python appends to .onnx_data)
 # run out; with ~1 MB left ONNX fits and coremltools' package writing (copytree of C++-written packages) runs out.
 @pytest.mark.parametrize(("small_disk", "failing_pass"), [("2560k", "onnx"), ("3m", "coreml")], indirect=["small_disk"])

@@ -13,7 +13,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import assert_one_line_ifp_error, edit_config, left_padded_batch, make_hf_model, save_hf_model, snapshot
+from helpers import (
+    assert_one_line_ifp_error,
+    edit_config,
+    left_padded_batch,
+    make_hf_model,
+    run_cli,
+    save_hf_model,
+    snapshot,
+)
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from tiny import char_tokenizer, save_backbone, write_tasks
@@ -24,6 +32,7 @@ from ifp_export.masks import encode_prompts, routing_scores
 from ifp_export.model.lm_predictor import HeadConfig, LMPredictor, new_lm_predictor
 from ifp_export.passes import default_passes
 from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
+from ifp_export.preflight import estimate_export
 from ifp_export.runtime import Runtime
 
 # hidden 32, 4 heads / 2 KV heads (k/v biases of 16 values: Core ML inlines consts under 10 values, which its weight
@@ -250,6 +259,18 @@ def test_broken_lm_predictor_is_one_line_error(ckpt: Path, breakage: str) -> Non
     assert_one_line_ifp_error(lambda: load_checkpoint(ckpt), str(ckpt / expected[0]), *expected[1:])
 
 
+@pytest.mark.parametrize(
+    "relative",
+    ["predictor/head.safetensors", "predictor/lm/model.safetensors", "predictor/lm/config.json", "predictor/lm"],
+)
+def test_lm_predictor_files_may_not_be_symlinks(ckpt: Path, relative: str) -> None:
+    """27.12: the no-symlink rule of backbone/ holds for the LM predictor's files too (valid content, wrong place)."""
+    inside, outside = ckpt / relative, ckpt.parent / ("outside-" + relative.replace("/", "-"))
+    shutil.move(inside, outside)
+    inside.symlink_to(outside)
+    assert_one_line_ifp_error(lambda: load_checkpoint(ckpt), str(inside), "symlink", "Fix:")
+
+
 def test_new_checkpoint_with_predictor_backbone_is_reproducible(tmp_path: Path) -> None:
     save_backbone(tmp_path / "backbone")
     hf_lm(tmp_path / "lm", "qwen2-tied")
@@ -345,3 +366,26 @@ def test_export_coreml_predictor_package(lm_export: ExportContext) -> None:
     assert [f.name for f in spec.description.input] == ["input_ids", "attention_mask"]
     outputs = {f.name: list(f.type.multiArrayType.shape) for f in spec.description.output}
     assert outputs == {"scores": [1, 2, 48], "variant_scores": [1, len(lm_export.variants)]}
+
+
+def test_preflight_estimate_covers_an_lm_predictor_export(lm_export: ExportContext) -> None:
+    """27.11: the disk estimate reads an LM predictor's own files (head + LM body) and covers the real export."""
+    real = sum(p.stat().st_size for p in lm_export.workdir.rglob("*") if p.is_file())
+    estimate = estimate_export(lm_export.checkpoint.root, None, None, "none", "static", None)
+    print(
+        f"pre-flight estimate {estimate.total:,} B vs real LM-predictor export {real:,} B: {estimate.total / real:.2f}x"
+    )
+    assert real <= estimate.total <= 1.5 * real
+
+
+@pytest.mark.parametrize("small_disk", ["256k"], indirect=True)
+def test_preflight_refuses_an_lm_predictor_export_before_any_work(
+    lm_checkpoint: Path, small_disk: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """27.11: on a real 256 KB tmpfs the export of an LM-predictor checkpoint is refused by the pre-flight (exit 4,
+    no pass run, nothing written), not by ENOSPC after its passes."""
+    code, _, err = run_cli(capsys, "export", str(lm_checkpoint), "-o", str(small_disk / "out"))
+    assert code == 4, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: ") and "not enough disk space" in err, err[-2000:]
+    assert "pass load done" not in err
+    assert list(small_disk.iterdir()) == []

@@ -122,3 +122,31 @@ def test_static_export_has_no_dynamic_decoder(tiny_export: ExportContext) -> Non
     with pytest.raises(IFPError, match="export with --mode dynamic"):
         Runtime(tiny_export.workdir, threads=1).dynamic_decoder("add 1+1=")
     assert not Path(tiny_export.workdir / "onnx" / "dynamic.onnx").exists()
+
+
+def test_interleaved_dynamic_generations_keep_their_own_ffn_weights(dynamic_export: ExportContext) -> None:
+    """27.2: a second prompt's dynamic decoder, made while the first is still decoding, leaves the first one's FFN
+    weights alone (logits equal to the first prompt run alone, bitwise)."""
+    ckpt = dynamic_export.checkpoint
+    runtime = Runtime(dynamic_export.workdir, threads=1)
+    first, second = ckpt.tasks[0].prompt, ckpt.tasks[-1].prompt
+    k = dynamic_export.k_per_layer[0]
+    assert not np.array_equal(
+        top_k_indices(runtime.predict(first).scores, k), top_k_indices(runtime.predict(second).scores, k)
+    )
+    tokens = np.asarray([ckpt.tokenizer.encode(first).ids])
+
+    def prefill(decoder: object) -> np.ndarray:
+        return decoder(tokens, np.ones_like(tokens), np.arange(tokens.shape[1])[None], decoder.empty_cache(1))[0]
+
+    alone = prefill(runtime.dynamic_decoder(first))
+    decoder = runtime.dynamic_decoder(first)
+    runtime.dynamic_decoder(second)  # another generation starts meanwhile
+    assert np.array_equal(prefill(decoder), alone)
+
+    expected = list(runtime.generate(first, max_new_tokens=8, dynamic=True))
+    generation = runtime.generate(first, max_new_tokens=8, dynamic=True)
+    started = [next(generation)]
+    other = runtime.generate(second, max_new_tokens=8, dynamic=True)
+    next(other)
+    assert started + list(generation) == expected

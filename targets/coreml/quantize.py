@@ -1,13 +1,14 @@
 """Weight-only quantization of one weight tensor, as the program is built (no pass over finished programs).
 
 int8: symmetric, one scale per output channel. int4: symmetric, one scale per `INT4_BLOCK_SIZE` input channels of
-an output channel (iOS 18 block-wise), or per output channel where the input width is not a multiple of the block
-(a pruned `down_proj` with k % 32 != 0), which coremltools' pass would otherwise skip. Every 2-D model weight is
-quantized (no size threshold); norms, biases and the RoPE tables stay fp16. The arithmetic is coremltools' own
-(`compute_qparams_by_dtype`, what its `linear_quantize_weights` pass calls), applied to the float32 weight (numpy
-is ~7x slower on fp16 arrays, and the fp32 weight is the better input), scales then stored in fp16; the result is
-deterministic: a shared weight is quantized once and its data/scale arrays are the same objects in every
-function (one `weight_id`), and each function's FFN slices are quantized as they are read, one tensor at a time.
+an output channel (iOS 18 block-wise), or per output channel for any weight whose input width is not a multiple of
+the block (a pruned `down_proj` with k % 32 != 0; q/k/v, gate/up when hidden % 32 != 0), which coremltools' pass would
+otherwise skip. Every 2-D model weight is quantized (no size threshold); norms, biases and the RoPE tables stay
+fp16. The arithmetic is coremltools' own (`compute_qparams_by_dtype`, what its `linear_quantize_weights` pass
+calls), applied to the float32 weight (numpy is ~7x slower on fp16 arrays, and the fp32 weight is the better
+input), scales then stored in fp16; the result is deterministic: a shared weight is quantized once and its
+data/scale arrays are the same objects in every function (one `weight_id`), and each function's FFN slices are
+quantized as they are read, one tensor at a time.
 """
 
 from __future__ import annotations

@@ -176,14 +176,17 @@ def check_weights(
 
 def blob_difference(stored: np.ndarray, tensor: torch.Tensor) -> tuple[float, bool]:
     """(max |stored - tensor| in fp32, stored == tensor rounded to the stored dtype), a chunk at a time: the fp32
-    temporaries of a whole embedding (4 of them, 1 GB at 1.1B) would otherwise top the validation's peak RSS."""
+    temporaries of a whole embedding (4 of them, 1 GB at 1.1B) would otherwise top the validation's peak RSS.
+
+    A stored ±inf is never exact: the checkpoint's weights are finite (checked on load), so it is a weight above
+    fp16's 65504 that overflowed, which the rounding compared with would hide."""
     flat_stored, flat = stored.reshape(-1), tensor.detach().reshape(-1)
     worst, exact = 0.0, True
     for start in range(0, flat.numel(), COMPARE_CHUNK):
         part = flat_stored[start : start + COMPARE_CHUNK]
         expected = flat[start : start + COMPARE_CHUNK].float().numpy()
         worst = max(worst, float(np.abs(part.astype(np.float32) - expected).max(initial=0.0)))
-        exact &= bool(np.array_equal(part, expected.astype(part.dtype)))
+        exact &= bool(np.isfinite(part).all()) and bool(np.array_equal(part, expected.astype(part.dtype)))
     return worst, exact
 
 
