@@ -10,12 +10,14 @@ Core ML's CPU/GPU/ANE kernels do). Only the ops our builder emits are implemente
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 FP16_MAX = 65504.0
+_CONSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # const op -> its value as float32, made once
 
 
 @dataclass
@@ -81,7 +83,10 @@ def run_function(
 
         kind = op.op_type
         if kind == "const":
-            out = op.outputs[0].val
+            if op not in _CONSTS:
+                value = np.asarray(op.outputs[0].val)
+                _CONSTS[op] = value.astype(np.float32) if value.dtype == np.float16 else value
+            out = _CONSTS[op]
         elif kind == "constexpr_blockwise_shift_scale":
             out = _dequantize(get)
         elif kind in ("add", "sub", "mul", "real_div", "maximum", "greater_equal"):
