@@ -74,7 +74,6 @@ def token_text(value: Any) -> str | None:
 def format_chat(chat_template: str, special_tokens: dict[str, Any], message: str) -> str:
     """`message` as one user turn, formatted with the template and a generation prompt, exactly as transformers'
     `apply_chat_template(..., add_generation_prompt=True, tokenize=False)` does (its own renderer)."""
-    from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import render_jinja_template
 
     conversation = [[{"role": "user", "content": message}]]
@@ -82,8 +81,9 @@ def format_chat(chat_template: str, special_tokens: dict[str, Any], message: str
         rendered, _ = render_jinja_template(
             conversation, chat_template=chat_template, add_generation_prompt=True, **special_tokens
         )
-    except TemplateError as err:
-        raise IFPError(f"the chat template fails on a user message ({err})", None, FIX) from None
+    except Exception as err:  # the template is the checkpoint's code: any error in it is bad input, one line
+        detail = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+        raise IFPError(f"the chat template fails on a user message ({detail})", None, FIX) from None
     return rendered[0]
 
 

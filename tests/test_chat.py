@@ -82,6 +82,13 @@ def test_a_broken_chat_template_is_a_one_line_error(tmp_path: Path, capsys: pyte
     assert snapshot(tmp_path) == before
 
 
+def test_a_template_failing_at_render_time_is_a_one_line_error(tmp_path: Path) -> None:
+    save_backbone(tmp_path)
+    config = {"chat_template": "{{ messages[0]['content'] + 1 }}"}  # TypeError inside the template
+    (tmp_path / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config))
+    assert_one_line_ifp_error(lambda: read_tokenizer_text(tmp_path), TOKENIZER_CONFIG_FILE, "TypeError")
+
+
 def test_a_tokenizer_config_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
     save_backbone(tmp_path)
     (tmp_path / TOKENIZER_CONFIG_FILE).write_text("[1, 2]")
