@@ -8,6 +8,7 @@ CKPT/
                     format_version 2, an LM predictor: config.json + lm/ (HF dir) + head.safetensors
   tokenizer.json    a `tokenizers` tokenizer shared by backbone and predictor
   tasks.jsonl       calibration prompts, one {"task": ..., "prompt": ...} per line
+  tokenizer_config.json, special_tokens_map.json, chat_template.jinja   optional: the tokenizer's companion files
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jsonschema
 import torch
 from tokenizers import Tokenizer
 
+from ifp_export.chat import TEXT_FILES, TokenizerText, copy_tokenizer_text, read_tokenizer_text
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import check_no_symlink_below, read_json, write_json
 from ifp_export.model.config import eos_token_ids, read_generation_config
@@ -72,6 +74,7 @@ class Checkpoint:
     tasks: list[TaskPrompt]
     weights: SafetensorsWeights  # the backbone's weights, one tensor at a time: what the targets bind from
     generation: dict[str, Any] = field(default_factory=dict)  # backbone/generation_config.json ({} if absent)
+    text: TokenizerText = field(default_factory=TokenizerText)  # tokenizer_config.json, chat template, ... if any
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -175,7 +178,7 @@ def check_containment(root: Path) -> None:
     """Every file the loader opens is a regular path inside the checkpoint: no symlink (to a file or a directory)
     anywhere below `root`, shards of a sharded backbone or LM predictor included. `root` itself may be a symlink."""
     fix = "copy the real file into the checkpoint directory instead of linking it"
-    files = [SPEC_FILE, TOKENIZER_FILE, TASKS_FILE, f"{PREDICTOR_DIR}/{HEAD_FILE}"]
+    files = [SPEC_FILE, TOKENIZER_FILE, TASKS_FILE, *TEXT_FILES, f"{PREDICTOR_DIR}/{HEAD_FILE}"]
     hf_dirs = (BACKBONE_DIR, PREDICTOR_DIR, f"{PREDICTOR_DIR}/{LM_DIR}")
     for part in hf_dirs:
         files += [f"{part}/{name}" for name in (*HF_FILES, "model.safetensors.index.json")]
@@ -200,8 +203,9 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     tasks = read_tasks(root / TASKS_FILE)
     generation = read_generation_config(root / BACKBONE_DIR)
+    text = read_tokenizer_text(root)
     check_consistency(root, spec, backbone, predictor, tokenizer)
-    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks, weights, generation)
+    return Checkpoint(root, spec, backbone, predictor, tokenizer, tasks, weights, generation, text)
 
 
 def check_consistency(
@@ -301,13 +305,15 @@ def create_checkpoint(
     """Wrap a HF backbone with a freshly initialized (seeded) predictor into `out_dir` (which must be empty).
 
     The predictor is our small encoder, or with `predictor_backbone` that HF LM plus a new MLP head (`pooling`
-    over the prompt: last token or masked mean). HF directories, tasks.jsonl and the tokenizer are copied byte
-    for byte after validation.
+    over the prompt: last token or masked mean). HF directories, tasks.jsonl and the tokenizer with the companion
+    files beside it (tokenizer_config.json, special_tokens_map.json, chat_template.jinja) are copied byte for byte
+    after validation.
     """
     backbone = load_decoder(backbone_dir)
     read_generation_config(backbone_dir)  # refused here, naming the source, not the staged copy
     tokenizer_path = tokenizer_path or backbone_dir / TOKENIZER_FILE
     tokenizer = read_tokenizer(tokenizer_path)
+    read_tokenizer_text(tokenizer_path.parent)
     read_tasks(tasks_path)
     cfg = backbone.config
     k = keep_to_k(keep, cfg.intermediate_size)
@@ -332,6 +338,7 @@ def create_checkpoint(
         save_predictor(predictor, out_dir / PREDICTOR_DIR)
     del backbone, predictor  # the check below loads both again: never hold two copies
     shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
+    copy_tokenizer_text(tokenizer_path.parent, out_dir)
     shutil.copyfile(tasks_path, out_dir / TASKS_FILE)
     untrained = "predictor" if predictor_backbone is None else f"head on the {predictor_backbone.name} predictor LM"
     write_spec(

@@ -266,6 +266,7 @@ def validate(output: Path, checkpoint: Path | None, as_json: bool, junit: Path |
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--dynamic", is_flag=True, help="Prune per prompt with the predictor's own top-k (needs --mode dynamic).")
+@click.option("--raw", is_flag=True, help="Send the prompt to the model as is, without the checkpoint's chat template.")
 def run(
     output: Path,
     prompt: str,
@@ -274,12 +275,16 @@ def run(
     temperature: float,
     seed: int,
     dynamic: bool,
+    raw: bool,
 ) -> None:
-    """Route PROMPT with the predictor graph and generate with the chosen variant on ONNX Runtime."""
+    """Route PROMPT with the predictor graph and generate with the chosen variant on ONNX Runtime.
+
+    The predictor reads PROMPT as typed; the model reads it formatted with the export's chat template (one user
+    turn and the assistant's generation prompt) when the checkpoint had one, unless --raw."""
     from ifp_export.runtime import Runtime
 
     runtime = Runtime(output)
-    runtime.encode(prompt)  # an empty prompt: the one-line error before any session runs
+    runtime.decoder_ids(prompt, raw)  # an empty prompt or a failing chat template: the one-line error, no session
     truncated = False
     if dynamic:
         click.echo("dynamic mode: FFN neurons pruned for this prompt", err=True)
@@ -298,7 +303,7 @@ def run(
             "ignores the rest; the model still sees the whole prompt)",
             err=True,
         )
-    tokens = runtime.generate(prompt, None if dynamic else variant, max_new_tokens, temperature, seed, dynamic)
+    tokens = runtime.generate(prompt, None if dynamic else variant, max_new_tokens, temperature, seed, dynamic, raw)
     for piece in runtime.stream_text(tokens):
         click.echo(piece, nl=False)
     click.echo()

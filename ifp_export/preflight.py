@@ -110,7 +110,7 @@ def estimate_export(
         shared += embedding  # a tied lm_head becomes its own (transposed / quantized) MatMul weight in the graphs
     ffn_all = ffn + n_variants * ffn * k // d_ff  # dense + every variant's slices
     predictor_bytes = PREDICTOR_BYTES * sum(count(shape) for shape, _ in predictor.values())
-    other = FIXED_BYTES + (checkpoint / TOKENIZER_FILE).stat().st_size
+    other = FIXED_BYTES + 2 * (checkpoint / TOKENIZER_FILE).stat().st_size  # in OUT/ and beside the ONNX models
     if until in ("load", "predict", "group"):
         return Estimate(other, 0, 0, other, n_variants, layers)
     if until == "fold":  # each variant saved as a Hugging Face checkpoint (fp32)

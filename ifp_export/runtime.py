@@ -18,6 +18,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ifp_export.artifacts import MANIFEST_FILE, OutputDir, open_output
+from ifp_export.chat import format_chat
 from ifp_export.checkpoint import read_tokenizer
 from ifp_export.errors import IFPError
 from ifp_export.masks import encode_prompts
@@ -46,6 +47,8 @@ class Runtime:
         manifest = self.output.manifest
         self.tokenizer: Tokenizer = read_tokenizer(self.output.path(manifest["tokenizer"]["file"]))
         eos = manifest["tokenizer"].get("eos_token_id")
+        self.chat_template: str | None = manifest["tokenizer"].get("chat_template")
+        self.special_tokens: dict = manifest["tokenizer"].get("special_tokens", {})
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.threads = threads
         self.predictor = ort.InferenceSession(
@@ -73,6 +76,16 @@ class Runtime:
         if not ids:
             raise IFPError(f"the prompt {prompt!r} encodes to no tokens", None, "pass a non-empty --prompt")
         return ids
+
+    def decoder_ids(self, message: str, raw: bool = False) -> list[int]:
+        """What the decoder reads: the message formatted with the chat template and encoded as transformers'
+        `apply_chat_template` does (no tokenizer-added special tokens: the template writes them), or, with `raw` or
+        without a template, the message encoded as it is. The predictor always reads the message itself."""
+        ids = self.encode(message)
+        if raw or self.chat_template is None:
+            return ids
+        text = format_chat(self.chat_template, self.special_tokens, message)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def predict(self, prompt: str) -> Prediction:
         """The predictor graph on one prompt (its first max_length tokens, `masks.TRUNCATION`)."""
@@ -142,13 +155,14 @@ class Runtime:
         temperature: float = 0.0,
         seed: int = 0,
         dynamic: bool = False,
+        raw: bool = False,
     ) -> Iterator[int]:
         """Yield new token ids one at a time (greedy when temperature is 0, else seeded sampling).
 
         The model is `variant`, else the dynamic decoder pruned for this prompt if `dynamic`, else the variant
-        the predictor routes the prompt to.
+        the predictor routes the prompt to. The decoder reads `decoder_ids(prompt, raw)`.
         """
-        ids = self.encode(prompt)
+        ids = self.decoder_ids(prompt, raw)
         if dynamic and variant is None:
             decoder = self.dynamic_decoder(prompt)
         else:

@@ -34,6 +34,7 @@ RESERVED_NAMES = frozenset(
         "onnx",
         "predictor",
         "report",
+        "special_tokens_map",
         "tokenizer",
         "tokenizer_config",
         "variants",

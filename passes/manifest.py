@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ifp_export.artifacts import MANIFEST_FILE, SCHEMA_VERSION, check_manifest
+from ifp_export.chat import PREDICTOR_READS, manifest_fields
 from ifp_export.checkpoint import TOKENIZER_FILE
 from ifp_export.fsutil import write_json
 from ifp_export.masks import TRUNCATION
@@ -73,6 +74,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
     predictor: dict[str, Any] = {
         "max_length": ckpt.predictor.config.max_length,
         "truncation": TRUNCATION,
+        "reads": PREDICTOR_READS,
         "routing": {
             "rule": "standardize scores per layer, variant_scores = mean over layers of the mean standardized "
             "score of each variant's kept neurons; run the variant at argmax(variant_scores)",
@@ -109,6 +111,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
             "bos_token_id": cfg.bos_token_id,
             "eos_token_id": ckpt.eos_token_ids or None,
             "pad_token_id": cfg.pad_token_id,
+            **manifest_fields(ckpt.text),
         },
         "kv_cache": {
             "layout": "optimum",

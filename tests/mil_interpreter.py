@@ -1,16 +1,46 @@
 """A numpy interpreter for the ops of our MIL-builder decoder functions (test helper).
 
 Core ML cannot run on Linux, so the tests execute the pymil function that `emit` converts (after coremltools'
-passes, weights as stored: fp16 / dequantized) op by op in float32 and compare its logits with PyTorch. It
-checks the graph (RoPE layout, head transposes, GQA, cache writes at P..P+T-1, masks), not Core ML's fp16
-kernels. Only the ops our builder emits are implemented; anything else raises.
+passes, weights as stored: fp16 / dequantized) op by op and compare its logits with PyTorch. In float32 mode it
+checks the graph (RoPE layout, head transposes, GQA, cache writes at P..P+T-1, masks). In fp16 mode
+(`Fp16Trace`) it emulates an fp16 device: every op's float output is rounded to fp16 (beyond 65504 it becomes
+inf, as on the device), while matmuls, attention and reductions accumulate in fp32 from their fp16 inputs (what
+Core ML's CPU/GPU/ANE kernels do). Only the ops our builder emits are implemented; anything else raises.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+FP16_MAX = 65504.0
+_CONSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # const op -> its value as float32, made once
+
+
+@dataclass
+class Fp16Trace:
+    """fp16 emulation switch and what it saw: the largest finite |value| of any op output, of the residual stream
+    (the input of every RMSNorm, i.e. of each `abs` op our norm starts with), and how many op outputs held inf/nan."""
+
+    peak: float = 0.0
+    residual_peak: float = 0.0
+    nonfinite_ops: int = 0
+
+    def round(self, kind: str, op: Any, value: np.ndarray, env: dict[str, Any]) -> np.ndarray:
+        if kind == "abs":
+            x = env[op.inputs["x"].name]
+            self.residual_peak = max(self.residual_peak, float(np.abs(x[np.isfinite(x)]).max(initial=0.0)))
+        if not np.issubdtype(value.dtype, np.floating):
+            return value
+        with np.errstate(over="ignore"):
+            rounded = value.astype(np.float16).astype(np.float32)
+        finite = np.isfinite(rounded)
+        self.nonfinite_ops += int(not finite.all())
+        self.peak = max(self.peak, float(np.abs(rounded[finite]).max(initial=0.0)))
+        return rounded
 
 
 def _slice(x: np.ndarray, op: Any, get: Any) -> tuple[slice, ...]:
@@ -37,8 +67,11 @@ def _dequantize(get: Any) -> np.ndarray:
     return data * scale
 
 
-def run_function(fn: Any, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray]) -> np.ndarray:
-    """Execute `fn` on `inputs`; `states` (name -> array) are updated in place. Returns the first output."""
+def run_function(
+    fn: Any, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray], fp16: Fp16Trace | None = None
+) -> np.ndarray:
+    """Execute `fn` on `inputs`; `states` (name -> array) are updated in place. Returns the first output. With
+    `fp16`, every op's output is rounded to fp16 (accumulation inside an op stays fp32) and recorded there."""
     env: dict[str, Any] = dict(inputs)
     for op in fn.operations:
 
@@ -50,7 +83,10 @@ def run_function(fn: Any, inputs: dict[str, np.ndarray], states: dict[str, np.nd
 
         kind = op.op_type
         if kind == "const":
-            out = op.outputs[0].val
+            if op not in _CONSTS:
+                value = np.asarray(op.outputs[0].val)
+                _CONSTS[op] = value.astype(np.float32) if value.dtype == np.float16 else value
+            out = _CONSTS[op]
         elif kind == "constexpr_blockwise_shift_scale":
             out = _dequantize(get)
         elif kind in ("add", "sub", "mul", "real_div", "maximum", "greater_equal"):
@@ -110,5 +146,10 @@ def run_function(fn: Any, inputs: dict[str, np.ndarray], states: dict[str, np.nd
         else:
             raise NotImplementedError(f"MIL op {kind} in the test interpreter")
         value = np.asarray(out)
-        env[op.outputs[0].name] = value.astype(np.float32) if value.dtype == np.float16 else value
+        value = value.astype(np.float32) if value.dtype == np.float16 else value
+        if fp16 is not None and kind != "const":
+            value = fp16.round(kind, op, value, env)
+            if kind == "coreml_update_state":
+                states[op.inputs["state"].name][...] = value
+        env[op.outputs[0].name] = value
     return env[fn.outputs[0].name]

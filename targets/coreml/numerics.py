@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from ifp_export.model.config import DecoderConfig
+from ifp_export.model.decoder import CausalLM, RMSNorm
 from ifp_export.targets.coreml.blobs import Weights, function_blobs, read_blob
 from ifp_export.targets.coreml.build import NORM_FLOOR, ROPE_TABLES, rope_tables
 
 F16 = np.float16
+FP16_MAX = 65504.0  # the largest finite fp16 value: activations beyond it become inf on the device
 MIL_FP16 = 10  # MIL DataType FLOAT16
 NORM_CHAIN = ("rsqrt", "add", "reduce_mean", "mul", "real_div", "maximum", "reduce_max", "abs")
 
@@ -89,3 +92,22 @@ def check_numerics(spec: Any, function: str, weights: Weights, cfg: DecoderConfi
         if stored is None or stored.dtype != F16 or not np.array_equal(stored, table.astype(F16)):
             problems.append(f"{name} missing or not the fp32 RoPE table rounded to fp16")
     return problems
+
+
+@torch.no_grad()
+def residual_peak(model: CausalLM, prompt: list[int]) -> float:
+    """The largest |value| of the residual stream (every RMSNorm's input) over `prompt`, in fp32: how close the
+    function's fp16 activations come to FP16_MAX (trained models carry a few "massive activations" in the thousands).
+    """
+    peaks = [0.0]
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        peaks.append(float(args[0].abs().max()))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, RMSNorm)]
+    try:
+        model(torch.tensor([prompt]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(peaks)

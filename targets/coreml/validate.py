@@ -37,7 +37,7 @@ from ifp_export.targets.coreml.blobs import (
 )
 from ifp_export.targets.coreml.build import DECODER_STATES, const_name
 from ifp_export.targets.coreml.emit import CoreMLArtifacts, Progress, no_progress, variant_kept
-from ifp_export.targets.coreml.numerics import check_numerics
+from ifp_export.targets.coreml.numerics import FP16_MAX, check_numerics, residual_peak
 from ifp_export.targets.coreml.package import (
     DECODER_PACKAGE,
     PREDICTOR_PACKAGE,
@@ -100,6 +100,7 @@ class FunctionCheck:
     quantize: str = "none"
     quantized_tensors: int = 0  # tensors read back through a constexpr_blockwise_shift_scale op
     bound_ratio: float = 0.0  # max over quantized elements of |dequantized - fp32| / its bound (ok <= 1)
+    residual_peak: float | None = None  # fp32 max |residual stream| on a calibration prompt: headroom to FP16_MAX
 
     @property
     def ok(self) -> bool:
@@ -221,6 +222,7 @@ def check_decoder_package(
     reference: Callable[[str], CausalLM],
     progress: Progress = no_progress,
     release: Callable[[], None] = lambda: None,
+    peak: Callable[[CausalLM], float] | None = None,
 ) -> list[FunctionCheck]:
     """Per function: IO/states/dtypes from the spec, the norm/RoPE structure, and every weight read back from
     weight.bin by the blob offsets in the spec, against the function's PyTorch reference (built, checked and
@@ -246,7 +248,9 @@ def check_decoder_package(
                 weights.madvise(mmap.MADV_DONTNEED)
                 release()
 
-            rows.append(check_function(spec, weights, described[name], name, reference(name), artifacts, dropped))
+            model = reference(name)
+            rows.append(check_function(spec, weights, described[name], name, model, artifacts, dropped))
+            rows[-1].residual_peak = None if peak is None else peak(model)
             advance(1)
     return rows
 
@@ -341,7 +345,8 @@ def validation_table(rows: list[FunctionCheck], predictor: FunctionCheck, artifa
         title="Core ML validation (structure + weights read back from weight.bin; no prediction on Linux)\n"
         f"decoder: {tolerance_text(artifacts.quantize)}; {PREDICTOR_PACKAGE}: fp32, == PyTorch"
     )
-    for column in ("function", "inputs", "outputs", "states", "tensors (FFN)", "max|Δ| vs fp32", "weights", "ok"):
+    columns = ("function", "inputs", "outputs", "states", "tensors (FFN)", "max|Δ| vs fp32", "weights", "peak|x|", "ok")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("function", "inputs", "outputs", "states") else "right")
 
     def fmt(features: list[tuple[str, str, str]]) -> str:
@@ -357,13 +362,15 @@ def validation_table(rows: list[FunctionCheck], predictor: FunctionCheck, artifa
             f"{r.tensors_checked} ({r.ffn_tensors_checked})",
             f"{r.max_abs_diff:.1e}",
             weights_cell(r),
+            "-" if r.residual_peak is None else f"{r.residual_peak:,.0f} ({r.residual_peak / FP16_MAX:.0%})",
             "yes" if r.ok else f"NO {r.missing[:2] if r.missing else ''}",
         )
     ideal = "ideal fp16" if artifacts.quantize == "none" else f"ideal ({artifacts.quantize}: distinct blobs once)"
     table.caption = (
         f"{DECODER_PACKAGE}: {artifacts.disk_bytes:,} bytes on disk / {artifacts.ideal_bytes:,} {ideal} "
         f"= dedup ratio {artifacts.dedup_ratio:.4f}; weight.bin {artifacts.weights_bytes:,} bytes; "
-        f"KV cache {artifacts.max_context} tokens"
+        f"KV cache {artifacts.max_context} tokens; peak|x|: the residual stream's largest |value| on a calibration "
+        "prompt in fp32 (% of fp16's 65504)"
     )
     return table
 
@@ -406,7 +413,13 @@ def validate_export(ctx: ExportContext) -> None:
     masks = torch.stack([v.mask for v in ctx.variants])
     release = ckpt.weights.release
     reference = reference_models(ckpt.backbone, {v.name: v.kept.numpy() for v in ctx.variants}, lambda _: release())
-    rows = check_decoder_package(artifacts, reference, ctx.progress, release)
+    first_prompt = ckpt.tokenizer.encode(ckpt.tasks[ctx.variants[0].prompt_indices[0]].prompt).ids
+
+    def peak(model: CausalLM) -> float:
+        with ckpt.weights.streaming(model):
+            return residual_peak(model, first_prompt)
+
+    rows = check_decoder_package(artifacts, reference, ctx.progress, release, peak)
     predictor = check_predictor_package(artifacts, ckpt.predictor, masks)
     ctx.console.print(validation_table(rows, predictor, artifacts))
     ctx.report["coreml_validation"] = {
@@ -418,6 +431,7 @@ def validate_export(ctx: ExportContext) -> None:
                 "quantized_tensors": r.quantized_tensors,
                 "max_abs_diff": r.max_abs_diff,
                 "bound_ratio": r.bound_ratio,
+                "residual_peak": r.residual_peak,
             }
             for r in [*rows, predictor]
         ],
@@ -430,6 +444,9 @@ def validate_export(ctx: ExportContext) -> None:
         "ideal_bytes": artifacts.ideal_bytes,
         "max_context": artifacts.max_context,
     }
+    over = [r.function for r in rows if r.residual_peak is not None and r.residual_peak >= FP16_MAX]
+    if over:
+        ctx.console.log(f"warning: Core ML functions {over} reach {FP16_MAX:g} in fp32: fp16 activations overflow")
     bad = [r.function for r in [*rows, predictor] if not r.ok]
     if sys.platform == "darwin":  # Core ML can predict only on macOS
         first = ctx.variants[0].prompt_indices[0]

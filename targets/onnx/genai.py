@@ -5,9 +5,8 @@ og reads exactly one `genai_config.json` per directory and refuses `..` in `mode
 one config beside the graphs, naming the dense model (its `.genai.onnx` graph when there is one, else the
 Optimum-flavour graph, which og also runs); a variant is that config with its overlay (the manifest's) applied:
 `config = og.Config(onnx_dir); config.overlay(json.dumps(genai_overlay(file))); og.Model(config)`. The overlay
-carries the KV buffer mode too, so any of our graphs loads through it, whichever one the config names. The app
-feeds token ids (`og.Generator.append_tokens`) from the output's `tokenizer.json`; no og tokenizer files are
-written.
+carries the KV buffer mode too, so any of our graphs loads through it, whichever one the config names. og's
+tokenizer reads the tokenizer.json and tokenizer_config.json written beside the graphs (`ifp_export.chat`).
 """
 
 from __future__ import annotations

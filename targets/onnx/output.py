@@ -6,7 +6,10 @@ from pathlib import Path
 
 import torch
 
+from ifp_export.chat import client_tokenizer_config, write_client_files
+from ifp_export.checkpoint import TOKENIZER_FILE
 from ifp_export.errors import IFPError
+from ifp_export.model.config import generation_config
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME
 from ifp_export.targets.onnx.emitter import (
@@ -42,6 +45,11 @@ class EmitOnnxPass:
             ctx.options.min_onnxruntime,
         )
         ctx.emitted[self.name] = artifacts
+        cfg = ckpt.backbone.config
+        tokenizer_config = client_tokenizer_config(
+            ckpt.text, ckpt.tokenizer, generation_config(cfg, ckpt.generation), cfg.max_position_embeddings
+        )
+        write_client_files(artifacts.directory, ckpt.text, ckpt.root / TOKENIZER_FILE, tokenizer_config)
         ctx.console.log(
             f"ONNX: {len(artifacts.models)} decoder models + predictor in {artifacts.directory.name}/; bytes on disk "
             f"{artifacts.disk_bytes:,} / ideal {artifacts.ideal_bytes:,} = dedup ratio {artifacts.dedup_ratio:.4f}"
