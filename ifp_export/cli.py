@@ -68,6 +68,12 @@ def cli() -> None:
     help="dynamic: also emit onnx/dynamic.onnx, pruned per prompt from the predictor's own top-k (fp32 only).",
 )
 @click.option(
+    "--keep-massive-neurons",
+    is_flag=True,
+    help="Keep the dense model's massive-activation FFN neurons (found on the calibration prompts) in every variant, "
+    "in place of its lowest-ranked others (k unchanged).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
 )
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
@@ -87,6 +93,7 @@ def export(
     heldout: Path | None,
     quantize: str,
     mode: str,
+    keep_massive_neurons: bool,
     as_json: bool,
     junit: Path | None,
     batch_size: int,
@@ -124,6 +131,7 @@ def export(
             batch_size=batch_size,
             quantize=quantize,
             mode=mode,
+            keep_massive_neurons=keep_massive_neurons,
         )
         with staged_directory(output, force=force, checked=True) as stage:
             ctx = ExportContext(options=options, workdir=stage)

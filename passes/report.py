@@ -30,9 +30,23 @@ def variant_rows(ctx: ExportContext) -> list[dict[str, Any]]:
             "coverage": round(v.coverage, 6),
             "routing_accuracy": None if v.routing_accuracy is None else round(v.routing_accuracy, 6),
             "fold_max_abs_diff": v.fold_error,
+            **variant_quality(v),
         }
         for v in ctx.variants
     ]
+
+
+def variant_quality(variant: Variant) -> dict[str, Any]:
+    """The quality pass's figures of a variant (ifp_export/quality.py), as report.json and the manifest carry them:
+    per prompt set its top-1 agreement and NLL difference with dense, the massive-activation neurons it drops and,
+    if it drops some, its figures with them kept."""
+    fields: dict[str, Any] = {
+        "quality": variant.quality,
+        "massive_neurons_dropped": [{"layer": n.layer, "neuron": n.neuron} for n in variant.massive_dropped],
+    }
+    if variant.quality_with_massive_kept is not None:
+        fields["quality_with_massive_neurons_kept"] = variant.quality_with_massive_kept
+    return fields
 
 
 def overlap(variants: list[Variant]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,20 +154,34 @@ def accuracy_table(accuracy: dict[str, dict[str, float]]) -> Table:
     return table
 
 
+QUALITY_COLUMNS = {"calibration": ("top-1 agree", "ΔNLL"), "heldout": ("held-out agree", "held-out ΔNLL")}
+
+
+def quality_cells(figures: dict[str, Any] | None) -> list[str]:
+    if figures is None:
+        return ["n/a", "n/a"]
+    return [f"{figures['top1_agreement']:.1%}", f"{figures['nll_diff']:+.3f}"]
+
+
 def variants_table(report: dict[str, Any]) -> Table:
-    table = Table(title="variants")
-    for column in ("variant", "task", "keep", "prompts", "coverage", "routing acc.", "fold diff"):
-        table.add_column(column, justify="left" if column in ("variant", "task") else "right")
+    """The variants, then dense (NLL) and the routed setting: agreement and ΔNLL are against dense, same tokens."""
+    sets = [name for name in QUALITY_COLUMNS if name in report.get("quality", {}).get("dense", {})]
+    table = Table(title="variants", caption="agree / ΔNLL: teacher-forced top-1 agreement with dense, NLL - dense NLL")
+    columns = ["variant", "task", "keep", "prompts", "coverage", "routing acc.", "fold diff"]
+    columns += [c for name in sets for c in QUALITY_COLUMNS[name]] + (["massive dropped"] if sets else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("variant", "task", "massive dropped") else "right")
     for row in report["variants"]:
         routing = "n/a" if row["routing_accuracy"] is None else f"{row['routing_accuracy']:.1%}"
         fold = "-" if row["fold_max_abs_diff"] is None else f"{row['fold_max_abs_diff']:.1e}"
-        table.add_row(
-            row["name"],
-            row["task"],
-            f"{row['keep_ratio']:.0%}",
-            str(row["prompts"]),
-            f"{row['coverage']:.3f}",
-            routing,
-            fold,
-        )
+        cells = [row["name"], row["task"], f"{row['keep_ratio']:.0%}", str(row["prompts"]), f"{row['coverage']:.3f}"]
+        cells += [routing, fold, *(c for name in sets for c in quality_cells(row["quality"].get(name)))]
+        dropped = ", ".join(f"{n['layer']}:{n['neuron']}" for n in row["massive_neurons_dropped"])
+        table.add_row(*cells, *([f"[red]{dropped}[/red]" if dropped else "-"] if sets else []))
+    if sets:
+        quality = report["quality"]
+        dense = [f"NLL {quality['dense'][name]['nll']:.3f}" if quality["dense"][name] else "n/a" for name in sets]
+        table.add_row("dense", "", "100%", "", "", "", "", *(c for d in dense for c in ("100.0%", d)), "")
+        routed = [c for name in sets for c in quality_cells(quality["routed"][name])]
+        table.add_row("routed", "", "", "", "", "", "", *routed, "")
     return table
