@@ -27,7 +27,7 @@ from ifp_export.model.decoder import CausalLM
 from ifp_export.weights import WeightSource
 
 if TYPE_CHECKING:
-    from ifp_export.checkpoint import Checkpoint, TaskPrompt
+    from ifp_export.checkpoint import TaskPrompt
 
 PROMPTS_PER_GROUP = 32  # prompts a variant is judged on per set (and per task for detection): its first ones
 MASSIVE_ABSOLUTE = 100.0  # |h| above this ...
@@ -228,12 +228,14 @@ def detection_prompts(tasks: list[str]) -> list[int]:
     return chosen
 
 
-def detect_massive_neurons(ckpt: Checkpoint, prompts: list[TaskPrompt], batch_size: int) -> list[MassiveNeuron]:
+def detect_massive_neurons(
+    model: CausalLM, weights: WeightSource, tokenizer: Tokenizer, prompts: list[TaskPrompt], batch_size: int
+) -> list[MassiveNeuron]:
     """The dense model's massive-activation neurons on `detection_prompts`, from one forward pass (for the group
     pass; the quality pass finds the same in its own forward)."""
     chosen = detection_prompts([p.task for p in prompts])
-    ids = encode(ckpt.tokenizer, [prompts[i].prompt for i in chosen], ckpt.backbone.config.max_position_embeddings)
-    probe = MassiveProbe(ckpt.backbone)
+    ids = encode(tokenizer, [prompts[i].prompt for i in chosen], model.config.max_position_embeddings)
+    probe = MassiveProbe(model)
     with probe.attached():
-        teacher_forced(ckpt.backbone, ckpt.weights, [Row(i, None, probe=True) for i in ids], batch_size, probe)
+        teacher_forced(model, weights, [Row(i, None, probe=True) for i in ids], batch_size, probe)
     return probe.neurons

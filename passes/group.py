@@ -132,7 +132,9 @@ class GroupPass:
         """[L, d_ff] 0/1: the dense model's massive-activation neurons, detected on the calibration prompts, which
         every variant keeps with --keep-massive-neurons (in place of its lowest-ranked others: k is unchanged)."""
         ckpt = ctx.checkpoint
-        neurons = detect_massive_neurons(ckpt, ctx.predictions.prompts, ctx.options.batch_size)
+        neurons = detect_massive_neurons(
+            ckpt.backbone, ckpt.weights, ckpt.tokenizer, ctx.predictions.prompts, ctx.options.batch_size
+        )
         ctx.massive_neurons = neurons
         counts = Counter(n.layer for n in neurons)
         crowded = [layer for layer, count in counts.items() if count > ctx.k_per_layer[layer]]

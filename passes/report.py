@@ -112,6 +112,8 @@ class ReportPass:
         write_json(ctx.workdir / REPORT_FILE, ctx.report)
         write_heatmap(ctx.workdir / HEATMAP_FILE, variants, mean_iou, pair_layers)
         ctx.console.print(variants_table(ctx.report))
+        if "quality" in ctx.report:
+            ctx.console.print(quality_table(ctx.report))
         if accuracy is not None:
             ctx.console.print(accuracy_table(accuracy))
         return ctx
@@ -154,34 +156,50 @@ def accuracy_table(accuracy: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-QUALITY_COLUMNS = {"calibration": ("top-1 agree", "ΔNLL"), "heldout": ("held-out agree", "held-out ΔNLL")}
+def variants_table(report: dict[str, Any]) -> Table:
+    table = Table(title="variants")
+    for column in ("variant", "task", "keep", "prompts", "coverage", "routing acc.", "fold diff"):
+        table.add_column(column, justify="left" if column in ("variant", "task") else "right")
+    for row in report["variants"]:
+        routing = "n/a" if row["routing_accuracy"] is None else f"{row['routing_accuracy']:.1%}"
+        fold = "-" if row["fold_max_abs_diff"] is None else f"{row['fold_max_abs_diff']:.1e}"
+        table.add_row(
+            row["name"],
+            row["task"],
+            f"{row['keep_ratio']:.0%}",
+            str(row["prompts"]),
+            f"{row['coverage']:.3f}",
+            routing,
+            fold,
+        )
+    return table
+
+
+QUALITY_SETS = {"calibration": "", "heldout": "held-out "}
 
 
 def quality_cells(figures: dict[str, Any] | None) -> list[str]:
     if figures is None:
-        return ["n/a", "n/a"]
-    return [f"{figures['top1_agreement']:.1%}", f"{figures['nll_diff']:+.3f}"]
+        return ["n/a", "n/a", "n/a"]
+    return [f"{figures['top1_agreement']:.1%}", f"{figures['nll_diff']:+.3f}", f"{figures['nll']:.3f}"]
 
 
-def variants_table(report: dict[str, Any]) -> Table:
-    """The variants, then dense (NLL) and the routed setting: agreement and ΔNLL are against dense, same tokens."""
-    sets = [name for name in QUALITY_COLUMNS if name in report.get("quality", {}).get("dense", {})]
-    table = Table(title="variants", caption="agree / ΔNLL: teacher-forced top-1 agreement with dense, NLL - dense NLL")
-    columns = ["variant", "task", "keep", "prompts", "coverage", "routing acc.", "fold diff"]
-    columns += [c for name in sets for c in QUALITY_COLUMNS[name]] + (["massive dropped"] if sets else [])
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("variant", "task", "massive dropped") else "right")
+def quality_table(report: dict[str, Any]) -> Table:
+    """Each variant, the routed setting and dense against dense: teacher-forced top-1 agreement, NLL difference and
+    NLL per prompt set (the quality pass's figures), and the massive-activation neurons a variant drops."""
+    quality = report["quality"]
+    sets = [name for name in QUALITY_SETS if name in quality["dense"]]
+    table = Table(title="variants vs dense, teacher-forced on their prompts")
+    table.add_column("model")
+    for name in sets:
+        for column in ("agree", "ΔNLL", "NLL"):
+            table.add_column(QUALITY_SETS[name] + column, justify="right")
+    table.add_column("massive neurons dropped")
     for row in report["variants"]:
-        routing = "n/a" if row["routing_accuracy"] is None else f"{row['routing_accuracy']:.1%}"
-        fold = "-" if row["fold_max_abs_diff"] is None else f"{row['fold_max_abs_diff']:.1e}"
-        cells = [row["name"], row["task"], f"{row['keep_ratio']:.0%}", str(row["prompts"]), f"{row['coverage']:.3f}"]
-        cells += [routing, fold, *(c for name in sets for c in quality_cells(row["quality"].get(name)))]
         dropped = ", ".join(f"{n['layer']}:{n['neuron']}" for n in row["massive_neurons_dropped"])
-        table.add_row(*cells, *([f"[red]{dropped}[/red]" if dropped else "-"] if sets else []))
-    if sets:
-        quality = report["quality"]
-        dense = [f"NLL {quality['dense'][name]['nll']:.3f}" if quality["dense"][name] else "n/a" for name in sets]
-        table.add_row("dense", "", "100%", "", "", "", "", *(c for d in dense for c in ("100.0%", d)), "")
-        routed = [c for name in sets for c in quality_cells(quality["routed"][name])]
-        table.add_row("routed", "", "", "", "", "", "", *routed, "")
+        cells = [c for name in sets for c in quality_cells(row["quality"].get(name))]
+        table.add_row(row["name"], *cells, f"[red]{dropped}[/red]" if dropped else "-")
+    table.add_row("routed", *(c for name in sets for c in quality_cells(quality["routed"][name])), "")
+    dense = [quality["dense"][name] for name in sets]
+    table.add_row("dense", *(c for d in dense for c in ("100.0%", "+0.000", "n/a" if d is None else f"{d['nll']:.3f}")))
     return table

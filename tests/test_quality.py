@@ -16,10 +16,12 @@ import torch
 from helpers import run_cli, zero_hf_neurons
 from safetensors.torch import load_file, save_file
 from tiny import char_tokenizer, console_text, run_export, save_backbone, write_tasks
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from ifp_export.checkpoint import create_checkpoint, load_checkpoint
-from ifp_export.passes.report import variants_table
+from ifp_export.checkpoint import TaskPrompt, create_checkpoint, load_checkpoint
+from ifp_export.model.hf_io import open_decoder
+from ifp_export.passes.report import quality_table
 from ifp_export.pipeline import ExportContext
 from ifp_export.quality import MassiveProbe, Row, detect_massive_neurons, encode, figures, teacher_forced
 
@@ -132,7 +134,8 @@ def test_detection_finds_exactly_the_planted_neuron(planted: Planted) -> None:
 
 def test_detection_alone_finds_the_same_neuron(planted: Planted) -> None:
     ckpt = load_checkpoint(planted.checkpoint)
-    assert detect_massive_neurons(ckpt, ckpt.tasks, batch_size=4) == planted.default.massive_neurons
+    found = detect_massive_neurons(ckpt.backbone, ckpt.weights, ckpt.tokenizer, ckpt.tasks, batch_size=4)
+    assert found == planted.default.massive_neurons
 
 
 def test_detection_ignores_masked_rows(planted: Planted) -> None:
@@ -183,14 +186,14 @@ def test_variants_table_shows_figures_and_dropped_neurons(planted: Planted) -> N
         for v in ctx.variants
     ]
     console = ctx.console.__class__(width=250, record=True)
-    console.print(variants_table(ctx.report))
+    console.print(quality_table(ctx.report))
     table = console.export_text()
     first = ctx.variants[0].quality
     assert f"{first['calibration']['top1_agreement']:.1%}" in table
     assert f"{first['heldout']['nll_diff']:+.3f}" in table
     assert f"0:{planted.neuron}" in table
-    assert f"NLL {ctx.report['quality']['dense']['calibration']['nll']:.3f}" in table
-    assert "routed" in table
+    assert f"{ctx.report['quality']['dense']['calibration']['nll']:.3f}" in table
+    assert "routed" in table and "dense" in table
 
 
 def test_cli_option_and_json_summary(capsys: pytest.CaptureFixture[str], planted: Planted, tmp_path: Path) -> None:
@@ -211,3 +214,20 @@ def test_cli_option_and_json_summary(capsys: pytest.CaptureFixture[str], planted
     report = json.loads(stdout)["report"]
     assert report["massive_activations"]["kept_by_option"] is True
     assert "warnings" not in report
+
+
+REAL_MODEL_PROMPTS = ["What is the capital of France?", "Translate to French: Good morning.", "What is 12 plus 7?"]
+
+
+def test_real_model_massive_neurons_are_layer_11s_two() -> None:
+    """SmolLM2-135M-Instruct (issue 24): layer 11's neurons 1229 and 1487 write ~18,000 and ~6,700 of dimension
+    507's ~24,900 at position 0; nothing else passes the rule."""
+    real_model = pytest.importorskip("real_model", reason="tests/real_model.py (branch 'real', issue 24) is absent")
+    hf_dir = real_model.real_model_dir()
+    model, weights = open_decoder(hf_dir)
+    tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    prompts = [TaskPrompt("any", p) for p in REAL_MODEL_PROMPTS]
+    found = detect_massive_neurons(model, weights, tokenizer, prompts, batch_size=8)
+    assert [(n.layer, n.neuron, n.dimension, n.position) for n in found] == [(11, 1229, 507, 0), (11, 1487, 507, 0)]
+    assert [n.contribution for n in found] == pytest.approx([18_000, 6_700], rel=0.05)
+    assert [n.activation for n in found] == pytest.approx([24_900, 24_900], rel=0.02)
