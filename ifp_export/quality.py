@@ -157,12 +157,15 @@ def teacher_forced(
     model: CausalLM, weights: WeightSource, rows: list[Row], batch_size: int, probe: MassiveProbe | None = None
 ) -> list[TokenStats]:
     """Per row, its TokenStats: `batch_size` rows per streamed forward pass of the full model with per-row masks
-    (dense rows: all ones). Rows are right-padded, so every real token sees exactly its unpadded positions."""
+    (dense rows: all ones). Rows are right-padded, so every real token sees exactly its unpadded positions, and
+    batched by length, so little is padding."""
     cfg = model.config
     ones = torch.ones(cfg.num_hidden_layers, cfg.intermediate_size)
-    stats: list[TokenStats] = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    stats: dict[int, TokenStats] = {}
     for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
+        positions = order[start : start + batch_size]
+        batch = [rows[i] for i in positions]
         width = max(len(r.ids) for r in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         attention = torch.zeros(len(batch), width, dtype=torch.long)
@@ -175,10 +178,10 @@ def teacher_forced(
             probe.real = attention.bool()
         with weights.streaming(model):
             hidden, _ = model.model(ids, attention, ffn_masks=masks)
-            for i, row in enumerate(batch):  # logits row by row: never [B, T, vocab] at once
-                stats.append(position_stats(model.lm_head(hidden[i]), ids[i], len(row.ids)))
+            for i, (position, row) in enumerate(zip(positions, batch, strict=True)):  # never [B, T, vocab] at once
+                stats[position] = position_stats(model.lm_head(hidden[i]), ids[i], len(row.ids))
         weights.release()
-    return stats
+    return [stats[i] for i in range(len(rows))]
 
 
 def encode(tokenizer: Tokenizer, prompts: list[str], max_length: int) -> list[list[int]]:
