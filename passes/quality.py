@@ -85,6 +85,41 @@ def warning_text(variant: Variant) -> str:
     return text + "; export with --keep-massive-neurons to keep them in every variant"
 
 
+def plan_rows(
+    sets: dict[str, Predictions],
+    own: dict[str, list[list[int]]],
+    routed: dict[str, list[int]],
+    judged_prompts: dict[str, list[int]],
+    masks: torch.Tensor,
+) -> dict[Key, torch.Tensor | None]:
+    """Every row the figures need, once: dense rows of the detection and judged prompts, each judged prompt with its
+    own variant(s) and with its routed one."""
+    rows: dict[Key, torch.Tensor | None] = {
+        (CALIBRATION, i, None): None for i in detection_prompts(sets[CALIBRATION].tasks)
+    }
+    for name in sets:
+        rows.update({(name, i, None): None for i in judged_prompts[name]})
+        for v, prompts in enumerate(own[name]):
+            rows.update({(name, i, v): masks[v] for i in prompts})
+        rows.update({(name, i, routed[name][i]): masks[routed[name][i]] for i in judged_prompts[name]})
+    return rows
+
+
+def warn(ctx: ExportContext, variants: list[Variant]) -> None:
+    """The massive-activation neurons and the rule in the report; one warning per variant dropping some, on stderr
+    and in the report's `warnings` (which the JSON summary carries)."""
+    ctx.report["massive_activations"] = {
+        "rule": MASSIVE_RULE,
+        "neurons": [n.as_dict() for n in ctx.massive_neurons],
+        "kept_by_option": ctx.options.keep_massive_neurons,
+    }
+    warnings = [warning_text(v) for v in variants if v.massive_dropped]
+    if warnings:
+        ctx.report["warnings"] = [*ctx.report.get("warnings", []), *warnings]
+    for text in warnings:
+        ctx.console.log(f"[yellow]warning:[/yellow] {text}")
+
+
 class QualityPass:
     name = "quality"
 
@@ -100,14 +135,7 @@ class QualityPass:
         routed = {name: routing_scores(preds.scores, masks).argmax(-1).tolist() for name, preds in sets.items()}
         own = {name: own_prompts(variants, name, preds) for name, preds in sets.items()}
         judged_prompts = {name: sorted({i for prompts in own[name] for i in prompts}) for name in sets}
-        rows: dict[Key, torch.Tensor | None] = {
-            (CALIBRATION, i, None): None for i in detection_prompts(sets[CALIBRATION].tasks)
-        }
-        for name in sets:
-            rows.update({(name, i, None): None for i in judged_prompts[name]})
-            for v, prompts in enumerate(own[name]):
-                rows.update({(name, i, v): masks[v] for i in prompts})
-            rows.update({(name, i, routed[name][i]): masks[routed[name][i]] for i in judged_prompts[name]})
+        rows = plan_rows(sets, own, routed, judged_prompts, masks)
         probe = MassiveProbe(ckpt.backbone)
         stats = run_rows(ctx, rows, ids, probe)
         if ctx.massive_neurons is None:
@@ -124,19 +152,10 @@ class QualityPass:
                 for name in sets
             },
         }
-        ctx.report["massive_activations"] = {
-            "rule": MASSIVE_RULE,
-            "neurons": [n.as_dict() for n in ctx.massive_neurons],
-            "kept_by_option": ctx.options.keep_massive_neurons,
-        }
-        warnings = [warning_text(v) for v in variants if v.massive_dropped]
-        if warnings:
-            ctx.report["warnings"] = [*ctx.report.get("warnings", []), *warnings]
-        for text in warnings:
-            ctx.console.log(f"[yellow]warning:[/yellow] {text}")
+        warn(ctx, variants)
         ctx.console.log(
             f"quality: {len(rows)} teacher-forced rows, {len(ctx.massive_neurons)} massive-activation neurons, "
-            f"{len(warnings)} variants drop some"
+            f"{sum(bool(v.massive_dropped) for v in variants)} variants drop some"
         )
         return ctx
 
