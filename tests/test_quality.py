@@ -244,3 +244,20 @@ def test_real_model_massive_neurons_are_layer_11s_two() -> None:
     broken, fine = figures(without_massive, dense), figures(without_others, dense)
     assert broken["top1_agreement"] < 0.2 and broken["nll_diff"] > 2
     assert fine["top1_agreement"] > 0.9 and abs(fine["nll_diff"]) < 0.1
+
+
+def test_report_and_manifest_carry_the_figures(tiny_export: ExportContext) -> None:
+    """A full export: report.json's variant rows and the manifest (schema-checked by the manifest pass) carry each
+    variant's figures, dense's NLL and the (here empty) massive-activation list."""
+    report = json.loads((tiny_export.workdir / "report.json").read_text())
+    manifest = json.loads((tiny_export.workdir / "manifest.json").read_text())
+    assert manifest["massive_activations"] == report["massive_activations"]
+    assert report["massive_activations"]["neurons"] == [] and "warnings" not in report
+    assert manifest["dense"]["quality"] == report["quality"]["dense"]
+    for entry, row, variant in zip(manifest["variants"], report["variants"], tiny_export.variants, strict=True):
+        assert entry["quality"] == row["quality"] == variant.quality
+        assert entry["massive_neurons_dropped"] == row["massive_neurons_dropped"] == []
+        for name in ("calibration", "heldout"):
+            figures_ = entry["quality"][name]
+            assert 0 <= figures_["top1_agreement"] <= 1 and figures_["tokens"] > 0
+            assert figures_["nll_diff"] == pytest.approx(figures_["nll"] - figures_["dense_nll"], abs=2e-6)
