@@ -76,6 +76,12 @@ def cli() -> None:
     "uses the opset-23 Attention and RMSNormalization, 1.22 or newer keeps --quantize int8 as MatMulNBits.",
 )
 @click.option(
+    "--keep-massive-neurons",
+    is_flag=True,
+    help="Keep the dense model's massive-activation FFN neurons (found on the calibration prompts) in every variant, "
+    "in place of its lowest-ranked others (k unchanged).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
 )
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
@@ -96,6 +102,7 @@ def export(
     quantize: str,
     mode: str,
     min_onnxruntime: str,
+    keep_massive_neurons: bool,
     as_json: bool,
     junit: Path | None,
     batch_size: int,
@@ -136,6 +143,7 @@ def export(
             quantize=quantize,
             mode=mode,
             min_onnxruntime=floor,
+            keep_massive_neurons=keep_massive_neurons,
         )
         with staged_directory(output, force, inputs, previous_export, checked=True) as stage:
             ctx = ExportContext(options=options, workdir=stage)

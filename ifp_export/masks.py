@@ -60,14 +60,17 @@ def predict_scores(
     return torch.cat(chunks), truncated
 
 
-def aggregate_topk(scores: torch.Tensor, k: list[int] | int) -> torch.Tensor:
+def aggregate_topk(scores: torch.Tensor, k: list[int] | int, forced: torch.Tensor | None = None) -> torch.Tensor:
     """One mask [L, d_ff] for a group of prompts' scores [N, L, d_ff].
 
     Neurons are ranked by how many of the group's own top-k masks keep them, ties broken by mean score,
-    which maximizes the overlap with the prompts' own masks.
+    which maximizes the overlap with the prompts' own masks. `forced` ([L, d_ff] 0/1) neurons rank above all
+    others: they are kept, and the lowest-ranked others make room, so k stays the same.
     """
     votes = hard_topk_mask(scores, torch.as_tensor(k)).mean(0)
-    key = votes + torch.sigmoid(scores.mean(0)) / (scores.shape[0] + 1)
+    key = votes + torch.sigmoid(scores.mean(0)) / (scores.shape[0] + 1)  # in [0, 2)
+    if forced is not None:
+        key = key + 2 * forced
     return hard_topk_mask(key, torch.as_tensor(k))
 
 

@@ -36,6 +36,7 @@ class ExportOptions:
     quantize: str = "none"  # none | int8 | int4 (weight-only, per target)
     mode: str = "static"  # static | dynamic (also emit the per-prompt pruned decoder)
     min_onnxruntime: str = "1.20"  # the oldest onnxruntime release the ONNX graphs must run on (targets/onnx/floor.py)
+    keep_massive_neurons: bool = False  # force the dense model's massive-activation neurons into every variant
 
 
 @dataclass
@@ -63,6 +64,9 @@ class Variant:
     coverage: float = 0.0
     routing_accuracy: float | None = None
     fold_error: float | None = None
+    quality: dict[str, Any] = field(default_factory=dict)  # set name -> figures against dense (quality pass)
+    massive_dropped: list[Any] = field(default_factory=list)  # the MassiveNeurons its mask drops
+    quality_with_massive_kept: dict[str, Any] | None = None  # its figures with those neurons forced in
 
     @property
     def kept(self) -> torch.Tensor:
@@ -81,6 +85,7 @@ class ExportContext:
     heldout_prompts: list[TaskPrompt] = field(default_factory=list)  # read and checked by the load pass
     heldout: Predictions | None = None
     variants: list[Variant] = field(default_factory=list)
+    massive_neurons: list[Any] | None = None  # the dense model's massive-activation neurons, once detected
     emitted: dict[str, Any] = field(default_factory=dict)  # target name -> what its emit pass wrote
     report: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)

@@ -7,6 +7,7 @@ from ifp_export.passes.group import GroupPass
 from ifp_export.passes.load import LoadPass
 from ifp_export.passes.manifest import ManifestPass
 from ifp_export.passes.predict import PredictPass
+from ifp_export.passes.quality import QualityPass
 from ifp_export.passes.report import ReportPass
 from ifp_export.passes.validate import ValidatePass
 from ifp_export.pipeline import Pass
@@ -19,6 +20,7 @@ def default_passes() -> list[Pass]:
         LoadPass(),
         PredictPass(),
         GroupPass(),
+        QualityPass(),
         FoldPass(),
         EmitOnnxPass(),
         EmitCoreMLPass(),

@@ -14,6 +14,7 @@ import torch
 
 from ifp_export.masks import aggregate_topk, mask_iou, routing_scores
 from ifp_export.pipeline import ExportContext, Predictions, Variant
+from ifp_export.quality import detect_massive_neurons, forced_mask
 
 # Stems of the files, directories and Core ML functions the tool writes itself (targets' decoder/predictor/dense/
 # dynamic/shared-data files, the HF and GenAI configs beside them, the output's top-level files, coremltools'
@@ -110,13 +111,14 @@ class GroupPass:
             n = ctx.options.variants  # at most the number of prompts (checked by the load pass)
             labels = cluster_prompts(preds.masks, n, ctx.options.seed)
             groups = {f"cluster_{c}": [i for i, lab in enumerate(labels) if lab == c] for c in range(n)}
+        forced = self.massive_neurons_forced(ctx) if ctx.options.keep_massive_neurons else None
         variants, taken = [], set()
         for label, indices in groups.items():
             if not indices:
                 continue
             name = variant_name(label, taken)
             taken.add(name)
-            mask = aggregate_topk(preds.scores[indices], k)
+            mask = aggregate_topk(preds.scores[indices], k, forced)
             majority = Counter(preds.tasks[i] for i in indices).most_common(1)[0][0]
             coverage = float(mask_iou(preds.masks[indices], mask).mean())
             variants.append(Variant(name, majority, mask, indices, coverage))
@@ -128,6 +130,24 @@ class GroupPass:
         if ctx.options.variants is not None:
             record_variant_count(ctx, ctx.options.variants, len(variants))
         return ctx
+
+    def massive_neurons_forced(self, ctx: ExportContext) -> torch.Tensor:
+        """[L, d_ff] 0/1: the dense model's massive-activation neurons, detected on the calibration prompts, which
+        every variant keeps with --keep-massive-neurons (in place of its lowest-ranked others: k is unchanged)."""
+        ckpt = ctx.checkpoint
+        neurons = detect_massive_neurons(
+            ckpt.backbone, ckpt.weights, ckpt.tokenizer, ctx.predictions.prompts, ctx.options.batch_size
+        )
+        ctx.massive_neurons = neurons
+        counts = Counter(n.layer for n in neurons)
+        crowded = [layer for layer, count in counts.items() if count > ctx.k_per_layer[layer]]
+        if crowded:
+            ctx.console.log(
+                f"[yellow]warning:[/yellow] layers {crowded} have more massive-activation neurons than k; "
+                "each variant keeps the first k of them"
+            )
+        ctx.console.log(f"--keep-massive-neurons: every variant keeps {len(neurons)} massive-activation neurons")
+        return forced_mask(neurons, tuple(ctx.predictions.scores.shape[1:]))
 
 
 def record_variant_count(ctx: ExportContext, requested: int, made: int) -> None:

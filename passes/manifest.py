@@ -20,7 +20,7 @@ from ifp_export.checkpoint import TOKENIZER_FILE
 from ifp_export.fsutil import write_json
 from ifp_export.masks import TRUNCATION
 from ifp_export.passes.fold import KEPT_INDICES_FILE
-from ifp_export.passes.report import REPORT_FILE
+from ifp_export.passes.report import REPORT_FILE, variant_quality
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets import onnx
 
@@ -132,15 +132,27 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
                 "routing_accuracy": None if v.routing_accuracy is None else round(v.routing_accuracy, 6),
                 "kept_indices": {"file": KEPT_INDICES_FILE, "tensor": v.name},
                 "files": per_model.get(v.name, {}),
+                **(variant_quality(v) if v.quality else {}),
             }
             for v in ctx.variants
         ],
-        "dense": {"files": per_model.get(onnx.DENSE_NAME, {})},
+        "dense": {"files": per_model.get(onnx.DENSE_NAME, {}), **dense_quality(ctx.report)},
+        **massive_activations(ctx.report),
         **({"dynamic": per_model[onnx.DYNAMIC_NAME]["onnx"]} if onnx.DYNAMIC_NAME in per_model else {}),
         "files": file_entries(root),
         "report": REPORT_FILE,
         "versions": tool_versions(),
     }
+
+
+def dense_quality(report: dict[str, Any]) -> dict[str, Any]:
+    """The dense model's NLL per prompt set, when the quality pass ran."""
+    return {"quality": report["quality"]["dense"]} if "quality" in report else {}
+
+
+def massive_activations(report: dict[str, Any]) -> dict[str, Any]:
+    """The massive-activation neurons (layer, neuron, where and how much they write) and the rule that found them."""
+    return {"massive_activations": report["massive_activations"]} if "massive_activations" in report else {}
 
 
 class ManifestPass:

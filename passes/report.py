@@ -30,9 +30,23 @@ def variant_rows(ctx: ExportContext) -> list[dict[str, Any]]:
             "coverage": round(v.coverage, 6),
             "routing_accuracy": None if v.routing_accuracy is None else round(v.routing_accuracy, 6),
             "fold_max_abs_diff": v.fold_error,
+            **variant_quality(v),
         }
         for v in ctx.variants
     ]
+
+
+def variant_quality(variant: Variant) -> dict[str, Any]:
+    """The quality pass's figures of a variant (ifp_export/quality.py), as report.json and the manifest carry them:
+    per prompt set its top-1 agreement and NLL difference with dense, the massive-activation neurons it drops and,
+    if it drops some, its figures with them kept."""
+    fields: dict[str, Any] = {
+        "quality": variant.quality,
+        "massive_neurons_dropped": [{"layer": n.layer, "neuron": n.neuron} for n in variant.massive_dropped],
+    }
+    if variant.quality_with_massive_kept is not None:
+        fields["quality_with_massive_neurons_kept"] = variant.quality_with_massive_kept
+    return fields
 
 
 def overlap(variants: list[Variant]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +114,8 @@ class ReportPass:
         ctx.console.print(variants_table(ctx.report))
         for warning in ctx.report.get("warnings", []):
             ctx.console.print(f"warning: {warning}")
+        if "quality" in ctx.report:
+            ctx.console.print(quality_table(ctx.report))
         if accuracy is not None:
             ctx.console.print(accuracy_table(accuracy))
         return ctx
@@ -158,4 +174,34 @@ def variants_table(report: dict[str, Any]) -> Table:
             routing,
             fold,
         )
+    return table
+
+
+QUALITY_SETS = {"calibration": "", "heldout": "held-out "}
+
+
+def quality_cells(figures: dict[str, Any] | None) -> list[str]:
+    if figures is None:
+        return ["n/a", "n/a", "n/a"]
+    return [f"{figures['top1_agreement']:.1%}", f"{figures['nll_diff']:+.3f}", f"{figures['nll']:.3f}"]
+
+
+def quality_table(report: dict[str, Any]) -> Table:
+    """Each variant, the routed setting and dense against dense: teacher-forced top-1 agreement, NLL difference and
+    NLL per prompt set (the quality pass's figures), and the massive-activation neurons a variant drops."""
+    quality = report["quality"]
+    sets = [name for name in QUALITY_SETS if name in quality["dense"]]
+    table = Table(title="variants vs dense, teacher-forced on their prompts")
+    table.add_column("model")
+    for name in sets:
+        for column in ("agree", "ΔNLL", "NLL"):
+            table.add_column(QUALITY_SETS[name] + column, justify="right")
+    table.add_column("massive neurons dropped")
+    for row in report["variants"]:
+        dropped = ", ".join(f"{n['layer']}:{n['neuron']}" for n in row["massive_neurons_dropped"])
+        cells = [c for name in sets for c in quality_cells(row["quality"].get(name))]
+        table.add_row(row["name"], *cells, f"[red]{dropped}[/red]" if dropped else "-")
+    table.add_row("routed", *(c for name in sets for c in quality_cells(quality["routed"][name])), "")
+    dense = [quality["dense"][name] for name in sets]
+    table.add_row("dense", *(c for d in dense for c in ("100.0%", "+0.000", "n/a" if d is None else f"{d['nll']:.3f}")))
     return table

@@ -58,7 +58,7 @@ def test_scale_benchmark_runs_a_bf16_sharded_model_as_a_user_would(tmp_path: Pat
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(result_path.read_text())
-    assert [name for name, _ in result["passes"]] == ["load", "predict", "group", "fold"]
+    assert [name for name, _ in result["passes"]] == ["load", "predict", "group", "quality", "fold"]
     shards = sorted((tmp_path / "work" / "ckpt" / "backbone").glob("model-*.safetensors"))
     assert len(shards) > 1 and result["dtype"] == "bfloat16"
     predictor = tmp_path / "work" / "ckpt" / "predictor" / "model.safetensors"
