@@ -56,7 +56,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # fp32 at least; float64 for the noise reference
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return cast(self.weight, dtype) * x.to(dtype)
 
