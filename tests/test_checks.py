@@ -4,6 +4,7 @@ figure, bound and verdict). Issues 24.1-2, 27.7/8/10/13/15, 26.1."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from ifp_export.fsutil import read_safetensors
 from ifp_export.generate import left_pad
 from ifp_export.passes.manifest import sha256_file
 from ifp_export.pipeline import ExportContext
+from ifp_export.targets.onnx import DENSE_NAME, emit, validate, validation_inputs
 
 
 def test_bound_is_a_multiple_of_the_reference_noise_with_a_floor() -> None:
@@ -154,9 +156,11 @@ def test_trained_model_passes_and_each_damaged_variant_fails(
     assert names[0] in lines[0] and "bound" in lines[0] and "max|Δ|" in lines[0]
     summary = json.loads(stdout)
     assert summary["status"] == "validation_failed"
-    assert set(summary["failed"]) == {f"onnx:{n}" for n in names[:3]}
+    # the predictor graph's routing head folds the variants' masks in: the changed kept index shows there too
+    damaged = [*names[:3], "predictor"]
+    assert set(summary["failed"]) == {f"onnx:{n}" for n in damaged}
     failed = failures(junit)
-    assert set(failed) == {f"ifp-export.onnx.{n}" for n in names[:3]}
+    assert set(failed) == {f"ifp-export.onnx.{n}" for n in damaged}
     for model in summary["models"]:
         for check in model["checks"]:
             if not check["ok"]:
@@ -276,3 +280,57 @@ def test_validate_with_another_checkpoint_shape_is_bad_input(
     code, _, err = run_cli(capsys, "validate", str(tiny_out[1]), "--checkpoint", str(other))
     assert_one_line_error(code, err, "num_hidden_layers 3 (export: 2)", "--checkpoint")
     assert read_safetensors(tiny_out[1] / "variants.safetensors", "")  # the output is untouched and still readable
+
+
+# --- validation's teeth on the teacher-forced design: a KV-cache bug and a quantization-layout bug ----------------
+
+
+def copy_artifacts(artifacts, directory: Path):
+    shutil.copytree(artifacts.directory, directory)
+    return dataclasses.replace(
+        artifacts,
+        directory=directory,
+        models={n: directory / p.name for n, p in artifacts.models.items()},
+        genai_models={n: directory / p.name for n, p in artifacts.genai_models.items()},
+        predictor=directory / artifacts.predictor.name,
+    )
+
+
+def test_a_kv_cache_bug_fails_the_cached_check_only(tiny_export: ExportContext, tmp_path: Path) -> None:
+    """dense.onnx returns layer 1's keys as its values and back: one forward is right, cached decoding is not."""
+    artifacts = copy_artifacts(tiny_export.emitted["onnx"], tmp_path / "onnx")
+    path = artifacts.models[DENSE_NAME]
+    graph = onnx.load(str(path), load_external_data=False)
+    swap = {"present.1.key": "present.1.value", "present.1.value": "present.1.key"}
+    for node in graph.graph.node:
+        node.output[:] = [swap.get(name, name) for name in node.output]
+    onnx.save(graph, str(path))
+    rows, _ = validate(artifacts, **validation_inputs(tiny_export))
+    dense = next(r for r in rows if r.model == path.name)
+    assert dense.check("uncached").ok and not dense.check("cached").ok, [c.text() for c in dense.checks]
+    assert all(r.ok for r in rows if r is not dense)
+
+
+def test_a_quantization_layout_bug_fails_validation(tiny_export: ExportContext, tmp_path: Path) -> None:
+    """int4 blocks of one FFN weight of one variant with their two nibbles swapped (low/high order): caught."""
+    ctx = tiny_export
+    masks = torch.stack([v.mask for v in ctx.variants])
+    kept = {v.name: v.kept.numpy() for v in ctx.variants}
+    artifacts = emit(tmp_path / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks, quantize="int4")
+    name = ctx.variants[0].name
+    path = artifacts.models[name]
+    graph = onnx.load(str(path), load_external_data=False)
+    blocks = next(i for i in graph.graph.initializer if i.name == "l1.gate_up.q")
+    info = {e.key: e.value for e in blocks.external_data}
+    if info:
+        data = np.memmap(
+            path.parent / info["location"], np.uint8, "r+", int(info.get("offset", 0)), int(info["length"])
+        )
+        data[:] = (data << 4) | (data >> 4)
+        data.flush()
+    else:
+        raw = np.frombuffer(blocks.raw_data, np.uint8)
+        blocks.raw_data = ((raw << 4) | (raw >> 4)).astype(np.uint8).tobytes()
+        onnx.save(graph, str(path))
+    rows, _ = validate(artifacts, **validation_inputs(ctx))
+    assert [r.ok for r in rows] == [r.model != path.name for r in rows], [(r.model, r.ok) for r in rows]
