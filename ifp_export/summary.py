@@ -3,11 +3,13 @@
 One JSON object for CI: status and exit code, per pass its time, peak RSS and the files it made, per model (variant,
 dense, predictor, dynamic) and target (onnx, coreml; fold and transformers for the checks of those passes) its files
 and bytes, every check that can make the exit code 3 with its measured figure, bound and verdict (an exactness
-record of `ifp_export.bounds` becomes `NAME_max_rel_diff` and `NAME_top1_disagreements`), the targets' dedup ratios, the variants report, tool versions and the output path. The JUnit file is
-written from the same checks (ifp_export/junit.py), so the two never disagree.
+record of `ifp_export.bounds` becomes `NAME_max_rel_diff` and `NAME_top1_disagreements`), the targets' dedup ratios,
+the variants report, tool versions and the output path. The JUnit file is written from the same checks
+(ifp_export/junit.py), so the two never disagree.
 
 Validation figures are read from `ctx.report["fold_validation"]`, `["transformers_check"]`, `["onnx_validation"]` and
-`["coreml_validation"]` defensively: the passes and targets own those records and may add or rename fields; a missing field becomes `null`, never a crash.
+`["coreml_validation"]` defensively: the passes and targets own those records and may add or rename fields; a missing
+field becomes `null`, never a crash.
 """
 
 from __future__ import annotations
