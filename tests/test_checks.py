@@ -339,3 +339,15 @@ def test_a_quantization_layout_bug_fails_validation(tiny_export: ExportContext, 
         onnx.save(graph, str(path))
     rows, _ = validate(artifacts, **validation_inputs(ctx))
     assert [r.ok for r in rows] == [r.model != path.name for r in rows], [(r.model, r.ok) for r in rows]
+
+
+def test_float64_linear_upcasts_a_block_of_rows_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large weight (lm_head) is never upcast whole by the float64 reference, and the result is the same."""
+    from ifp_export.model import decoder
+
+    monkeypatch.setattr(decoder, "FLOAT64_CHUNK", 64)
+    linear = decoder.Linear(16, 50, bias=True).requires_grad_(False)
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    expected = torch.nn.functional.linear(x, linear.weight.double(), linear.bias.double())
+    assert torch.allclose(linear(x), expected, rtol=0, atol=1e-12)
+    assert linear(x.float()).dtype == torch.float32
