@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ifp_export.bounds import Exactness, compare, reference_pair
 from ifp_export.checkpoint import BACKBONE_DIR, Checkpoint
-from ifp_export.fold import relative_difference
 from ifp_export.model.decoder import CausalLM
 
-TOLERANCE = 1e-4  # max |Δlogits| / max(1, max |logits|), fp32, as the parity tests
 DEFAULT_MAX_PARAMETERS = 100_000_000  # a second fp32 copy of a larger model would break the export's RSS budget
 
 
@@ -26,12 +26,22 @@ class HFCheck:
     model_type: str
     prompts: int
     decode_steps: int
-    max_diff: float | None  # relative, over prefill and every decode step; None when skipped
+    exactness: Exactness | None  # transformers' logits vs our decoder in float64, every position; None when skipped
     skipped: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.skipped is not None or (self.max_diff is not None and self.max_diff <= TOLERANCE)
+        return self.skipped is not None or (self.exactness is not None and self.exactness.ok)
+
+    @property
+    def max_diff(self) -> float | None:
+        return None if self.exactness is None else self.exactness.error
+
+    def record(self) -> dict:
+        """For the report and the summary's `transformers` checks."""
+        check = None if self.exactness is None else self.exactness.record()
+        facts = {"model_type": self.model_type, "prompts": self.prompts, "decode_steps": self.decode_steps}
+        return facts | {"skipped": self.skipped, "ok": self.ok, "check": check}
 
     def summary(self) -> str:
         if self.skipped is not None:
@@ -39,7 +49,7 @@ class HFCheck:
         verdict = "ok" if self.ok else "MISMATCH"
         return (
             f"transformers {self.model_type}: {self.prompts} prompts, prefill + {self.decode_steps} cached steps, "
-            f"max|Δlogits| {self.max_diff:.1e} x max(1, max|logits|) <= {TOLERANCE:g}: {verdict}"
+            f"{self.exactness.text()}: {verdict}"
         )
 
 
@@ -51,9 +61,10 @@ def check_against_transformers(
     decode_steps: int = 4,
     max_parameters: int = DEFAULT_MAX_PARAMETERS,
 ) -> HFCheck:
-    """Load `backbone_dir` with `transformers.AutoModelForCausalLM` (fp32, eager attention) and compare its logits
-    with `ours` (the dense decoder read from the same directory) on each prompt: prefill, then `decode_steps` greedy
-    steps through each side's own KV cache (cached decoding is where transformers' cache semantics show)."""
+    """Load `backbone_dir` with `transformers.AutoModelForCausalLM` (fp32, eager attention), let it prefill each
+    prompt and greedy-decode `decode_steps` tokens through its own KV cache (where transformers' cache semantics
+    show), then run `ours` (the dense decoder read from the same directory) teacher-forced over the same tokens in
+    float32 and float64; every position is held to the bound of `ifp_export.bounds`."""
     model_type = ours.config.model_type
     parameters = sum(p.numel() for p in ours.parameters())
     if parameters > max_parameters:
@@ -61,24 +72,27 @@ def check_against_transformers(
         return HFCheck(model_type, 0, decode_steps, None, reason)
     from transformers import AutoModelForCausalLM  # heavy import, only when the check runs
 
-    hf = AutoModelForCausalLM.from_pretrained(backbone_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    hf = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=torch.float32, attn_implementation="eager")
     hf.eval()
-    worst = 0.0
+    got, ref32, ref64 = [], [], []
     for ids in prompts:
         tokens = torch.tensor([ids])
-        hf_out = hf(input_ids=tokens, use_cache=True)
-        our_logits, past = ours(tokens)
-        worst = max(worst, relative_difference(our_logits, hf_out.logits))
-        cache, length = hf_out.past_key_values, len(ids)
+        out = hf(input_ids=tokens, use_cache=True)
+        steps = [out.logits[0]]
         for _ in range(decode_steps):
-            token = hf_out.logits[:, -1:].argmax(-1)
-            positions = torch.tensor([[length]])
-            hf_out = hf(input_ids=token, position_ids=positions, past_key_values=cache, use_cache=True)
-            cache, length = hf_out.past_key_values, length + 1
-            our_logits, past = ours(token, torch.ones(1, length, dtype=torch.long), positions, past)
-            worst = max(worst, relative_difference(our_logits, hf_out.logits))
+            token = out.logits[:, -1:].argmax(-1)
+            positions = torch.tensor([[tokens.shape[1]]])
+            tokens = torch.cat((tokens, token), dim=1)
+            out = hf(input_ids=token, position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[0])
+        got.append(torch.cat(steps).numpy())
+        ours32, ours64 = reference_pair(ours, tokens)
+        ref32.append(ours32[0])
+        ref64.append(ours64[0])
     del hf
-    return HFCheck(model_type, len(prompts), decode_steps, worst)
+    layers = ours.config.num_hidden_layers
+    exactness = compare("transformers", np.concatenate(got), np.concatenate(ref32), np.concatenate(ref64), layers)
+    return HFCheck(model_type, len(prompts), decode_steps, exactness)
 
 
 def check_checkpoint(ckpt: Checkpoint, prompts: int = 2, **options: int) -> HFCheck:

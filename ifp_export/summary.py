@@ -1,12 +1,15 @@
 """The machine-readable result of `export --json` / `validate --json` (schema: schemas/summary.schema.json).
 
 One JSON object for CI: status and exit code, per pass its time, peak RSS and the files it made, per model (variant,
-dense, predictor, dynamic) and target its files and bytes, every validation check with its measured figure, bound
-and verdict, the targets' dedup ratios, the variants report, tool versions and the output path. The JUnit file is
-written from the same checks (ifp_export/junit.py), so the two never disagree.
+dense, predictor, dynamic) and target (onnx, coreml; fold and transformers for the checks of those passes) its files
+and bytes, every check that can make the exit code 3 with its measured figure, bound and verdict (an exactness
+record of `ifp_export.bounds` becomes `NAME_max_rel_diff` and `NAME_top1_disagreements`), the targets' dedup ratios,
+the variants report, tool versions and the output path. The JUnit file is written from the same checks
+(ifp_export/junit.py), so the two never disagree.
 
-Validation figures are read from `ctx.report["onnx_validation"]` / `["coreml_validation"]` defensively: the
-targets own those records and may add or rename fields; a missing field becomes `null`, never a crash.
+Validation figures are read from `ctx.report["fold_validation"]`, `["transformers_check"]`, `["onnx_validation"]` and
+`["coreml_validation"]` defensively: the passes and targets own those records and may add or rename fields; a missing
+field becomes `null`, never a crash.
 """
 
 from __future__ import annotations
@@ -50,46 +53,46 @@ def check(name: str, value: Any, bound: Any, ok: Any, detail: str | None = None)
     }
 
 
-def onnx_bound(row: dict[str, Any], quantize: str) -> float | None:
-    """The bound `ValidationRow.ok` holds prefill/decode max|Δlogits| to (targets/onnx.py), from the row's figures."""
-    from ifp_export.targets import onnx
-
-    scale = number(row.get("logits_scale"))
-    if "bound" in row:
-        return number(row["bound"])
-    if scale is None:
-        return None
-    if quantize == "none":
-        return getattr(onnx, "PARITY_TOLERANCE", 1e-4) * max(1.0, scale)
-    relative = getattr(onnx, "RELATIVE_TOLERANCE", {}).get(quantize)
-    return None if relative is None else relative * scale
+def exactness_checks(record: dict[str, Any], prefix: str | None = None) -> list[dict[str, Any]]:
+    """An `ifp_export.bounds.Exactness` record as two checks: the relative max |Δ| against its bound, and the number of
+    decisive top-1 disagreements (bound 0; near ties, which never fail, in its detail)."""
+    name = prefix or record.get("name", "logits")
+    error, bound, disagreements = (number(record.get(key)) for key in ("error", "bound", "top1_disagreements"))
+    noise = number(record.get("noise"))
+    detail = f"fp32 noise {noise:.2e}, {record.get('positions')} positions" if noise is not None else None
+    ties = f"{record.get('near_ties')} near ties (reference top-2 margin within the bound, not failed)"
+    return [
+        check(f"{name}_max_rel_diff", error, bound, error is not None and bound is not None and error <= bound, detail),
+        check(f"{name}_top1_disagreements", disagreements, 0, disagreements == 0, ties),
+    ]
 
 
 def onnx_checks(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Model name -> its ONNX checks, from ctx.report["onnx_validation"]."""
-    from ifp_export.targets import onnx
-
-    quantize = report.get("quantize", "none")
+    """Model name -> its ONNX checks, from ctx.report["onnx_validation"] (`targets/onnx/validate.py`)."""
     checks: dict[str, list[dict[str, Any]]] = {}
     for row in report.get("models", []):
-        bound, ok = onnx_bound(row, quantize), row.get("ok", False)
-        rows = [check("prefill_max_abs_diff", row.get("prefill_diff"), bound, ok)]
-        if quantize == "none":
-            rows.append(check("decode_max_abs_diff", row.get("decode_diff"), bound, ok))
-            rows.append(check("greedy_tokens_identical", row.get("greedy_match"), True, row.get("greedy_match")))
+        rows = [c for record in row.get("checks", []) for c in exactness_checks(record)]
         checks[model_name(row.get("model"))] = rows
-    tolerance = getattr(onnx, "PARITY_TOLERANCE", 1e-4)
-    if "predictor_scores_max_abs_diff" in report:
-        diff = number(report["predictor_scores_max_abs_diff"])
-        agreement = number(report.get("predictor_routing_agreement"))
-        checks[PREDICTOR] = [
-            check("scores_max_abs_diff", diff, tolerance, diff is not None and diff <= tolerance),
-            check("routing_agreement", agreement, 1.0, agreement == 1.0),
-        ]
-    if "dynamic_max_abs_diff" in report:
-        diff, bound = number(report["dynamic_max_abs_diff"]), getattr(onnx, "DYNAMIC_TOLERANCE", None)
-        checks[DYNAMIC] = [check("masked_dense_max_abs_diff", diff, bound, bound is None or diff <= bound)]
+    if report.get("predictor"):
+        checks[PREDICTOR] = [c for record in report["predictor"] for c in exactness_checks(record)]
+    if report.get("dynamic"):
+        checks[DYNAMIC] = exactness_checks(report["dynamic"], "masked_dense")
     return checks
+
+
+def fold_checks(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Variant name -> its fold check (folded vs masked PyTorch model, `passes/fold.py`)."""
+    return {str(r.get("variant")): exactness_checks(r) for r in report.get("variants", [])}
+
+
+def transformers_checks(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The dense model's check against `transformers` (`ifp_export/hf_check.py`); a skipped check is a passing
+    check whose detail says why it did not run."""
+    if not report:
+        return {}
+    if report.get("check"):
+        return {DENSE: exactness_checks(report["check"])}
+    return {DENSE: [check("transformers_max_rel_diff", None, None, report.get("ok"), report.get("skipped"))]}
 
 
 def coreml_checks(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -99,8 +102,8 @@ def coreml_checks(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         name = model_name(row.get("function"))
         detail = f"max|Δ| {row.get('max_abs_diff')} over {row.get('tensors')} tensors; {report.get('tolerance')}"
         checks[name] = [check("weights_error_over_bound", row.get("bound_ratio"), 1.0, row.get("ok"), detail)]
-    for name, diff in (report.get("parity_relative_max_abs_diff") or {}).items():
-        checks.setdefault(name, []).append(check("parity_relative_max_abs_diff", diff, None, True))
+    for name, record in (report.get("parity") or {}).items():
+        checks.setdefault(name, []).extend(exactness_checks(record, "parity"))
     return checks
 
 
@@ -126,6 +129,8 @@ def model_entries(ctx: Any, root: Path) -> list[dict[str, Any]]:
     export, OUT for validate), so call it before a failed export's staging dir is removed."""
     report = ctx.report
     by_target = {
+        "fold": fold_checks(report.get("fold_validation") or {}),
+        "transformers": transformers_checks(report.get("transformers_check") or {}),
         "onnx": onnx_checks(report.get("onnx_validation") or {}),
         "coreml": coreml_checks(report.get("coreml_validation") or {}),
     }

@@ -11,6 +11,7 @@ from ifp_export.artifacts import open_output
 from ifp_export.checkpoint import load_checkpoint
 from ifp_export.errors import IFPError
 from ifp_export.fold import mask_from_indices, read_kept_indices
+from ifp_export.model.config import DecoderConfig
 from ifp_export.passes.fold import KEPT_INDICES_FILE
 from ifp_export.passes.validate import ValidatePass
 from ifp_export.pipeline import ExportContext, ExportOptions, Variant
@@ -21,11 +22,39 @@ def validate_output(output: Path, checkpoint: Path) -> ExportContext:
     return ValidatePass().run(validation_context(output, checkpoint))
 
 
+MODEL_FACTS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+def check_model_facts(recorded: dict, config: DecoderConfig, checkpoint: Path) -> None:
+    """A checkpoint of another shape is the user's mistake (exit 2 naming the difference), not a failed export."""
+    differ = [
+        f"{key} {getattr(config, key)} (export: {recorded.get(key)})"
+        for key in MODEL_FACTS
+        if getattr(config, key) != recorded.get(key)
+    ]
+    if differ:
+        raise IFPError(
+            f"this checkpoint is not the one the export was made from: {', '.join(differ)}",
+            checkpoint,
+            "pass the --checkpoint OUTPUT was exported from",
+        )
+
+
 def validation_context(output: Path, checkpoint: Path) -> ExportContext:
     """The context `ValidatePass` checks OUT in (kept separate so a caller still has the figures it recorded
     when validation fails)."""
     manifest = open_output(output).manifest  # schema, containment, sha256 of every file
     ckpt = load_checkpoint(checkpoint)
+    check_model_facts(manifest["model"], ckpt.backbone.config, checkpoint)
     d_ff = ckpt.backbone.config.intermediate_size
     kept = read_kept_indices(output / KEPT_INDICES_FILE)
     for name, _, idx in kept:

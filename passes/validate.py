@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from ifp_export.errors import ValidationFailed
 from ifp_export.hf_check import check_checkpoint
 from ifp_export.memory import release_freed_memory
@@ -19,10 +17,12 @@ class ValidatePass:
 
     def run(self, ctx: ExportContext) -> ExportContext:
         hf = check_checkpoint(ctx.require("checkpoint", self.name))
-        ctx.report["transformers_check"] = dataclasses.asdict(hf) | {"ok": hf.ok}
+        ctx.report["transformers_check"] = hf.record()
         ctx.console.log(hf.summary())
         if not hf.ok:
-            raise ValidationFailed(f"our decoder differs from transformers' {hf.model_type}: {hf.summary()}")
+            raise ValidationFailed(
+                f"dense: our decoder differs from transformers' {hf.model_type}: {hf.exactness.text()}"
+            )
         for target in ctx.emitted:
             release_freed_memory()
             VALIDATORS[target](ctx)

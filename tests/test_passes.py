@@ -10,7 +10,7 @@ import torch
 from tiny import TASK_PROMPTS, console_text, make_checkpoint, run_export, write_tasks
 from transformers import AutoModelForCausalLM
 
-from ifp_export.errors import IFPError
+from ifp_export.errors import IFPError, ValidationFailed
 from ifp_export.fold import fold_decoder
 from ifp_export.masks import mask_iou
 from ifp_export.model.hf_io import load_decoder, save_decoder
@@ -118,7 +118,7 @@ def test_a_wrong_fold_fails_the_fold_check(checkpoint: Path, tmp_path: Path, mon
 
     ctx_variants = run_export(checkpoint, tmp_path / "ok", until="group").variants
     monkeypatch.setattr(fold_pass, "fold_decoder", wrong_fold)
-    with pytest.raises(RuntimeError, match=f"folded variant '{ctx_variants[-1].name}' differs from the masked model"):
+    with pytest.raises(ValidationFailed, match=f"fold: variant '{ctx_variants[-1].name}' folded_vs_masked: max"):
         run_export(checkpoint, tmp_path / "bad", until="fold")
 
 

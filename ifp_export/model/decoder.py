@@ -32,7 +32,20 @@ class Linear(nn.Linear):
     """`nn.Linear` whose weight may be stored in a lower precision than its input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float64 and self.weight.numel() > FLOAT64_CHUNK:
+            return chunked_linear(x, self.weight, self.bias)
         return F.linear(x, cast(self.weight, x.dtype), cast(self.bias, x.dtype))
+
+
+FLOAT64_CHUNK = 1 << 24  # weight elements a float64 forward (ifp_export.bounds' noise reference) upcasts at once
+
+
+def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias in x's dtype, upcasting a block of output rows at a time: a float64 lm_head of a
+    128k-token vocabulary would otherwise be a 4 GB copy."""
+    rows = max(1, FLOAT64_CHUNK // weight.shape[1])
+    out = torch.cat([F.linear(x, block.to(x.dtype)) for block in weight.split(rows)], dim=-1)
+    return out if bias is None else out + bias.to(x.dtype)
 
 
 class Embedding(nn.Embedding):
@@ -56,7 +69,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # fp32 at least; float64 for the noise reference
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return cast(self.weight, dtype) * x.to(dtype)
 

@@ -39,7 +39,7 @@ from ifp_export.targets.coreml.package import (
     package_weights_path,
 )
 from ifp_export.targets.coreml.parity import (
-    PARITY_TOLERANCE,
+    QUANTIZED_PARITY_TOLERANCE,
     coreml_parity,
     reference_cached,
     relative_diff,
@@ -65,8 +65,8 @@ __all__ = [
     "DECODER_STATES",
     "INT4_BLOCK_SIZE",
     "MAX_CONTEXT",
-    "PARITY_TOLERANCE",
     "PREDICTOR_PACKAGE",
+    "QUANTIZED_PARITY_TOLERANCE",
     "QUANTIZED_SUFFIX",
     "QUANTIZE_MODES",
     "BlobRef",

@@ -47,7 +47,7 @@ from ifp_export.targets.coreml.package import (
     package_spec_path,
     package_weights_path,
 )
-from ifp_export.targets.coreml.parity import coreml_parity, parity_tolerance
+from ifp_export.targets.coreml.parity import coreml_parity
 from ifp_export.targets.coreml.predictor import PREDICTOR_INPUTS, CoreMLPredictorRouter
 from ifp_export.targets.coreml.quantize import INT4_BLOCK_SIZE, QUANTIZED_SUFFIX
 from ifp_export.targets.onnx import DENSE_NAME, FFN_PARAMS
@@ -451,9 +451,10 @@ def validate_export(ctx: ExportContext) -> None:
     if sys.platform == "darwin":  # Core ML can predict only on macOS
         first = ctx.variants[0].prompt_indices[0]
         prompt = ckpt.tokenizer.encode(ckpt.tasks[first].prompt).ids
-        parity = coreml_parity(artifacts.decoder, artifacts.functions, reference, prompt)
-        ctx.report["coreml_validation"]["parity_relative_max_abs_diff"] = parity
-        ctx.console.log(f"Core ML vs PyTorch logits (prefill + 8 decode steps), relative max|Δ|: {parity}")
-        bad += [name for name, diff in parity.items() if diff > parity_tolerance(artifacts.quantize)]
+        parity = coreml_parity(artifacts.decoder, artifacts.functions, reference, prompt, quantize=artifacts.quantize)
+        ctx.report["coreml_validation"]["parity"] = {name: check.record() for name, check in parity.items()}
+        for name, check in parity.items():
+            ctx.console.log(f"Core ML {name} vs PyTorch logits (prefill + 8 cached decode steps): {check.text()}")
+        bad += [f"{name} {check.text()}" for name, check in parity.items() if not check.ok]
     if bad:
-        raise ValidationFailed(f"Core ML functions {bad} do not match the folded PyTorch models (see table)")
+        raise ValidationFailed(f"Core ML functions do not match the folded PyTorch models: {bad[0]} (see table)")

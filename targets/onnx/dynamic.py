@@ -14,7 +14,7 @@ import onnx_ir as ir
 import torch
 from tokenizers import Tokenizer
 
-from ifp_export.fold import relative_difference
+from ifp_export.bounds import Exactness, compare, reference_pair
 from ifp_export.masks import encode_prompts
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import SparsityPredictor
@@ -23,7 +23,6 @@ from ifp_export.ort import OrtDecoder, session
 from ifp_export.targets.onnx.ops import Binding
 
 DYNAMIC_NAME = "dynamic"
-DYNAMIC_TOLERANCE = 1e-5
 
 
 def emit_dynamic(
@@ -80,24 +79,37 @@ def check_dynamic(
     tokenizer: Tokenizer,
     prompts: list[str],
     k: int,
-) -> float:
-    """Max |Δlogits| / max(1, max|logits|) of dynamic.onnx (bound to each prompt's predicted neurons) vs the masked
-    dense model."""
+    greedy_tokens: int = 8,
+) -> Exactness:
+    """dynamic.onnx, bound to each prompt's predicted neurons, against the dense model masked the same way: ORT
+    prefills and greedy-decodes `greedy_tokens` through its cache, then the masked reference runs teacher-forced over
+    the same tokens in float32 and float64 (`ifp_export.bounds`); every position of every prompt is compared."""
 
     def source(spec: dict) -> np.ndarray:
         return np.memmap(directory / spec["file"], np.float32, "r", spec["offset"], tuple(spec["shape"]))
 
     decoder = OrtDecoder(session(directory / f"{DYNAMIC_NAME}.onnx", threads=1))
-    worst = 0.0
+    got, ref32, ref64 = [], [], []
     for prompt in prompts:
         ids, mask, _ = encode_prompts(tokenizer, [prompt], predictor.config.max_length)
         neuron_mask = hard_topk_mask(predictor(ids, mask)[0], k)
         kept = torch.stack([row.nonzero().flatten() for row in neuron_mask]).numpy()
         decoder.extra_feeds = gather_dynamic_feeds(ffn_inputs, kept, source)
-        tokens = torch.tensor([tokenizer.encode(prompt).ids])
-        expected, _ = dense(tokens, ffn_masks=neuron_mask)
-        got, _ = decoder(
-            tokens.numpy(), np.ones_like(tokens.numpy()), np.arange(tokens.shape[1])[None], decoder.empty_cache(1)
-        )
-        worst = max(worst, relative_difference(got, expected.numpy()))
-    return worst
+        tokens = tokenizer.encode(prompt).ids
+        steps = [decoder(*single_row(tokens), decoder.empty_cache(1))]
+        for _ in range(greedy_tokens):
+            tokens.append(int(steps[-1][0][0, -1].argmax()))
+            steps.append(decoder(*single_row(tokens, 1), steps[-1][1]))
+        got.append(np.concatenate([logits[0] for logits, _ in steps]))
+        expected32, expected64 = reference_pair(dense, torch.tensor([tokens]), ffn_masks=neuron_mask)
+        ref32.append(expected32[0])
+        ref64.append(expected64[0])
+    layers = dense.config.num_hidden_layers
+    return compare("dynamic", np.concatenate(got), np.concatenate(ref32), np.concatenate(ref64), layers)
+
+
+def single_row(tokens: list[int], last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, attention_mask and position_ids of one unpadded sequence (only its `last` tokens fed, if given)."""
+    start = 0 if last is None else len(tokens) - last
+    ids = np.asarray([tokens[start:]], np.int64)
+    return ids, np.ones((1, len(tokens)), np.int64), np.arange(start, len(tokens), dtype=np.int64)[None]

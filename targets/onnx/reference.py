@@ -1,9 +1,11 @@
-"""The PyTorch reference an ONNX decoder is validated against, run before its ORT session and kept small.
+"""The PyTorch reference an ONNX decoder is validated against, run after its ORT sessions and kept small.
 
 A model's reference streams the memory-mapped checkpoint a layer at a time (`WeightSource.streaming`) and keeps
-only its logits and tokens (`ReferenceRun`), so its pages and the ORT session's (the whole model) are never
-resident together. For a quantized export it computes with the weights the graph's MatMulNBits use (`dequantizing`: the
-model's own weights swapped for the dequantized ones and back, no fp32 twin of the dense model folded for it).
+only its logits (`ReferenceRun`), so its pages and the ORT session's (the whole model) are never resident together.
+It is teacher-forced: one forward over the prompts and the continuation ORT generated, in float32 and in float64 (the
+pair `ifp_export.bounds` derives the bound from), instead of one forward per generated token. For a quantized export
+it computes with the weights the graph's MatMulNBits use (`dequantizing`: the model's own weights swapped for the
+dequantized ones and back, no fp32 twin of the dense model folded for it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ifp_export.generate import greedy_generate, left_pad
+from ifp_export.bounds import reference_pair
 from ifp_export.model.decoder import CausalLM
 from ifp_export.targets.onnx.build import build_decoder
 from ifp_export.targets.onnx.ops import Binding, dequantized_sources
@@ -78,9 +80,9 @@ def dequantizing(model: CausalLM, quantize: str, release: Callable[[], None] = l
     """Within this block `model` computes with the weights the quantized graph's MatMulNBits use (dequantized once,
     on entry, a module at a time with `release()` after each: drops the source pages read); on exit its own weights
     are put back, so no fp32 twin of the model is folded for this. Dequantizing a layer as it runs would hold one
-    layer instead of the model, but re-quantizes every weight on each of a check's ~50 forward passes (~8 s per pass
-    at 100M parameters), so the dequantized weights are held for the block: validation runs it before, never beside,
-    the model's ORT sessions."""
+    layer instead of the model, but re-quantizes every weight on each forward pass (~8 s per pass at 100M parameters,
+    and the check makes two), so the dequantized weights are held for the block: validation runs it after, never
+    beside, the model's ORT sessions."""
     if quantize == "none":
         yield
         return
@@ -97,53 +99,26 @@ def dequantizing(model: CausalLM, quantize: str, release: Callable[[], None] = l
 
 @dataclass
 class ReferenceRun:
-    """What a model's PyTorch reference computes for its checks, kept small (logits and tokens), so the reference's
-    mapped weights and the ORT session's are never resident together: the reference runs first, then ORT."""
+    """What a model's PyTorch reference computes for its checks, kept small (logits only), so the reference's mapped
+    weights and the ORT session's are never resident together: ORT generates first, then the reference runs."""
 
-    padded: list[np.ndarray]  # left-padded batch: prefill logits, then each cached greedy decode step's
-    greedy: list[int]  # greedy continuation of the first prompt
-    unpadded: list[np.ndarray] | None  # first prompt unpadded (the GenAI graph's check): prefill + decode steps
-    fp32_prefill: np.ndarray | None = None  # quantized only: the fp32 model's prefill logits (quality figure)
+    ref32: np.ndarray  # [B, T, V] one uncached forward over the left-padded prompts + ORT's greedy continuation
+    ref64: np.ndarray  # the same forward in float64: the truth the checks measure against (`ifp_export.bounds`)
+    fp32: np.ndarray | None = None  # quantized only: the fp32 model's logits on the same tokens (quality figure)
 
 
 @torch.no_grad()
 def reference_run(
     reference: CausalLM,
-    prompts: list[list[int]],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
     quantize: str = "none",
-    unpadded: bool = False,
     release: Callable[[], None] = lambda: None,
-    decode_steps: int = 8,
-    greedy_tokens: int = 32,
 ) -> ReferenceRun:
-    """`reference` (fp32; for quantized exports run on the dequantized weights) on the
-    left-padded prompts: prefill, `decode_steps` cached steps feeding its own greedy token, greedy generation of
-    `greedy_tokens` tokens from the first prompt (no EOS stop), and the first prompt unpadded if `unpadded`."""
-    ids, mask = left_pad(prompts)
+    """`reference` (fp32; for quantized exports on the dequantized weights) teacher-forced over `ids` (left-padded
+    prompts + continuation, [B, T]): one forward in float32 and one in float64, whatever the continuation's length."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     fp32 = None if quantize == "none" else reference(ids, mask, positions)[0].numpy()
     with dequantizing(reference, quantize, release):
-        logits, past = reference(ids, mask, positions)
-        padded = [logits.numpy()]
-        for _ in range(decode_steps):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            mask = torch.cat((mask, torch.ones_like(token)), dim=1)
-            positions = positions[:, -1:] + 1
-            logits, past = reference(token, mask, positions, past)
-            padded.append(logits.numpy())
-        greedy = greedy_generate(reference, prompts[:1], greedy_tokens)[0]
-        single = unpadded_logits(reference, prompts[0], decode_steps) if unpadded else None
-    return ReferenceRun(padded, greedy, single, fp32)
-
-
-def unpadded_logits(reference: CausalLM, prompt: list[int], steps: int) -> list[np.ndarray]:
-    """`reference`'s logits on one unpadded prompt: prefill, then `steps` cached greedy decode steps."""
-    ids = torch.tensor([prompt])
-    logits, past = reference(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
-    out = [logits.numpy()]
-    for _ in range(steps):
-        length = ids.shape[1] + len(out)
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        logits, past = reference(token, torch.ones(1, length, dtype=torch.long), torch.tensor([[length - 1]]), past)
-        out.append(logits.numpy())
-    return out
+        ref32, ref64 = reference_pair(reference, ids, mask, positions)
+    return ReferenceRun(ref32, ref64, fp32)

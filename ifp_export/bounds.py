@@ -1,0 +1,144 @@
+"""The one rule every exactness check of the export applies (README "How exact is exact"; DESIGN section 10).
+
+Two equivalent fp32 computations of a model differ by rounding, and by how much depends on the model (depth, logit
+magnitude, a trained model's massive activations), so no constant fits every model. Each check measures its
+reference against itself instead: the same PyTorch forward on the same inputs in float64 (each weight upcast as its
+op runs, a layer at a time) and in float32.
+
+    scale = max(1, max |ref64|)
+    noise = max |ref32 - ref64| / scale
+    bound = max(NOISE_MULTIPLE * noise, FLOOR_ULPS * FP32_EPS * sqrt(layers + 1))
+    error = max |got - ref64| / scale           passes when error <= bound
+
+and top-1 is decisive: at every compared position `got`'s argmax must be ref64's, except where ref64's top-2 margin is
+within bound * scale (a near tie: counted and reported, never failed). The floor only matters when the measured noise
+is near zero (a model whose fp32 forward happens to be exact); the multiple leaves room for another kernel's
+reduction order (ORT's fused ops, a k-wide matmul instead of a masked d_ff-wide one), which measured 0.3-3x the
+reference's own noise on random, toy and trained weights, while a wrong FFN row, kept index or tensor moves the logits
+by orders of magnitude more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ifp_export.model.decoder import Embedding
+
+FP32_EPS = float(np.finfo(np.float32).eps)
+FP16_EPS = float(np.finfo(np.float16).eps)  # Core ML's compute precision: the noise scales by FP16_EPS / FP32_EPS
+NOISE_MULTIPLE = 16.0
+FLOOR_ULPS = 8.0
+RULE = (
+    f"max|got - ref64| / max(1, max|ref64|) <= max({NOISE_MULTIPLE:g} x noise, {FLOOR_ULPS:g} x fp32 eps x "
+    "sqrt(layers + 1)), noise = max|ref32 - ref64| / max(1, max|ref64|); top-1 = ref64's where its top-2 margin "
+    "exceeds the bound"
+)
+
+
+def scale_of(ref64: np.ndarray) -> float:
+    return max(1.0, float(np.abs(ref64).max()))
+
+
+def relative_noise(ref32: np.ndarray, ref64: np.ndarray) -> float:
+    """The reference's own fp32 rounding: max |ref32 - ref64| / max(1, max |ref64|)."""
+    return float(np.abs(np.asarray(ref32, np.float64) - ref64).max()) / scale_of(ref64)
+
+
+def bound_for(noise: float, layers: int, eps: float = FP32_EPS) -> float:
+    """The rule, for a computation that rounds at `eps` (fp32; fp16 for Core ML) given the reference's fp32 noise."""
+    return max(NOISE_MULTIPLE * noise * eps / FP32_EPS, FLOOR_ULPS * eps * math.sqrt(layers + 1))
+
+
+@dataclass(frozen=True)
+class Exactness:
+    """One exactness check's figures: `error` against `bound` (both relative to max(1, max|ref64|)), and top-1."""
+
+    name: str
+    error: float
+    noise: float
+    bound: float
+    positions: int
+    top1_disagreements: int  # where the reference's top-2 margin exceeds the bound: each one fails the check
+    near_ties: int  # top-1 differs where the reference's margin is within the bound: reported only
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound and self.top1_disagreements == 0
+
+    def text(self) -> str:
+        ties = f", {self.near_ties} near ties" if self.near_ties else ""
+        return (
+            f"{self.name}: max|Δ| {self.error:.2e} (bound {self.bound:.2e} = rule on fp32 noise {self.noise:.1e}), "
+            f"top-1 differs at {self.top1_disagreements} of {self.positions} positions{ties}"
+        )
+
+    def record(self) -> dict:
+        """For the report and the summary's checks."""
+        return {
+            "name": self.name,
+            "error": self.error,
+            "noise": self.noise,
+            "bound": self.bound,
+            "positions": self.positions,
+            "top1_disagreements": self.top1_disagreements,
+            "near_ties": self.near_ties,
+            "ok": self.ok,
+        }
+
+
+def compare(
+    name: str,
+    got: np.ndarray,
+    ref32: np.ndarray,
+    ref64: np.ndarray,
+    layers: int,
+    noise: float | None = None,
+    eps: float = FP32_EPS,
+    fixed_bound: float | None = None,
+) -> Exactness:
+    """`got` against the float64 reference, rows [..., V] (vocabulary, variants, neurons: top-1 is over the last axis)
+    already restricted to the positions that count. `noise` may be given when `ref32` belongs to a larger comparison
+    (the same reference run); `eps` is the precision `got` computes in; `fixed_bound` replaces the rule for the one
+    check whose reference does not compute what the graph does (Core ML with quantized weights vs the fp32 model)."""
+    width = ref64.shape[-1]
+    got, ref64 = np.asarray(got, np.float64).reshape(-1, width), ref64.reshape(-1, width)
+    scale = scale_of(ref64)
+    noise = relative_noise(np.reshape(ref32, (-1, width)), ref64) if noise is None else noise
+    bound = bound_for(noise, layers, eps) if fixed_bound is None else fixed_bound
+    error = float(np.abs(got - ref64).max()) / scale
+    differs = got.argmax(-1) != ref64.argmax(-1)
+    top2 = np.sort(ref64, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > bound * scale
+    return Exactness(
+        name, error, noise, bound, len(ref64), int((differs & decisive).sum()), int((differs & ~decisive).sum())
+    )
+
+
+@contextmanager
+def float64(model: nn.Module) -> Iterator[None]:
+    """Within this block `model` (a `CausalLM`, or anything over our `Embedding`s whose other ops follow their input's
+    dtype) computes in float64: the embeddings' rows are upcast and every later op follows (each weight upcast as its
+    op runs), so no float64 copy of the model is made."""
+    upcast = lambda module, args, output: output.double()  # noqa: E731
+    handles = [m.register_forward_hook(upcast) for m in model.modules() if isinstance(m, Embedding)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def reference_pair(model: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The model's logits in float32 and float64 on the same inputs (two uncached forward passes)."""
+    ref32 = model(*args, **kwargs)[0].numpy()
+    with float64(model):
+        ref64 = model(*args, **kwargs)[0].numpy()
+    return ref32, ref64
