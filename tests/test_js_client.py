@@ -129,7 +129,7 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def export_dir(exported: ExportContext | Path) -> Path:
-    """The output directory of a full export (`sample_export`) or of an ONNX-only one (`sample_int4_export`)."""
+    """The output directory of a full export (`sample_export`) or of an ONNX-only one (`sample_int4_export`, ...)."""
     return exported.workdir if isinstance(exported, ExportContext) else exported
 
 
@@ -163,7 +163,7 @@ def node_answers(example: Path, out: Path, runtime: Path, prompts: list[str]) ->
 @pytest.mark.parametrize(
     ("package", "version"), [(package, version) for package, versions in RELEASES.items() for version in versions]
 )
-@pytest.mark.parametrize("exported", ["sample_export", "sample_int4_export"])
+@pytest.mark.parametrize("exported", ["sample_export", "sample_int8_export", "sample_int4_export"])
 def test_node_client_equals_python_runtime(
     example: Path, exported: str, package: str, version: str, request: pytest.FixtureRequest
 ) -> None:
@@ -270,7 +270,7 @@ def static_server(example: Path) -> Iterator[str]:
         server.server_close()
 
 
-@pytest.mark.parametrize("exported", ["sample_export", "sample_int4_export"])
+@pytest.mark.parametrize("exported", ["sample_export", "sample_int8_export", "sample_int4_export"])
 def test_browser_page_equals_python_runtime(
     example: Path, static_server: str, exported: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
