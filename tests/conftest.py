@@ -41,6 +41,12 @@ def sample_export(tmp_path_factory: pytest.TempPathFactory) -> ExportContext:
 
 
 @pytest.fixture(scope="session")
+def sample_int8_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample's ONNX files with `--quantize int8` (only the passes an ONNX app needs)."""
+    return onnx_only_export(tmp_path_factory.mktemp("sample_int8") / "out", quantize="int8")
+
+
+@pytest.fixture(scope="session")
 def sample_int4_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled sample's ONNX files with `--quantize int4` (only the passes an ONNX app needs)."""
     return onnx_only_export(tmp_path_factory.mktemp("sample_int4") / "out", quantize="int4")

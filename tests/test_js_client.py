@@ -129,7 +129,7 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def export_dir(exported: ExportContext | Path) -> Path:
-    """The output directory of a full export (`sample_export`) or of an ONNX-only one (`sample_int4_export`)."""
+    """The output directory of a full export (`sample_export`) or of an ONNX-only one (`sample_int4_export`, ...)."""
     return exported.workdir if isinstance(exported, ExportContext) else exported
 
 
@@ -163,7 +163,7 @@ def node_answers(example: Path, out: Path, runtime: Path, prompts: list[str]) ->
 @pytest.mark.parametrize(
     ("package", "version"), [(package, version) for package, versions in RELEASES.items() for version in versions]
 )
-@pytest.mark.parametrize("exported", ["sample_export", "sample_int4_export"])
+@pytest.mark.parametrize("exported", ["sample_export", "sample_int8_export", "sample_int4_export"])
 def test_node_client_equals_python_runtime(
     example: Path, exported: str, package: str, version: str, request: pytest.FixtureRequest
 ) -> None:
@@ -183,20 +183,40 @@ def test_node_client_equals_python_runtime(
     assert got[-1]["route"]["truncated"], "the long prompt must exceed the predictor's max_length"
 
 
-def test_damaged_file_is_refused(example: Path, sample_export: ExportContext, tmp_path: Path) -> None:
-    """A data file that differs from the manifest (one flipped bit, as a broken download) is refused before any
-    session runs on it: exit 2, one line naming the file."""
-    out = tmp_path / "out"
-    shutil.copytree(sample_export.workdir, out)
+def flip_a_bit(out: Path) -> str:
     data = out / "onnx" / "decoder_shared.onnx_data"
     damaged = bytearray(data.read_bytes())
     damaged[len(damaged) // 2] ^= 1
     data.write_bytes(bytes(damaged))
-    web = runtime_package("onnxruntime-web", RELEASES["onnxruntime-web"][-1])
-    result = run_cli(example, out, web, ["add 45+12="])
+    return "error: onnx/decoder_shared.onnx_data does not match manifest.json"
+
+
+def point_outside(out: Path) -> str:
+    manifest = json.loads((out / "manifest.json").read_text())
+    outside = "../elsewhere/predictor.onnx"
+    manifest["predictor"]["onnx"]["model"] = outside
+    manifest["files"].append({"path": outside, "size": 1, "sha256": "0" * 64})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return f"error: {outside} is not a file listed inside the export's manifest.json"
+
+
+# onnxruntime-node opens the models itself (`localPath`): only their paths are checked; onnxruntime-web gets their
+# bytes, checked against the manifest's sizes and sha256 too.
+@pytest.mark.parametrize(
+    ("damage", "package"),
+    [(flip_a_bit, "onnxruntime-web"), (point_outside, "onnxruntime-web"), (point_outside, "onnxruntime-node")],
+)
+def test_damaged_export_is_refused(
+    example: Path, sample_export: ExportContext, tmp_path: Path, damage: Callable[[Path], str], package: str
+) -> None:
+    """A data file that differs from the manifest (one flipped bit, as a broken download) or a path leaving the
+    export is refused before any session runs on it: exit 2, one line naming the file."""
+    out = tmp_path / "out"
+    shutil.copytree(sample_export.workdir, out)
+    expected = damage(out)
+    result = run_cli(example, out, runtime_package(package, RELEASES[package][-1]), ["add 45+12="])
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("error: onnx/decoder_shared.onnx_data does not match manifest.json"), result.stderr
-    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(expected) and len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_graph_above_the_runtime_is_refused(example: Path, sample_export: ExportContext, tmp_path: Path) -> None:
@@ -270,7 +290,7 @@ def static_server(example: Path) -> Iterator[str]:
         server.server_close()
 
 
-@pytest.mark.parametrize("exported", ["sample_export", "sample_int4_export"])
+@pytest.mark.parametrize("exported", ["sample_export", "sample_int8_export", "sample_int4_export"])
 def test_browser_page_equals_python_runtime(
     example: Path, static_server: str, exported: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

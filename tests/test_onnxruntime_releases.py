@@ -27,7 +27,6 @@ import onnx
 import pytest
 import torch
 from rich.console import Console
-from tiny import onnx_only_export
 
 from ifp_export.errors import ValidationFailed
 from ifp_export.pipeline import ExportContext
@@ -99,15 +98,11 @@ def expected_results(root: Path, prompts: list[str]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def exports(
-    sample_export: ExportContext,
-    sample_int4_export: Path,
-    dynamic_export: ExportContext,
-    tmp_path_factory: pytest.TempPathFactory,
+    sample_export: ExportContext, sample_int8_export: Path, sample_int4_export: Path, dynamic_export: ExportContext
 ) -> dict[str, dict]:
     """label -> {"dir", "prompts" (token ids), "expected"} for fp32, int8, int4 and dynamic exports."""
-    root = tmp_path_factory.mktemp("releases")
     dirs = {"fp32": (sample_export.workdir, sample_export)}
-    dirs["int8"] = (onnx_only_export(root / "int8", quantize="int8"), sample_export)
+    dirs["int8"] = (sample_int8_export, sample_export)
     dirs["int4"] = (sample_int4_export, sample_export)
     dirs["dynamic (tiny)"] = (dynamic_export.workdir, dynamic_export)
     table = {}

@@ -27,6 +27,9 @@
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
+// A path inside the export (the manifest schema's `relpath`): not absolute, no `..`, no `\` or `:` (no URL scheme).
+const RELATIVE_PATH = /^(?!\/)(?!.*(^|\/)\.\.(\/|$))[^\\:]+$/;
+
 /** The export's files over HTTP(S), relative to `baseUrl` (a browser, or any runtime with `fetch`). */
 export function httpFiles(baseUrl, fetchImpl = globalThis.fetch) {
   const base = new URL(baseUrl, globalThis.location?.href);
@@ -69,10 +72,18 @@ export class IfpClient {
     this.sessions = new Map(); // variant name -> session, in least-recently-used order
   }
 
+  /** The manifest's entry of a file inside the export (anything else is refused). */
+  listedFile(path) {
+    const listed = this.listed.get(path);
+    if (!listed || !RELATIVE_PATH.test(path)) {
+      throw new Error(`${path} is not a file listed inside the export's manifest.json: re-export, or copy it whole`);
+    }
+    return listed;
+  }
+
   /** A file's bytes, checked against its manifest entry (size; sha256 where `crypto.subtle` exists). */
   async read(path) {
-    const listed = this.listed.get(path);
-    if (!listed) throw new Error(`${path} is not listed in manifest.json: re-export, or copy the whole export`);
+    const listed = this.listedFile(path);
     const bytes = await this.files.bytes(path);
     const subtle = globalThis.crypto?.subtle;
     const digest = subtle ? hex(await subtle.digest("SHA-256", bytes)) : listed.sha256;
@@ -95,6 +106,7 @@ export class IfpClient {
   async createSession(entry) {
     this.checkFloor(entry);
     if (this.files.localPath) {
+      [entry.model, ...entry.data].forEach((path) => this.listedFile(path));
       return this.ort.InferenceSession.create(this.files.localPath(entry.model), this.sessionOptions);
     }
     const folder = entry.model.slice(0, entry.model.lastIndexOf("/") + 1);
