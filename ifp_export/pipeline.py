@@ -35,6 +35,7 @@ class ExportOptions:
     seed: int = 0
     quantize: str = "none"  # none | int8 | int4 (weight-only, per target)
     mode: str = "static"  # static | dynamic (also emit the per-prompt pruned decoder)
+    checks: str = "full"  # full | quick (validation: dense + one variant in full, the others by one forward)
 
 
 @dataclass
