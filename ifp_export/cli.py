@@ -68,6 +68,14 @@ def cli() -> None:
     help="dynamic: also emit onnx/dynamic.onnx, pruned per prompt from the predictor's own top-k (fp32 only).",
 )
 @click.option(
+    "--checks",
+    type=click.Choice(["full", "quick"]),
+    default="full",
+    show_default=True,
+    help="quick: validate the dense model and the first variant in full, the other variants by one forward over "
+    "their prompts (the summary says which); for the inner loop, never for a release.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
 )
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
@@ -87,6 +95,7 @@ def export(
     heldout: Path | None,
     quantize: str,
     mode: str,
+    checks: str,
     as_json: bool,
     junit: Path | None,
     batch_size: int,
@@ -124,6 +133,7 @@ def export(
             batch_size=batch_size,
             quantize=quantize,
             mode=mode,
+            checks=checks,
         )
         with staged_directory(output, force=force, checked=True) as stage:
             ctx = ExportContext(options=options, workdir=stage)
@@ -220,8 +230,16 @@ def emit_results(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
 )
+@click.option(
+    "--checks",
+    type=click.Choice(["full", "quick"]),
+    default="full",
+    show_default=True,
+    help="quick: validate the dense model and the first variant in full, the other variants by one forward over "
+    "their prompts (the summary says which); for the inner loop, never for a release.",
+)
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
-def validate(output: Path, checkpoint: Path | None, as_json: bool, junit: Path | None) -> None:
+def validate(output: Path, checkpoint: Path | None, checks: str, as_json: bool, junit: Path | None) -> None:
     """Re-run the validation of an export in OUTPUT against its checkpoint (ONNX Runtime vs PyTorch)."""
     import time
 
@@ -231,7 +249,7 @@ def validate(output: Path, checkpoint: Path | None, as_json: bool, junit: Path |
 
     ctx, models = None, None
     try:
-        ctx = validation_context(output, checkpoint or bundled_sample())
+        ctx = validation_context(output, checkpoint or bundled_sample(), checks)
         start = time.perf_counter()
         try:
             ValidatePass().run(ctx)
