@@ -381,3 +381,25 @@ def test_a_failed_coreml_weight_check_names_its_figures(
     assert f"{name} weights: max|Δ|" in line and "fp16-exact False" in line
     assert f"coreml:{name}" in json.loads(stdout)["failed"]
     assert f"ifp-export.coreml.{name}" in failures(junit)
+
+
+def test_quick_checks_say_which_ran_and_still_catch_a_wrong_row(
+    tiny_out: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """26.4: `--checks quick` checks dense and the first variant in full, the others by one forward over their
+    prompts: the summary names which, and a wrong FFN row in a variant checked quickly still fails (exit 3)."""
+    checkpoint, source = tiny_out
+    out = Path(shutil.copytree(source, tmp_path / "out"))
+    names = [v["name"] for v in json.loads((out / "manifest.json").read_text())["variants"]]
+    args = ["validate", str(out), "--checkpoint", str(checkpoint), "--checks", "quick", "--json"]
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["targets"]["onnx"]["checks"] == "quick"
+    assert summary["targets"]["onnx"]["checked_in_full"] == sorted(["dense", names[0]])
+    onnx_checks = {m["name"]: {c["name"] for c in m["checks"]} for m in summary["models"] if m["target"] == "onnx"}
+    assert "cached_max_rel_diff" in onnx_checks[names[0]] and "cached_max_rel_diff" in onnx_checks["dense"]
+    assert onnx_checks[names[1]] == {"uncached_max_rel_diff", "uncached_top1_disagreements"}
+    wrong_ffn_row(out, names[1])
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 3 and json.loads(stdout)["failed"] == [f"onnx:{names[1]}"], stderr
