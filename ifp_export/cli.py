@@ -82,6 +82,14 @@ def cli() -> None:
     "in place of its lowest-ranked others (k unchanged).",
 )
 @click.option(
+    "--checks",
+    type=click.Choice(["full", "quick"]),
+    default="full",
+    show_default=True,
+    help="quick: validate the dense model and the first variant in full, the other variants by one forward over "
+    "their prompts (the summary says which); for the inner loop, never for a release.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
 )
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
@@ -103,6 +111,7 @@ def export(
     mode: str,
     min_onnxruntime: str,
     keep_massive_neurons: bool,
+    checks: str,
     as_json: bool,
     junit: Path | None,
     batch_size: int,
@@ -144,6 +153,7 @@ def export(
             mode=mode,
             min_onnxruntime=floor,
             keep_massive_neurons=keep_massive_neurons,
+            checks=checks,
         )
         with staged_directory(output, force, inputs, previous_export, checked=True) as stage:
             ctx = ExportContext(options=options, workdir=stage)
@@ -240,8 +250,16 @@ def emit_results(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
 )
+@click.option(
+    "--checks",
+    type=click.Choice(["full", "quick"]),
+    default="full",
+    show_default=True,
+    help="quick: validate the dense model and the first variant in full, the other variants by one forward over "
+    "their prompts (the summary says which); for the inner loop, never for a release.",
+)
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
-def validate(output: Path, checkpoint: Path | None, as_json: bool, junit: Path | None) -> None:
+def validate(output: Path, checkpoint: Path | None, checks: str, as_json: bool, junit: Path | None) -> None:
     """Re-run the validation of an export in OUTPUT against its checkpoint (ONNX Runtime vs PyTorch)."""
     import time
 
@@ -251,7 +269,7 @@ def validate(output: Path, checkpoint: Path | None, as_json: bool, junit: Path |
 
     ctx, models = None, None
     try:
-        ctx = validation_context(output, checkpoint or bundled_sample())
+        ctx = validation_context(output, checkpoint or bundled_sample(), checks)
         start = time.perf_counter()
         try:
             ValidatePass().run(ctx)

@@ -37,6 +37,7 @@ class ExportOptions:
     mode: str = "static"  # static | dynamic (also emit the per-prompt pruned decoder)
     min_onnxruntime: str = "1.20"  # the oldest onnxruntime release the ONNX graphs must run on (targets/onnx/floor.py)
     keep_massive_neurons: bool = False  # force the dense model's massive-activation neurons into every variant
+    checks: str = "full"  # full | quick (validation: dense + one variant in full, the others by one forward)
 
 
 @dataclass

@@ -169,6 +169,8 @@ def target_entries(report: dict[str, Any]) -> dict[str, Any]:
                 "quantize": record.get("quantize"),
                 "tolerance": record.get("tolerance"),
             }
+            if "checks" in record:  # full, or quick: which models were checked in full (the others by one forward)
+                targets[target] |= {"checks": record["checks"], "checked_in_full": record.get("checked_in_full")}
     return targets
 
 

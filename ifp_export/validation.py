@@ -18,8 +18,8 @@ from ifp_export.pipeline import ExportContext, ExportOptions, Variant
 from ifp_export.targets import coreml, onnx
 
 
-def validate_output(output: Path, checkpoint: Path) -> ExportContext:
-    return ValidatePass().run(validation_context(output, checkpoint))
+def validate_output(output: Path, checkpoint: Path, checks: str = "full") -> ExportContext:
+    return ValidatePass().run(validation_context(output, checkpoint, checks))
 
 
 MODEL_FACTS = (
@@ -49,7 +49,7 @@ def check_model_facts(recorded: dict, config: DecoderConfig, checkpoint: Path) -
         )
 
 
-def validation_context(output: Path, checkpoint: Path) -> ExportContext:
+def validation_context(output: Path, checkpoint: Path, checks: str = "full") -> ExportContext:
     """The context `ValidatePass` checks OUT in (kept separate so a caller still has the figures it recorded
     when validation fails)."""
     manifest = open_output(output).manifest  # schema, containment, sha256 of every file
@@ -64,7 +64,7 @@ def validation_context(output: Path, checkpoint: Path) -> ExportContext:
                 output / KEPT_INDICES_FILE,
                 "pass the --checkpoint this output was exported from",
             )
-    options = ExportOptions(checkpoint=checkpoint, output=output)
+    options = ExportOptions(checkpoint=checkpoint, output=output, checks=checks)
     ctx = ExportContext(options, workdir=output, console=Console(stderr=True))
     # k is the output's (an export made with --keep differs from the checkpoint's ifp.json)
     ctx.checkpoint, ctx.k_per_layer = ckpt, [int(manifest["model"]["k"])] * ckpt.backbone.config.num_hidden_layers

@@ -351,3 +351,55 @@ def test_float64_linear_upcasts_a_block_of_rows_at_a_time(monkeypatch: pytest.Mo
     expected = torch.nn.functional.linear(x, linear.weight.double(), linear.bias.double())
     assert torch.allclose(linear(x), expected, rtol=0, atol=1e-12)
     assert linear(x.float()).dtype == torch.float32
+
+
+def test_a_failed_coreml_weight_check_names_its_figures(
+    tiny_out: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One Core ML function's down_proj scaled by 1.5 in weight.bin (the manifest vouching for it): exit 3, one line
+    with the function and its figures, the function failed in JSON and JUnit."""
+    from ifp_export.targets import coreml
+
+    checkpoint, source = tiny_out
+    out = Path(shutil.copytree(source, tmp_path / "out"))
+    package = out / "coreml" / coreml.DECODER_PACKAGE
+    spec = coreml.coremltools().utils.load_spec(str(package))
+    name = json.loads((out / "manifest.json").read_text())["variants"][0]["name"]
+    ref = coreml.function_blobs(spec, name)[coreml.const_name("model.layers.0.mlp.down_proj.weight")]
+    path = coreml.package_weights_path(package)
+    data = bytearray(path.read_bytes())
+    _, start, size = coreml.blob_data_range(data, ref.offset)
+    values = np.frombuffer(bytes(data[start : start + size]), dtype="<f2") * np.float16(1.5)
+    data[start : start + size] = values.astype("<f2").tobytes()
+    path.write_bytes(bytes(data))
+    refresh(out, path.relative_to(out).as_posix())
+    junit = tmp_path / "v.xml"
+    args = ["validate", str(out), "--checkpoint", str(checkpoint), "--json", "--junit", str(junit)]
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 3, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert f"{name} weights: max|Δ|" in line and "fp16-exact False" in line
+    assert f"coreml:{name}" in json.loads(stdout)["failed"]
+    assert f"ifp-export.coreml.{name}" in failures(junit)
+
+
+def test_quick_checks_say_which_ran_and_still_catch_a_wrong_row(
+    tiny_out: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """26.4: `--checks quick` checks dense and the first variant in full, the others by one forward over their
+    prompts: the summary names which, and a wrong FFN row in a variant checked quickly still fails (exit 3)."""
+    checkpoint, source = tiny_out
+    out = Path(shutil.copytree(source, tmp_path / "out"))
+    names = [v["name"] for v in json.loads((out / "manifest.json").read_text())["variants"]]
+    args = ["validate", str(out), "--checkpoint", str(checkpoint), "--checks", "quick", "--json"]
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["targets"]["onnx"]["checks"] == "quick"
+    assert summary["targets"]["onnx"]["checked_in_full"] == sorted(["dense", names[0]])
+    onnx_checks = {m["name"]: {c["name"] for c in m["checks"]} for m in summary["models"] if m["target"] == "onnx"}
+    assert "cached_max_rel_diff" in onnx_checks[names[0]] and "cached_max_rel_diff" in onnx_checks["dense"]
+    assert onnx_checks[names[1]] == {"uncached_max_rel_diff", "uncached_top1_disagreements"}
+    wrong_ffn_row(out, names[1])
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 3 and json.loads(stdout)["failed"] == [f"onnx:{names[1]}"], stderr

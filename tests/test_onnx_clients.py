@@ -155,7 +155,7 @@ def wide_heads(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportContext,
 def test_head_dim_model_validates_and_runs_in_og(wide_heads: tuple[ExportContext, Path]) -> None:
     ctx, directory = wide_heads
     rows, routing = validate(ctx.emitted["onnx"], **validation_inputs(ctx))
-    assert all(r.ok for r in rows) and routing[1] == 1.0
+    assert all(r.ok for r in rows) and all(check.ok for check in routing)
     variant = ctx.variants[0]
     prompt = ctx.checkpoint.tokenizer.encode(ctx.checkpoint.tasks[variant.prompt_indices[0]].prompt).ids
     expected = greedy_generate(fold_decoder(ctx.checkpoint.backbone, variant.kept), [prompt], 10, eos_id=2)[0]

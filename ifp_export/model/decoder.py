@@ -37,7 +37,7 @@ class Linear(nn.Linear):
         return F.linear(x, cast(self.weight, x.dtype), cast(self.bias, x.dtype))
 
 
-FLOAT64_CHUNK = 1 << 24  # weight elements a float64 forward (ifp_export.bounds' noise reference) upcasts at once
+FLOAT64_CHUNK = 1 << 22  # weight elements a float64 forward (ifp_export.bounds' noise reference) upcasts at once
 
 
 def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

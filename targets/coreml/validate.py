@@ -406,6 +406,14 @@ def open_artifacts(
     )
 
 
+def weights_failure(row: FunctionCheck) -> str:
+    """One failed function's figures for the one-line error (the table has the rest)."""
+    return (
+        f"{row.function} weights: max|Δ| {row.max_abs_diff:.2e} vs PyTorch, {row.bound_ratio:.2f} x the quantization "
+        f"bound, fp16-exact {row.fp16_exact}, IO as specified {row.io_ok}, {len(row.missing)} tensors missing"
+    )
+
+
 def validate_export(ctx: ExportContext) -> None:
     """Check the context's Core ML packages structurally, print the table, raise if anything is off."""
     artifacts: CoreMLArtifacts = ctx.emitted["coreml"]
@@ -447,7 +455,7 @@ def validate_export(ctx: ExportContext) -> None:
     over = [r.function for r in rows if r.residual_peak is not None and r.residual_peak >= FP16_MAX]
     if over:
         ctx.console.log(f"warning: Core ML functions {over} reach {FP16_MAX:g} in fp32: fp16 activations overflow")
-    bad = [r.function for r in [*rows, predictor] if not r.ok]
+    bad = [weights_failure(r) for r in [*rows, predictor] if not r.ok]
     if sys.platform == "darwin":  # Core ML can predict only on macOS
         first = ctx.variants[0].prompt_indices[0]
         prompt = ckpt.tokenizer.encode(ckpt.tasks[first].prompt).ids

@@ -123,6 +123,8 @@ def generate_cached(decoder: OrtDecoder, prompts: list[list[int]], tokens: int) 
         ids, mask = np.concatenate((ids, token), axis=1), np.concatenate((mask, np.ones_like(token)), axis=1)
         logits, past = decoder(token, mask, positions_of(mask)[:, -1:], past)
         steps.append(logits)
+    if tokens == 0:  # one forward over the prompts (`--checks quick`): nothing was decoded through the cache
+        return OrtRun(ids, mask, steps[0], steps[0])
     uncached, _ = decoder(ids, mask, positions_of(mask), decoder.empty_cache(len(prompts)))
     return OrtRun(ids, mask, np.concatenate(steps, axis=1), uncached)
 
@@ -145,13 +147,19 @@ def genai_cached(sess: ort.InferenceSession, tokens: list[int], prompt_length: i
 
 
 def run_onnx(
-    path: Path, prompts: list[list[int]], quantize: str, resident: ResidentWeights, genai_path: Path | None
+    path: Path,
+    prompts: list[list[int]],
+    quantize: str,
+    resident: ResidentWeights,
+    genai_path: Path | None,
+    tokens: int = GREEDY_TOKENS,
 ) -> OrtRun:
-    """ONNX checker, ORT load, the cached greedy continuation and the uncached forward (a quantized graph: its
-    accuracy_level 0 twin, plus the shipped graph uncached), and the GenAI-flavour graph on the first prompt."""
+    """ONNX checker, ORT load, the cached greedy continuation of `tokens` tokens and the uncached forward (a quantized
+    graph: its accuracy_level 0 twin, plus the shipped graph uncached), and the GenAI-flavour graph on the first
+    prompt (if given)."""
     onnx.checker.check_model(str(path))
     if quantize != "none":  # the exact twin generates and is dropped before the shipped graph loads
-        run = generate_cached(OrtDecoder(exact_session(path, resident)), prompts, GREEDY_TOKENS)
+        run = generate_cached(OrtDecoder(exact_session(path, resident)), prompts, tokens)
     start = time.perf_counter()
     decoder = decoder_session(path, resident)
     load_seconds = time.perf_counter() - start
@@ -159,7 +167,7 @@ def run_onnx(
     if quantize != "none":
         shipped, _ = decoder(run.ids, run.mask, positions_of(run.mask), decoder.empty_cache(len(prompts)))
     else:
-        run = generate_cached(decoder, prompts, GREEDY_TOKENS)
+        run = generate_cached(decoder, prompts, tokens)
     del decoder  # one session of this model at a time: its own FFN weights are not held twice
     run.shipped, run.load_seconds = shipped, load_seconds
     if genai_path is not None:
@@ -170,16 +178,18 @@ def run_onnx(
     return run
 
 
-def compare_run(name: str, run: OrtRun, expected: ReferenceRun, layers: int, quantize: str) -> ValidationRow:
+def compare_run(
+    name: str, run: OrtRun, expected: ReferenceRun, layers: int, quantize: str, tokens: int
+) -> ValidationRow:
     """Every position of every row, cached and uncached, against the float64 reference, under the bound its own
-    fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check."""
+    fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check. Without generated tokens
+    (`--checks quick`) the one forward over the prompts is the only check."""
     valid = run.mask.astype(bool)
     ref32, ref64 = expected.ref32[valid], expected.ref64[valid]
     noise = relative_noise(ref32, ref64)
-    checks = [
-        compare("uncached", run.uncached[valid], ref32, ref64, layers, noise),
-        compare("cached", run.cached[valid], ref32, ref64, layers, noise),
-    ]
+    checks = [compare("uncached", run.uncached[valid], ref32, ref64, layers, noise)]
+    if tokens:
+        checks.append(compare("cached", run.cached[valid], ref32, ref64, layers, noise))
     if run.genai is not None:
         first = valid[0]
         checks.append(compare("genai", run.genai, expected.ref32[0][first], expected.ref64[0][first], layers))
@@ -189,7 +199,7 @@ def compare_run(name: str, run: OrtRun, expected: ReferenceRun, layers: int, qua
         quality["fp32_prefill_diff"] = float(np.abs(shipped - fp32).max())
         quality["fp32_top1_agreement"] = float((shipped.argmax(-1) == fp32.argmax(-1)).mean())
         quality["shipped_prefill_diff"] = float(np.abs(shipped - ref32).max())
-    return ValidationRow(name, run.load_seconds, quantize, GREEDY_TOKENS, checks, **quality)
+    return ValidationRow(name, run.load_seconds, quantize, tokens, checks, **quality)
 
 
 @torch.no_grad()
@@ -234,25 +244,36 @@ def validate(
     variant_masks: torch.Tensor,
     tokenizer: Tokenizer,
     routing_prompts: list[str],
+    checks: str = "full",
 ) -> tuple[list[ValidationRow], list[Exactness]]:
     """Check every decoder model: its ORT sessions generate first (cached and uncached logits kept), then its PyTorch
     reference (one alive at a time, streaming the mapped checkpoint a layer at a time) runs teacher-forced over the
-    same tokens in float32 and float64; then the predictor graph's scores and routing."""
+    same tokens in float32 and float64; then the predictor graph's scores and routing. `checks="quick"`: the dense
+    model and the first variant in full, every other variant by one forward over its prompts (its weights, graph and
+    binding; no generation, no GenAI graph)."""
     rows = []
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     layers = backbone.config.num_hidden_layers
+    in_full = full_models(kept, checks)
     for name, reference in references(backbone, weights, kept):
-        genai = artifacts.genai_models.get(name)
-        run = run_onnx(artifacts.models[name], prompts[name], artifacts.quantize, resident, genai)
+        tokens, genai = (GREEDY_TOKENS, artifacts.genai_models.get(name)) if name in in_full else (0, None)
+        run = run_onnx(artifacts.models[name], prompts[name], artifacts.quantize, resident, genai, tokens)
         release_freed_memory()
         with weights.streaming(backbone, reference):
             ids, mask = torch.from_numpy(run.ids), torch.from_numpy(run.mask)
             expected = reference_run(reference, ids, mask, artifacts.quantize, weights.release)
         del reference
         weights.release()
-        rows.append(compare_run(artifacts.models[name].name, run, expected, layers, artifacts.quantize))
+        rows.append(compare_run(artifacts.models[name].name, run, expected, layers, artifacts.quantize, tokens))
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
+
+
+def full_models(kept: dict[str, torch.Tensor | None], checks: str) -> set[str]:
+    """The models checked in full: all, or (`quick`) the dense model and the first variant."""
+    if checks == "full":
+        return set(kept)
+    return {DENSE_NAME, next(name for name in kept if name != DENSE_NAME)}
 
 
 def tolerance_text(quantize: str) -> str:
@@ -278,7 +299,7 @@ def validation_table(rows: list[ValidationRow], routing: list[Exactness]) -> Tab
     for r in rows:
         uncached, cached, genai_check = r.check("uncached"), r.check("cached"), r.check("genai")
         cells = [r.model, f"{r.load_seconds:.2f}", f"{uncached.noise:.1e}", f"{uncached.bound:.1e}"]
-        cells += [f"{uncached.error:.1e}", f"{cached.error:.1e}"]
+        cells += [f"{uncached.error:.1e}", "-" if cached is None else f"{cached.error:.1e}"]
         if genai:
             cells.append("-" if genai_check is None else f"{genai_check.error:.1e}")
         cells += [str(sum(c.top1_disagreements for c in r.checks)), str(sum(c.near_ties for c in r.checks))]
@@ -316,9 +337,14 @@ def validate_export(ctx: ExportContext) -> None:
     artifacts: OnnxArtifacts = ctx.emitted["onnx"]
     validate_floor(ctx)
     inputs = validation_inputs(ctx)
-    rows, routing = validate(artifacts, **inputs)
+    rows, routing = validate(artifacts, **inputs, checks=ctx.options.checks)
     ctx.console.print(validation_table(rows, routing))
+    in_full = sorted(full_models(inputs["kept"], ctx.options.checks))
+    if ctx.options.checks == "quick":
+        ctx.console.log(f"--checks quick: {', '.join(in_full)} checked in full, the other variants by one forward")
     ctx.report["onnx_validation"] = {
+        "checks": ctx.options.checks,
+        "checked_in_full": in_full,
         "models": [r.record() for r in rows],
         "predictor": [c.record() for c in routing],
         "dedup_ratio": artifacts.dedup_ratio,
