@@ -32,7 +32,6 @@ from transformers import (
 
 from ifp_export.targets.coreml import (
     DECODER_STATES,
-    PARITY_TOLERANCE,
     PREDICTOR_PACKAGE,
     coremltools,
     relative_diff,
@@ -50,6 +49,7 @@ TASKS = {
 }
 QUESTION = "What is the capital of France?"
 ONNX_BOUND = 1e-4  # README's ONNX vs PyTorch rule: max |Δlogits| <= 1e-4 x max(1, max |logits|), fp32
+FP16_BOUND = 0.02  # README's Core ML fp16 figure: max |Δlogits| / max(1, max |logits|) against fp32
 DECODE_STEPS = 4  # greedy steps after the prefill in the Core ML emulation
 EMULATED_CONTEXT = 64  # KV-cache rows the emulation allocates (the program's are 512; only rows < P+T are used)
 
@@ -238,5 +238,5 @@ def test_coreml_program_in_fp16_stays_within_bound(real_export: RealExport, hf: 
         )
         assert trace.nonfinite_ops == 0, (name, trace)
         assert trace.residual_peak < FP16_MAX, (name, trace)
-        assert difference <= PARITY_TOLERANCE, (name, difference)
+        assert difference <= FP16_BOUND, (name, difference)
         assert tokens == [int(e[0, -1].argmax()) for e in expected[: len(tokens)]], name
