@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -298,3 +299,21 @@ def test_new_checkpoint_force_refuses_a_checkpoint_holding_unlisted_files(
     shutil.rmtree(ckpt / "experiments")
     code, _, err = run_cli(capsys, *args, "-o", str(ckpt), "--force")
     assert code == 0, err  # the same checkpoint without the user's files is replaced
+
+
+def test_a_failed_second_rename_puts_the_previous_output_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(NO_RENAMEAT2_ENV, "1")
+    target = previous_output(tmp_path)
+    before = snapshot(tmp_path)
+    real_rename, calls = os.rename, []
+
+    def rename(a: object, b: object) -> None:
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "I/O error", str(b))
+        real_rename(a, b)
+
+    monkeypatch.setattr("ifp_export.staging.os.rename", rename)
+    with pytest.raises(OSError, match="I/O error"), staged_directory(target, force=True) as stage:
+        (stage / "new.txt").write_text("new output")
+    assert snapshot(tmp_path) == before
