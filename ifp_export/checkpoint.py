@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -174,21 +175,26 @@ def read_tokenizer(path: Path) -> Tokenizer:
         raise IFPError(f"not a valid tokenizers file ({detail})", path, "re-save it with Tokenizer.save") from None
 
 
-def check_containment(root: Path) -> None:
-    """Every file the loader opens is a regular path inside the checkpoint: no symlink (to a file or a directory)
-    anywhere below `root`, shards of a sharded backbone or LM predictor included. `root` itself may be a symlink."""
-    fix = "copy the real file into the checkpoint directory instead of linking it"
-    files = [SPEC_FILE, TOKENIZER_FILE, TASKS_FILE, *TEXT_FILES, f"{PREDICTOR_DIR}/{HEAD_FILE}"]
+def checkpoint_files(root: Path) -> Iterator[str]:
+    """Every file a checkpoint may hold, relative to `root`: what the loader opens, then the shards a sharded
+    backbone's or LM predictor's index names (an index is yielded before it is read)."""
     hf_dirs = (BACKBONE_DIR, PREDICTOR_DIR, f"{PREDICTOR_DIR}/{LM_DIR}")
+    yield from (SPEC_FILE, TOKENIZER_FILE, TASKS_FILE, *TEXT_FILES, f"{PREDICTOR_DIR}/{HEAD_FILE}")
     for part in hf_dirs:
-        files += [f"{part}/{name}" for name in (*HF_FILES, "model.safetensors.index.json")]
-    for relative in files:
-        check_no_symlink_below(root, root / relative, fix)
+        yield from (f"{part}/{name}" for name in (*HF_FILES, "model.safetensors.index.json"))
     for part in hf_dirs:
         index = root / part / "model.safetensors.index.json"
         if index.is_file():
             for shard in sorted(set(check_weight_map(read_json(index, "safetensors index"), index).values())):
-                check_no_symlink_below(root, root / part / shard, fix)
+                yield f"{part}/{shard}"
+
+
+def check_containment(root: Path) -> None:
+    """Every file the loader opens is a regular path inside the checkpoint: no symlink (to a file or a directory)
+    anywhere below `root`, shards of a sharded backbone or LM predictor included. `root` itself may be a symlink."""
+    fix = "copy the real file into the checkpoint directory instead of linking it"
+    for relative in checkpoint_files(root):
+        check_no_symlink_below(root, root / relative, fix)
 
 
 def load_checkpoint(root: str | Path) -> Checkpoint:

@@ -181,11 +181,13 @@ def export_pipeline(until: str | None) -> Pipeline:
 
 
 def previous_export(target: Path) -> None:
-    """`--force` replaces a non-empty directory only if it is a previous ifp-export output that verifies."""
-    from ifp_export.artifacts import open_output
+    """`--force` replaces a non-empty directory only if it is a previous ifp-export output that verifies and holds
+    nothing its manifest does not list."""
+    from ifp_export.artifacts import MANIFEST_FILE, open_output
+    from ifp_export.staging import check_nothing_unlisted
 
     try:
-        open_output(target)
+        previous = open_output(target)
     except IFPError as err:
         raise IFPError(
             f"--force replaces only an empty directory or a previous ifp-export output whose manifest verifies; "
@@ -193,11 +195,15 @@ def previous_export(target: Path) -> None:
             target,
             "choose another -o, or empty or remove the directory yourself",
         ) from None
+    listed = {entry["path"] for entry in previous.manifest["files"]} | {MANIFEST_FILE}
+    check_nothing_unlisted(target, listed, "a previous ifp-export output")
 
 
 def previous_checkpoint(target: Path) -> None:
-    """`new-checkpoint --force` replaces a non-empty directory only if it is an IFPruning checkpoint."""
-    from ifp_export.checkpoint import read_spec
+    """`new-checkpoint --force` replaces a non-empty directory only if it is an IFPruning checkpoint holding only a
+    checkpoint's files."""
+    from ifp_export.checkpoint import checkpoint_files, read_spec
+    from ifp_export.staging import check_nothing_unlisted
 
     try:
         read_spec(target)
@@ -208,6 +214,7 @@ def previous_checkpoint(target: Path) -> None:
             target,
             "choose another -o, or empty or remove the directory yourself",
         ) from None
+    check_nothing_unlisted(target, set(checkpoint_files(target)), "an IFPruning checkpoint")
 
 
 def figures_of_failed_run(ctx: object, root: Path) -> list | None:

@@ -227,7 +227,11 @@ def swap_into_place(
     else:  # two renames; killed between them, the next run puts the parked previous output back
         previous = stage.with_name(stage.name + PREVIOUS_SUFFIX)
         os.rename(target, previous)
-        os.rename(stage, target)
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            os.rename(previous, target)  # a failed (not killed) second rename: the previous output goes back now
+            raise
         shutil.rmtree(previous, ignore_errors=True)
 
 

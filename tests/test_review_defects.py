@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +263,57 @@ def test_a_run_killed_inside_the_two_rename_swap_is_settled_by_the_next_run(tmp_
     reclaim_debris(target.absolute())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no debris: staging dir, lock, parked output
     assert snapshot(target) == (previous if kill_after == 1 else {"new.txt": sha256(b"new output")})
+
+
+# --- 27.5: --force never deletes what the target's own listing does not name -----------------------------------
+
+
+def test_force_refuses_a_previous_output_holding_unlisted_files(
+    tiny_export: ExportContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = Path(shutil.copytree(tiny_export.workdir, tmp_path / "out"))
+    (out / "notes.txt").write_text("my notes")
+    compiled = out / "coreml" / "decoder.mlmodelc"
+    compiled.mkdir()
+    (compiled / "model.mil").write_text("compiled by Xcode")
+    open_output(out)  # still a verified previous output
+    before = snapshot(tmp_path)
+    args = ["export", str(tiny_export.checkpoint.root), "-o", str(out), "--force", "--until", "load"]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, str(out), "holds nothing else", "notes.txt", "coreml/decoder.mlmodelc/", "Fix:")
+    assert snapshot(tmp_path) == before
+
+
+def test_new_checkpoint_force_refuses_a_checkpoint_holding_unlisted_files(
+    tiny_export: ExportContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tiny_export.checkpoint.root.parent / "src"
+    ckpt = Path(shutil.copytree(tiny_export.checkpoint.root, tmp_path / "ckpt"))
+    (ckpt / "experiments").mkdir()
+    (ckpt / "experiments" / "notes.md").write_text("what I tried")
+    before = snapshot(tmp_path)
+    args = ["new-checkpoint", "--backbone", str(src / "backbone"), "--tasks", str(src / "tasks.jsonl")]
+    code, _, err = run_cli(capsys, *args, "-o", str(ckpt), "--force")
+    assert_one_line_error(code, err, str(ckpt), "holds nothing else", "experiments/", "Fix:")
+    assert snapshot(tmp_path) == before
+    shutil.rmtree(ckpt / "experiments")
+    code, _, err = run_cli(capsys, *args, "-o", str(ckpt), "--force")
+    assert code == 0, err  # the same checkpoint without the user's files is replaced
+
+
+def test_a_failed_second_rename_puts_the_previous_output_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(NO_RENAMEAT2_ENV, "1")
+    target = previous_output(tmp_path)
+    before = snapshot(tmp_path)
+    real_rename, calls = os.rename, []
+
+    def rename(a: object, b: object) -> None:
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "I/O error", str(b))
+        real_rename(a, b)
+
+    monkeypatch.setattr("ifp_export.staging.os.rename", rename)
+    with pytest.raises(OSError, match="I/O error"), staged_directory(target, force=True) as stage:
+        (stage / "new.txt").write_text("new output")
+    assert snapshot(tmp_path) == before
