@@ -80,6 +80,20 @@ def onnx_checks(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return checks
 
 
+def floor_checks(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Model name -> whether its graphs (`NAME.onnx`, `NAME.genai.onnx`) run on the export's recorded onnxruntime floor
+    (`targets/onnx/floor.py`): the number of problems found, bound 0, each problem in the detail."""
+    problems: dict[str, list[str]] = {}
+    for file in report.get("files", []):
+        mine = [str(p) for p in report.get("problems", []) if str(p).startswith(f"{file}: ")]
+        problems.setdefault(model_name(str(file).removesuffix(".onnx").removesuffix(".genai")), []).extend(mine)
+    floor = f"onnxruntime {report.get('min_onnxruntime')}"
+    return {
+        name: [check("min_onnxruntime_problems", len(found), 0, not found, "; ".join([floor, *found]))]
+        for name, found in problems.items()
+    }
+
+
 def fold_checks(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Variant name -> its fold check (folded vs masked PyTorch model, `passes/fold.py`)."""
     return {str(r.get("variant")): exactness_checks(r) for r in report.get("variants", [])}
@@ -134,6 +148,8 @@ def model_entries(ctx: Any, root: Path) -> list[dict[str, Any]]:
         "onnx": onnx_checks(report.get("onnx_validation") or {}),
         "coreml": coreml_checks(report.get("coreml_validation") or {}),
     }
+    for name, rows in floor_checks(report.get("onnx_floor") or {}).items():
+        by_target["onnx"].setdefault(name, []).extend(rows)
     kinds = [(v.name, "variant") for v in ctx.variants] + [(DENSE, DENSE), (PREDICTOR, PREDICTOR)]
     if (root / "onnx" / f"{DYNAMIC}.onnx").is_file():
         kinds.append((DYNAMIC, DYNAMIC))

@@ -257,6 +257,28 @@ def test_onnx_checks_fail_in_json_and_junit(tiny_out, tmp_path: Path, capsys, mo
     assert {c["name"] for c in onnx_models["predictor"]["checks"] if not c["ok"]} >= {"scores_max_rel_diff"}
 
 
+def test_a_graph_above_its_floor_is_failed_in_json_and_junit(tiny_out, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The onnxruntime floor check (`targets/onnx/floor.py`) of every graph is a check of its model in both: a graph
+    its recorded floor cannot run fails its model's `min_onnxruntime_problems`, the others pass."""
+    from ifp_export.targets.onnx import floor
+
+    original = floor.graph_problems
+
+    def too_new(model, release):
+        return [*original(model, release), "ai.onnx opset 99 > 21"] if model.graph.name == "decoder" else []
+
+    monkeypatch.setattr(floor, "graph_problems", too_new)
+    stderr, summary, failed = validate_failing(tiny_out, tmp_path, capsys)
+    assert "floor" in stderr.strip().splitlines()[-1]
+    onnx_models = {m["name"]: m for m in summary["models"] if m["target"] == "onnx"}
+    for name in ("add", "dense"):
+        row = next(c for c in onnx_models[name]["checks"] if c["name"] == "min_onnxruntime_problems")
+        assert not row["ok"] and row["value"] >= 1 and row["bound"] == 0 and "opset 99" in row["detail"]
+        assert f"onnx:{name}" in summary["failed"] and f"ifp-export.onnx.{name}" in failed
+    predictor = next(c for c in onnx_models["predictor"]["checks"] if c["name"] == "min_onnxruntime_problems")
+    assert predictor["ok"] and predictor["value"] == 0
+
+
 def test_a_failed_fold_check_is_exit_3_in_json_and_junit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -306,9 +328,13 @@ def test_a_kv_cache_bug_fails_the_cached_check_only(tiny_export: ExportContext, 
     artifacts = copy_artifacts(tiny_export.emitted["onnx"], tmp_path / "onnx")
     path = artifacts.models[DENSE_NAME]
     graph = onnx.load(str(path), load_external_data=False)
-    swap = {"present.1.key": "present.1.value", "present.1.value": "present.1.key"}
+    inner = {"present.1.key": "inner.1.key", "present.1.value": "inner.1.value"}  # what the layer itself reads
     for node in graph.graph.node:
-        node.output[:] = [swap.get(name, name) for name in node.output]
+        node.input[:] = [inner.get(name, name) for name in node.input]
+        node.output[:] = [inner.get(name, name) for name in node.output]
+    graph.graph.node.extend(
+        onnx.helper.make_node("Identity", [inner[a]], [b]) for a, b in zip(inner, reversed(inner), strict=True)
+    )
     onnx.save(graph, str(path))
     rows, _ = validate(artifacts, **validation_inputs(tiny_export))
     dense = next(r for r in rows if r.model == path.name)

@@ -140,7 +140,9 @@ def test_nan_weight(saved: Path) -> None:
         ({"format": None}, "format"),
         ({"hidden_size": "wide"}, "bad predictor config"),
         ({"num_heads": 5}, "divisible"),
-        ({"num_layers": 0}, "positive"),
+        ({"num_layers": 0}, "must be in 1.."),
+        ({"head_hidden_size": 2**63}, "must be in 1.."),  # found by the fuzzer: torch's shapes overflowed
+        ({"target_layers": 2**23, "target_intermediate_size": 2**23}, "target_layers x target_intermediate_size"),
     ],
 )
 def test_bad_config(saved: Path, changes: dict, expected: str) -> None:

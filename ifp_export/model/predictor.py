@@ -23,6 +23,9 @@ from ifp_export.model.decoder import DecoderModel
 PREDICTOR_FORMAT = "ifp-sparsity-predictor"
 
 
+MAX_SIZE = 1 << 24  # per size: any real predictor's are far below, and no module's element count can overflow
+
+
 @dataclass(frozen=True)
 class PredictorConfig:
     vocab_size: int
@@ -59,10 +62,12 @@ class PredictorConfig:
             cfg = cls(**{k: int(v) for k, v in raw.items() if k in fields})
         except (TypeError, ValueError) as err:
             raise IFPError(f"bad predictor config ({err})", path, "fix config.json") from None
-        if min(dataclasses.astuple(cfg)) <= 0 or cfg.hidden_size % cfg.num_heads:
-            raise IFPError(
-                "predictor sizes must be positive and hidden_size divisible by num_heads", path, "fix config.json"
-            )
+        sizes = (*dataclasses.astuple(cfg), cfg.target_layers * cfg.target_intermediate_size)
+        if not 0 < min(sizes) <= max(sizes) <= MAX_SIZE:
+            raise IFPError(f"predictor sizes (and target_layers x target_intermediate_size) must be in 1..{MAX_SIZE}",
+                           path, "fix config.json")  # fmt: skip
+        if cfg.hidden_size % cfg.num_heads:
+            raise IFPError("predictor hidden_size must be divisible by num_heads", path, "fix config.json")
         return cfg
 
 

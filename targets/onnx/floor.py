@@ -125,7 +125,12 @@ def validate_floor(ctx: ExportContext) -> None:
     floor = artifacts.min_onnxruntime
     problems = check_floor(artifacts.graphs, floor)
     max_opset, max_ir = limits(parse_floor(floor))
-    ctx.report["onnx_floor"] = {"min_onnxruntime": floor, "graphs": len(artifacts.graphs), "problems": problems}
+    ctx.report["onnx_floor"] = {
+        "min_onnxruntime": floor,
+        "graphs": len(artifacts.graphs),
+        "files": sorted(path.name for path in artifacts.graphs),
+        "problems": problems,
+    }
     ctx.console.log(
         f"ONNX floor: {len(artifacts.graphs)} graphs checked against onnxruntime {floor} (ai.onnx opset <= "
         f"{max_opset}, IR <= {max_ir}, its contrib kernels): {'; '.join(problems) or 'all run there'}"
