@@ -33,6 +33,16 @@ Exit codes:
 """
 
 
+checks_option = click.option(
+    "--checks",
+    type=click.Choice(["full", "quick"]),
+    default="full",
+    show_default=True,
+    help="quick: validate the dense model and the first variant in full, the other variants by one forward over "
+    "their prompts (the summary says which); for the inner loop, never for a release.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="ifp-export")
 def cli() -> None:
@@ -81,14 +91,7 @@ def cli() -> None:
     help="Keep the dense model's massive-activation FFN neurons (found on the calibration prompts) in every variant, "
     "in place of its lowest-ranked others (k unchanged).",
 )
-@click.option(
-    "--checks",
-    type=click.Choice(["full", "quick"]),
-    default="full",
-    show_default=True,
-    help="quick: validate the dense model and the first variant in full, the other variants by one forward over "
-    "their prompts (the summary says which); for the inner loop, never for a release.",
-)
+@checks_option
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
 )
@@ -257,14 +260,7 @@ def emit_results(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout (schema: summary.schema.json)."
 )
-@click.option(
-    "--checks",
-    type=click.Choice(["full", "quick"]),
-    default="full",
-    show_default=True,
-    help="quick: validate the dense model and the first variant in full, the other variants by one forward over "
-    "their prompts (the summary says which); for the inner loop, never for a release.",
-)
+@checks_option
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the validation checks as JUnit XML to FILE.")
 def validate(output: Path, checkpoint: Path | None, checks: str, as_json: bool, junit: Path | None) -> None:
     """Re-run the validation of an export in OUTPUT against its checkpoint (ONNX Runtime vs PyTorch)."""

@@ -24,6 +24,8 @@ from transformers import (
 
 from ifp_export.cli import main
 from ifp_export.errors import IFPError
+from ifp_export.fold import read_kept_indices, write_kept_indices
+from ifp_export.passes.manifest import sha256_file
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -234,3 +236,42 @@ def zero_hf_neurons(hf: PreTrainedModel, masks: torch.Tensor) -> None:
         layer.mlp.gate_proj.weight[off] = 0
         layer.mlp.up_proj.weight[off] = 0
         layer.mlp.down_proj.weight[:, off] = 0
+
+
+def og_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from an `onnxruntime_genai.Model` after `prompt` (its own generator loop, as an app runs it)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+# --- damaging a written export (validation must catch it) ---------------------------------------------------
+
+
+def refresh(out: Path, relative: str) -> None:
+    """Make the manifest agree with a replaced file (so only the file's content is wrong, not its hash)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == relative:
+            entry.update(size=(out / relative).stat().st_size, sha256=sha256_file(out / relative))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def wrong_kept_index(out: Path, name: str) -> None:
+    """One kept neuron index of layer 2 replaced by a neuron the variant drops (the export's data unchanged)."""
+    kept = read_kept_indices(out / "variants.safetensors")
+    indices = {n: idx for n, _, idx in kept}
+    row = indices[name][2]
+    dropped = next(i for i in range(int(row.max()) + 2) if i not in set(row.tolist()))
+    row[0] = dropped
+    indices[name][2] = row.sort().values
+    write_kept_indices(out / "variants.safetensors", indices, {n: task for n, task, _ in kept})
+    refresh(out, "variants.safetensors")

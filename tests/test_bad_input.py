@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, edit_config, run_cli, snapshot
+from helpers import assert_one_line_error, edit_config, refresh, run_cli, snapshot
 from safetensors.torch import load_file, save_file
 from tiny import make_checkpoint, save_backbone
 
 from ifp_export.artifacts import MANIFEST_FILE
 from ifp_export.checkpoint import create_checkpoint
-from ifp_export.passes.manifest import sha256_file
 from ifp_export.pipeline import ExportContext
 
 
@@ -79,15 +78,6 @@ def reshape_first(tensors: dict) -> None:
 
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def refresh_manifest_entry(out: Path, relative: str) -> None:
-    """Make the manifest agree with a replaced file (so only the file's content is wrong, not its hash)."""
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    for entry in manifest["files"]:
-        if entry["path"] == relative:
-            entry.update(size=(out / relative).stat().st_size, sha256=sha256_file(out / relative))
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 def read_only_dir(w: World) -> Path:
@@ -433,7 +423,7 @@ def validate_nan_checkpoint(w: World) -> tuple[list[str], tuple[str, ...]]:
 
 def validate_pickle_kept_indices(w: World) -> tuple[list[str], tuple[str, ...]]:
     (w.exported / "variants.safetensors").write_bytes(pickle_bytes(w))
-    refresh_manifest_entry(w.exported, "variants.safetensors")
+    refresh(w.exported, "variants.safetensors")
     return validate_args(w), ("variants.safetensors", "corrupt or truncated", "Fix:")
 
 

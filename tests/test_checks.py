@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, refresh, run_cli, wrong_kept_index
 from junitparser import Failure, JUnitXml
 from tiny import make_checkpoint, run_export
 
@@ -22,7 +22,6 @@ from ifp_export.bounds import FLOOR_ULPS, FP32_EPS, NOISE_MULTIPLE, compare, flo
 from ifp_export.cli import bundled_sample
 from ifp_export.fsutil import read_safetensors
 from ifp_export.generate import left_pad
-from ifp_export.passes.manifest import sha256_file
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx import DENSE_NAME, emit, validate, validation_inputs
 
@@ -72,14 +71,6 @@ def test_reference_noise_is_measured_in_float64(source: str, tmp_path: Path) -> 
 # --- a trained model's export, damaged: every damage fails validation (exit 3) and shows in JSON and JUnit --------
 
 
-def refresh(out: Path, relative: str) -> None:
-    manifest = json.loads((out / "manifest.json").read_text())
-    for entry in manifest["files"]:
-        if entry["path"] == relative:
-            entry.update(size=(out / relative).stat().st_size, sha256=sha256_file(out / relative))
-    (out / "manifest.json").write_text(json.dumps(manifest))
-
-
 def ffn_spans(out: Path, name: str) -> dict[str, tuple[int, list[int]]]:
     """Initializer name -> (byte offset, shape) of a model's own FFN tensors in its data file."""
     graph = onnx.load(str(out / "onnx" / f"{name}.onnx"), load_external_data=False)
@@ -111,20 +102,6 @@ def swapped_tensors(out: Path, name: str) -> None:
     data[a // 4 : a // 4 + size], data[b // 4 : b // 4 + size] = second, first
     data.flush()
     refresh(out, f"onnx/{name}.onnx_data")
-
-
-def wrong_kept_index(out: Path, name: str) -> None:
-    """One kept neuron index of layer 2 replaced by a neuron the variant drops (the export's data unchanged)."""
-    from ifp_export.fold import read_kept_indices, write_kept_indices
-
-    kept = read_kept_indices(out / "variants.safetensors")
-    indices = {n: idx for n, _, idx in kept}
-    row = indices[name][2]
-    dropped = next(i for i in range(int(row.max()) + 2) if i not in set(row.tolist()))
-    row[0] = dropped
-    indices[name][2] = row.sort().values
-    write_kept_indices(out / "variants.safetensors", indices, {n: task for n, task, _ in kept})
-    refresh(out, "variants.safetensors")
 
 
 def failures(junit: Path) -> dict[str, list[str]]:

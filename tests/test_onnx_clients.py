@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from helpers import zero_hf_neurons
+from helpers import og_greedy, zero_hf_neurons
 from tiny import make_checkpoint, run_export
 from transformers import AutoModelForCausalLM
 
@@ -44,16 +44,7 @@ def og_generate(onnx_dir: Path, overlay: dict, prompt: list[int], new_tokens: in
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install .[test])")
     config = og.Config(str(onnx_dir))
     config.overlay(json.dumps(overlay))
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
+    return og_greedy(og.Model(config), prompt, new_tokens)
 
 
 def hf_pruned(ctx: ExportContext, mask: torch.Tensor | None) -> torch.nn.Module:

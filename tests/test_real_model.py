@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import zero_hf_neurons
+from helpers import og_greedy, wrong_kept_index, zero_hf_neurons
 from mil_interpreter import FP16_MAX, Fp16Trace, run_function
 from real_model import real_model_dir
 from safetensors.torch import load_file
@@ -48,7 +49,7 @@ TASKS = {
     ],
 }
 QUESTION = "What is the capital of France?"
-ONNX_BOUND = 1e-4  # README's ONNX vs PyTorch rule: max |Δlogits| <= 1e-4 x max(1, max |logits|), fp32
+ONNX_BOUND = 1e-4  # this test's bound for Optimum vs transformers (the export's own checks: ifp_export.bounds)
 FP16_BOUND = 0.02  # README's Core ML fp16 figure: max |Δlogits| / max(1, max |logits|) against fp32
 DECODE_STEPS = 4  # greedy steps after the prefill in the Core ML emulation
 EMULATED_CONTEXT = 64  # KV-cache rows the emulation allocates (the program's are 512; only rows < P+T are used)
@@ -83,6 +84,16 @@ def real_export(tmp_path_factory: pytest.TempPathFactory) -> RealExport:
     assert done.returncode == 0, f"the default export of the real model exited {done.returncode}: {done.stderr[-2000:]}"
     summary = json.loads(done.stdout)
     return RealExport(hf_dir, root / "out", done.returncode, summary, done.stderr, seconds)
+
+
+def test_a_wrong_kept_index_fails_validation_in_one_line(real_export: RealExport, tmp_path: Path) -> None:
+    """The same trained model with one kept neuron index of one variant changed: `validate` exits 3, one line."""
+    out = Path(shutil.copytree(real_export.out, tmp_path / "out"))
+    wrong_kept_index(out, next(iter(TASKS)))
+    done = ifp_export("validate", str(out), "--checkpoint", str(real_export.out.parent / "ckpt"))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 3 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "bound" in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -148,15 +159,7 @@ def test_og_tokenizes_and_formats_with_its_own_files(real_export: RealExport, hf
     assert text == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt = [int(t) for t in og_tokenizer.encode(text)]
     assert prompt == chat_ids(tokenizer, QUESTION)
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
-    generator = og.Generator(og_model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    assert tokens == greedy(model, prompt, 16)
+    assert og_greedy(og_model, prompt, 16) == greedy(model, prompt, 16)
     manifest = json.loads((real_export.out / "manifest.json").read_text())
     assert manifest["tokenizer"]["chat_template"] == tokenizer.chat_template
     assert manifest["predictor"]["reads"] == "message"
