@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -30,7 +31,7 @@ from ifp_export.targets.onnx import (
     validation_inputs,
 )
 from ifp_export.targets.onnx.genai import GENAI_CONFIG, genai_overlay, write_genai_config
-from ifp_export.targets.onnx.reference import dequantized, dequantizing
+from ifp_export.targets.onnx.reference import dequantized, reference_run
 
 
 @pytest.fixture(params=["sample_export", "qwen2_export"])
@@ -173,21 +174,23 @@ def test_dequantized_reference_unties_the_lm_head(qwen2_export: ExportContext) -
     assert backbone.lm_head.weight is backbone.model.embed_tokens.weight  # the checkpoint's model is untouched
 
 
-def test_dequantizing_equals_the_dequantized_copy_and_gives_the_model_back(qwen2_export: ExportContext) -> None:
-    """Validation's reference of a quantized export (the model's own weights swapped for the dequantized ones, tied
-    lm_head included) computes exactly what a dequantized fold does, and gives the model back as it was (tie
-    included): the checkpoint's backbone is the dense model's reference, with no twin folded for it."""
+def test_layer_dequantizer_equals_the_dequantized_copy_and_gives_the_model_back(qwen2_export: ExportContext) -> None:
+    """Validation's reference of a quantized export (each module's own weights swapped for the dequantized ones while
+    it runs, tied lm_head included; fp32, fp64 and the own-weights stream in lockstep) computes exactly what a
+    dequantized fold does, and gives the model back as it was (tie included): the checkpoint's backbone is the dense
+    model's reference, with no twin folded for it."""
     backbone, kept = qwen2_export.checkpoint.backbone, qwen2_export.variants[0].kept
     ids = torch.tensor([[1, 5, 6, 7, 3]])
     folded = fold_decoder(backbone, kept)
     before = dict(folded.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        expected = dequantized(fold_decoder(backbone, kept), "int4")(ids)[0]
-        fp32 = folded(ids)[0]
-        with dequantizing(folded, "int4"):
-            got = folded(ids)[0]
-    assert torch.equal(got, expected)
-    assert not torch.equal(got, fp32)
+        expected = dequantized(fold_decoder(backbone, kept), "int4")(ids)[0].numpy()
+        fp32 = folded(ids)[0].numpy()
+    run = reference_run(folded, ids, torch.ones_like(ids), "int4")
+    np.testing.assert_array_equal(run.ref32, expected)
+    np.testing.assert_array_equal(run.fp32, fp32)
+    assert not np.array_equal(run.ref32, fp32)
+    assert run.ref64.dtype == np.float64 and np.abs(run.ref64 - expected).max() < 1e-4 * np.abs(expected).max()
     after = dict(folded.named_parameters(remove_duplicate=False))
     assert after.keys() == before.keys() and all(after[n] is p for n, p in before.items())
     assert folded.lm_head.weight is folded.model.embed_tokens.weight

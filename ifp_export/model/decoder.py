@@ -244,8 +244,7 @@ class DecoderModel(nn.Module):
         if ffn_masks is not None and ffn_masks.dim() == 2:
             ffn_masks = ffn_masks[None]
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
-        bias = attention_bias(attention_mask, t, x.dtype, causal, self.config.sliding_window)
+        cos, sin, bias = self.positional(attention_mask, position_ids, x.dtype, causal)
         presents: KVCache = []
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
@@ -253,6 +252,14 @@ class DecoderModel(nn.Module):
             x, present = layer(x, cos, sin, bias, past, mask)
             presents.append(present)
         return self.norm(x), presents
+
+    def positional(
+        self, attention_mask: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, causal: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every layer reads besides its input: RoPE's cos/sin and the additive attention mask, in `dtype`."""
+        cos, sin = self.rotary_emb(position_ids, dtype)
+        bias = attention_bias(attention_mask, position_ids.shape[-1], dtype, causal, self.config.sliding_window)
+        return cos, sin, bias
 
 
 class CausalLM(nn.Module):

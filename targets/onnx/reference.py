@@ -1,24 +1,24 @@
 """The PyTorch reference an ONNX decoder is validated against, run after its ORT sessions and kept small.
 
-A model's reference streams the memory-mapped checkpoint a layer at a time (`WeightSource.streaming`) and keeps
-only its logits (`ReferenceRun`), so its pages and the ORT session's (the whole model) are never resident together.
-It is teacher-forced: one forward over the prompts and the continuation ORT generated, in float32 and in float64 (the
-pair `ifp_export.bounds` derives the bound from), instead of one forward per generated token. For a quantized export
-it computes with the weights the graph's MatMulNBits use (`dequantizing`: the model's own weights swapped for the
-dequantized ones and back, no fp32 twin of the dense model folded for it).
+A model's reference reads the memory-mapped checkpoint a module at a time and keeps only its logits (`ReferenceRun`),
+so its pages and the ORT session's (the whole model) are never resident together. It is teacher-forced: one forward
+over the prompts and the continuation ORT generated, in float32 and in float64 (the pair `ifp_export.bounds` derives
+the bound from), instead of one forward per generated token; the two run in lockstep (`lockstep_logits`), so every
+weight is read once per model. For a quantized export it computes with the weights the graph's MatMulNBits use
+(`LayerDequantizer`: a module's own weights swapped for the dequantized ones while it runs, then back), so memory is
+bounded by one layer at any model size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from ifp_export.bounds import reference_pair
 from ifp_export.model.decoder import CausalLM
 from ifp_export.targets.onnx.build import build_decoder
 from ifp_export.targets.onnx.ops import Binding, dequantized_sources
@@ -68,33 +68,32 @@ def restore(model: CausalLM, replaced: dict[str, nn.Parameter]) -> None:
 def dequantized(model: CausalLM, quantize: str) -> CausalLM:
     """`model` (a fresh fold, modified in place) with every weight the quantized graph quantizes replaced by what
     its MatMulNBits node computes with, all at once: the whole-model reference tests hold the runtime and
-    `dequantizing` to (validation uses `dequantizing`, which never makes this copy)."""
+    `LayerDequantizer` to (validation uses `LayerDequantizer`, which never makes this copy)."""
     get = ModuleWeights(model).get
     for bindings in quantized_groups(model, quantize).values():
         swap_in(model, bindings, get)
     return model
 
 
-@contextmanager
-def dequantizing(model: CausalLM, quantize: str, release: Callable[[], None] = lambda: None) -> Iterator[None]:
-    """Within this block `model` computes with the weights the quantized graph's MatMulNBits use (dequantized once,
-    on entry, a module at a time with `release()` after each: drops the source pages read); on exit its own weights
-    are put back, so no fp32 twin of the model is folded for this. Dequantizing a layer as it runs would hold one
-    layer instead of the model, but re-quantizes every weight on each forward pass (~8 s per pass at 100M parameters,
-    and the check makes two), so the dequantized weights are held for the block: validation runs it after, never
-    beside, the model's ORT sessions."""
-    if quantize == "none":
-        yield
-        return
-    get = ModuleWeights(model).get
-    replaced: dict[str, nn.Parameter] = {}
-    try:
-        for bindings in quantized_groups(model, quantize).values():
-            replaced.update(swap_in(model, bindings, get))
-            release()
-        yield
-    finally:
-        restore(model, replaced)
+class LayerDequantizer:
+    """The weights the quantized graph's MatMulNBits use, one module (a decoder layer, lm_head) at a time: `swapped`
+    sets a module's dequantized weights on the model for a block and puts its own back after, so a reference never
+    holds more than one module's dequantized weights (a whole 8B model's would be 32 GB), and each weight is
+    quantized once per reference, however many streams run through the module."""
+
+    def __init__(self, model: CausalLM, quantize: str) -> None:
+        self.model = model
+        self.groups = {} if quantize == "none" else quantized_groups(model, quantize)
+        self.get = ModuleWeights(model).get
+
+    @contextmanager
+    def swapped(self, owner: str) -> Iterator[None]:
+        bindings = self.groups.get(owner)
+        replaced = {} if bindings is None else swap_in(self.model, bindings, self.get)
+        try:
+            yield
+        finally:
+            restore(self.model, replaced)
 
 
 @dataclass
@@ -107,18 +106,57 @@ class ReferenceRun:
     fp32: np.ndarray | None = None  # quantized only: the fp32 model's logits on the same tokens (quality figure)
 
 
+Stream = tuple[torch.dtype, bool]  # (compute dtype, with the dequantized weights)
+
+
 @torch.no_grad()
+def lockstep_logits(
+    model: CausalLM,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    streams: list[Stream],
+    dequantizer: LayerDequantizer,
+    release: Callable[[nn.Module], None] = lambda module: None,
+) -> list[np.ndarray]:
+    """The logits of one uncached forward over `ids` for every stream, the streams advancing together a module at a
+    time: each module's weights are read (and, for the dequantized streams, dequantized) once for all of them, then
+    `release(module)` may drop them. A float64 stream upcasts the embedding rows, and every later op follows its
+    input's dtype (as `ifp_export.bounds.float64` does for a whole forward)."""
+    inner = model.model
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows = inner.embed_tokens(ids)
+    release(inner.embed_tokens)
+    xs = [rows.to(dtype) for dtype, _ in streams]
+    tables = {dtype: inner.positional(mask, positions, dtype) for dtype in {dtype for dtype, _ in streams}}
+
+    def advance(owner: str, module: nn.Module, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for dequantized in (False, True):
+            chosen = [i for i, (_, d) in enumerate(streams) if d == dequantized]
+            if chosen:
+                with dequantizer.swapped(owner) if dequantized else nullcontext():
+                    for i in chosen:
+                        xs[i] = run(xs[i])
+        release(module)
+
+    for index, layer in enumerate(inner.layers):
+        advance(f"model.layers.{index}", layer, lambda x, layer=layer: layer(x, *tables[x.dtype])[0])
+    xs = [inner.norm(x) for x in xs]
+    advance("lm_head", model.lm_head, model.lm_head)
+    return [x.numpy() for x in xs]
+
+
 def reference_run(
     reference: CausalLM,
     ids: torch.Tensor,
     mask: torch.Tensor,
     quantize: str = "none",
-    release: Callable[[], None] = lambda: None,
+    release: Callable[[nn.Module], None] = lambda module: None,
 ) -> ReferenceRun:
-    """`reference` (fp32; for quantized exports on the dequantized weights) teacher-forced over `ids` (left-padded
-    prompts + continuation, [B, T]): one forward in float32 and one in float64, whatever the continuation's length."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    fp32 = None if quantize == "none" else reference(ids, mask, positions)[0].numpy()
-    with dequantizing(reference, quantize, release):
-        ref32, ref64 = reference_pair(reference, ids, mask, positions)
-    return ReferenceRun(ref32, ref64, fp32)
+    """`reference` teacher-forced over `ids` (left-padded prompts + continuation, [B, T]) in float32 and float64, for
+    a quantized export on the dequantized weights (and once more on its own fp32 weights, the quality figure): one
+    pass over the weights, whatever the continuation's length."""
+    quantized = quantize != "none"
+    streams: list[Stream] = [(torch.float32, quantized), (torch.float64, quantized)]
+    streams += [(torch.float32, False)] if quantized else []
+    logits = lockstep_logits(reference, ids, mask, streams, LayerDequantizer(reference, quantize), release)
+    return ReferenceRun(logits[0], logits[1], logits[2] if quantized else None)

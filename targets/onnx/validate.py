@@ -259,9 +259,8 @@ def validate(
         tokens, genai = (GREEDY_TOKENS, artifacts.genai_models.get(name)) if name in in_full else (0, None)
         run = run_onnx(artifacts.models[name], prompts[name], artifacts.quantize, resident, genai, tokens)
         release_freed_memory()
-        with weights.streaming(backbone, reference):
-            ids, mask = torch.from_numpy(run.ids), torch.from_numpy(run.mask)
-            expected = reference_run(reference, ids, mask, artifacts.quantize, weights.release)
+        ids, mask = torch.from_numpy(run.ids), torch.from_numpy(run.mask)
+        expected = reference_run(reference, ids, mask, artifacts.quantize, lambda module: weights.release())
         del reference
         weights.release()
         rows.append(compare_run(artifacts.models[name].name, run, expected, layers, artifacts.quantize, tokens))
