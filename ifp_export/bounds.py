@@ -21,15 +21,16 @@ by orders of magnitude more.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from ifp_export.model.decoder import Embedding
+from ifp_export.generate import padded_positions
+from ifp_export.model.decoder import CausalLM, Embedding
 
 FP32_EPS = float(np.finfo(np.float32).eps)
 FP16_EPS = float(np.finfo(np.float16).eps)  # Core ML's compute precision: the noise scales by FP16_EPS / FP32_EPS
@@ -142,3 +143,43 @@ def reference_pair(model: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor
     with float64(model):
         ref64 = model(*args, **kwargs)[0].numpy()
     return ref32, ref64
+
+
+Stream = tuple[torch.dtype, bool]  # (compute dtype, inside `swapped`: e.g. with a quantized graph's weights)
+
+
+@torch.no_grad()
+def lockstep_logits(
+    model: CausalLM,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    streams: list[Stream],
+    swapped: Callable[[str], AbstractContextManager[None]] = lambda owner: nullcontext(),
+    release: Callable[[nn.Module], None] = lambda module: None,
+) -> list[np.ndarray]:
+    """The logits of one uncached forward over left-padded `ids` ([B, T], `mask` its 0/1 keys) for every stream,
+    the streams advancing together a module at a time: each module's weights are read once for all of them, then
+    `release(module)` may drop them. A stream marked True runs its module inside `swapped(owner)` (owner:
+    `model.layers.N` or `lm_head`), e.g. with the dequantized weights a quantized graph computes with. A float64
+    stream upcasts the embedding rows and every later op follows its input's dtype (as `float64` does)."""
+    inner = model.model
+    positions = padded_positions(mask)
+    rows = inner.embed_tokens(ids)
+    release(inner.embed_tokens)
+    xs = [rows.to(dtype) for dtype, _ in streams]
+    tables = {dtype: inner.positional(mask, positions, dtype) for dtype in {dtype for dtype, _ in streams}}
+
+    def advance(owner: str, module: nn.Module, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for inside in (False, True):
+            chosen = [i for i, (_, swap) in enumerate(streams) if swap == inside]
+            if chosen:
+                with swapped(owner) if inside else nullcontext():
+                    for i in chosen:
+                        xs[i] = run(xs[i])
+        release(module)
+
+    for index, layer in enumerate(inner.layers):
+        advance(f"model.layers.{index}", layer, lambda x, layer=layer: layer(x, *tables[x.dtype])[0])
+    xs = [inner.norm(x) for x in xs]
+    advance("lm_head", model.lm_head, model.lm_head)
+    return [x.numpy() for x in xs]

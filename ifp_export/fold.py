@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import TensorEntry, read_safetensors, stream_safetensors, write_json, write_safetensors
+from ifp_export.generate import padded_positions
 from ifp_export.model.decoder import CausalLM, decoder_from_state
 from ifp_export.weights import SafetensorsWeights, is_ffn
 
@@ -72,11 +73,11 @@ def kept_indices(mask: torch.Tensor) -> torch.Tensor:
 def masked_logits(
     full: CausalLM, masks: list[torch.Tensor], sizes: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> list[torch.Tensor]:
-    """The full model's logits on `input_ids` [B, T] split into groups of `sizes` rows, group i with the neuron mask
-    `masks[i]` ([L, d_ff]), in one batched forward pass: every weight is read once for all masks, not once per
-    mask."""
+    """The full model's logits on left-padded `input_ids` [B, T] split into groups of `sizes` rows, group i with
+    the neuron mask `masks[i]` ([L, d_ff]), in one batched forward pass: every weight is read once for all masks,
+    not once per mask."""
     row_masks = torch.cat([m.expand(n, *m.shape) for m, n in zip(masks, sizes, strict=True)])
-    logits, _ = full(input_ids, attention_mask, ffn_masks=row_masks)
+    logits, _ = full(input_ids, attention_mask, padded_positions(attention_mask), ffn_masks=row_masks)
     return list(logits.split(sizes))
 
 

@@ -19,6 +19,11 @@ def left_pad(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """position_ids [B, T] of left-padded rows: each row's real tokens count from 0 (padding gets 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def greedy_generate(
     model: CausalLM,
@@ -29,7 +34,7 @@ def greedy_generate(
 ) -> list[list[int]]:
     """New tokens per prompt (stopping after `eos_id`, which is kept). ffn_masks: [L, d_ff] or [B, L, d_ff]."""
     ids, mask = left_pad(prompts)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = padded_positions(mask)
     logits, past = model(ids, mask, positions, None, ffn_masks)
     out: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)

@@ -47,6 +47,8 @@ class WeightSource(Protocol):
 
     def names(self) -> list[str]: ...
 
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
     def get(self, name: str) -> np.ndarray: ...
 
     def release(self) -> None:
@@ -81,6 +83,9 @@ class ModuleWeights:
 
     def names(self) -> list[str]:
         return list(self._state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._state[name].shape)
 
     def get(self, name: str) -> np.ndarray:
         return self._state[name].detach().to(torch.float32).numpy()
@@ -191,6 +196,9 @@ class SafetensorsWeights:
 
     def info(self, name: str) -> StoredTensor:
         return self._tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors[name].shape
 
     @property
     def nbytes(self) -> int:

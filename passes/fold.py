@@ -1,13 +1,16 @@
 """fold: check that each variant's kept FFN neurons fold exactly into a smaller dense decoder, one at a time.
 
-Exactness: folded logits == masked full-model logits on the variant's own calibration prompts, under the bound of
-`ifp_export.bounds` (the masked model in float64 is the truth; its own float32 run gives the noise the bound is a
-multiple of; top-1 decisive). The masked references of all variants come from one batched forward pass of the full
-model in float32 and one in float64 (each prompt row with its variant's mask); then each folded model is built (an
-index_select of the FFN over the mapped weights), run, compared and dropped: a variant stays its kept indices until a
-target writes it. The difference is only in the order the same fp32 products are summed (a k-wide matmul instead of a
-d_ff-wide one with zeros), which on a trained model reaches ~1.6e-5 of the largest logit: of the order of the
-reference's own fp32 noise, not of a constant tuned on toys. A failed check is `ValidationFailed` (exit 3).
+Exactness: the masked full model's fp32 logits on the variant's own calibration prompts == the folded model's, under
+the bound of `ifp_export.bounds`: the folded model in float64 is the truth (in exact arithmetic the masked model
+computes the same numbers: its dropped neurons add exact zeros), its own float32 run gives the noise the bound is a
+multiple of, and the masked model (one batched fp32 forward pass of the full model, each prompt row with its
+variant's mask: every weight read once for all variants) is what is checked, so a wrong fold (a neuron, an axis)
+moves it far outside the bound. The float64 run is the k-wide folded model, in lockstep with its float32 run (every
+weight read once), not the d_ff-wide masked one. Each folded model is built (an index_select of the FFN over the
+mapped weights), run, compared and dropped: a variant stays its kept indices until a target writes it. The
+difference is only in the order the same fp32 products are summed (a k-wide matmul instead of a d_ff-wide one with
+zeros), which on a trained model reaches ~1.6e-5 of the largest logit: of the order of the reference's own fp32
+noise, not of a constant tuned on toys. A failed check is `ValidationFailed` (exit 3).
 When the run stops here (`--until fold`), each variant is written as a Hugging Face checkpoint under
 `variants/<name>/`, streamed tensor by tensor in the source's dtype, so `transformers` and `optimum-cli` load it.
 Always written: `variants.safetensors`, each variant's kept neuron indices ([L, k] int32, ascending), from
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ifp_export.bounds import compare, float64
+from ifp_export.bounds import compare, lockstep_logits
 from ifp_export.checkpoint import Checkpoint
 from ifp_export.errors import ValidationFailed
 from ifp_export.fold import fold_decoder, masked_logits, write_kept_indices, write_variant_checkpoint
@@ -42,23 +45,20 @@ class FoldPass:
         ids, attention = left_pad([ckpt.tokenizer.encode(p).ids for group in prompts for p in group])
         masks = [v.mask for v in variants]
         with ckpt.weights.streaming(ckpt.backbone):
-            references32 = masked_logits(ckpt.backbone, masks, sizes, ids, attention)
-            with float64(ckpt.backbone):
-                references64 = masked_logits(ckpt.backbone, masks, sizes, ids, attention)
+            masked = masked_logits(ckpt.backbone, masks, sizes, ids, attention)
         ckpt.weights.release()
         layers = ckpt.backbone.config.num_hidden_layers
         checks = ctx.report.setdefault("fold_validation", {"variants": []})["variants"]
-        rows = zip(variants, ids.split(sizes), attention.split(sizes), references32, references64, strict=True)
+        rows = zip(variants, ids.split(sizes), attention.split(sizes), masked, strict=True)
         with ctx.progress("fold: variants checked" + (" and written" if save else ""), len(variants)) as advance:
-            for variant, variant_ids, variant_attention, ref32, ref64 in rows:
+            for variant, variant_ids, variant_attention, got in rows:
                 folded = fold_decoder(ckpt.backbone, variant.kept, ckpt.weights.release_tensors)
-                with ckpt.weights.streaming(folded), torch.no_grad():
-                    got = folded(variant_ids, variant_attention)[0]
+                streams = [(torch.float32, False), (torch.float64, False)]
+                release = lambda module: ckpt.weights.release()  # noqa: E731
+                ref32, ref64 = lockstep_logits(folded, variant_ids, variant_attention, streams, release=release)
                 del folded
-                valid = variant_attention.bool()
-                check = compare(
-                    "folded_vs_masked", got[valid].numpy(), ref32[valid].numpy(), ref64[valid].numpy(), layers
-                )
+                valid = variant_attention.bool().numpy()
+                check = compare("folded_vs_masked", got[valid].numpy(), ref32[valid], ref64[valid], layers)
                 variant.fold_error = check.error
                 checks.append({"variant": variant.name} | check.record())
                 if not check.ok:

@@ -11,6 +11,7 @@ Core ML's CPU/GPU/ANE kernels do). Only the ops our builder emits are implemente
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +69,16 @@ def _dequantize(get: Any) -> np.ndarray:
 
 
 def run_function(
-    fn: Any, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray], fp16: Fp16Trace | None = None
+    fn: Any,
+    inputs: dict[str, np.ndarray],
+    states: dict[str, np.ndarray],
+    fp16: Fp16Trace | None = None,
+    const_value: Callable[[Any], np.ndarray] = lambda op: op.outputs[0].val,
 ) -> np.ndarray:
     """Execute `fn` on `inputs`; `states` (name -> array) are updated in place. Returns the first output. With
-    `fp16`, every op's output is rounded to fp16 (accumulation inside an op stays fp32) and recorded there."""
+    `fp16`, every op's output is rounded to fp16 (accumulation inside an op stays fp32) and recorded there.
+    `const_value(op)` gives a const's value (a built program's weights are placeholders until written:
+    `DeferredWeights.value`)."""
     env: dict[str, Any] = dict(inputs)
     for op in fn.operations:
 
@@ -84,7 +91,7 @@ def run_function(
         kind = op.op_type
         if kind == "const":
             if op not in _CONSTS:
-                value = np.asarray(op.outputs[0].val)
+                value = np.asarray(const_value(op))
                 _CONSTS[op] = value.astype(np.float32) if value.dtype == np.float16 else value
             out = _CONSTS[op]
         elif kind == "constexpr_blockwise_shift_scale":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_program_matches_pytorch_over_prefill_and_cached_decode(model_type: str,
     cfg = dense.config
     kept = {"v0": np.stack([np.sort(np.random.default_rng(i).choice(128, 48, replace=False)) for i in range(2)])}
     functions = emit_module.variant_kept(kept)
-    prog, _ = emit_module.build_program(ModuleWeights(dense), functions, CONTEXT, quantize, "v0")
+    prog, _, deferred = emit_module.build_program(ModuleWeights(dense), functions, CONTEXT, quantize, "v0")
     prompt = [3, 17, 42, 5, 77, 9]
     for name, indices in functions.items():
         reference = dense if indices is None else fold_decoder(dense, torch.from_numpy(indices))
@@ -65,7 +66,7 @@ def test_program_matches_pytorch_over_prefill_and_cached_decode(model_type: str,
         states = {n: np.zeros(shape, np.float32) for n in DECODER_STATES}
 
         def step(ids: np.ndarray, mask: np.ndarray, fn=prog.functions[name], states=states) -> np.ndarray:
-            return run_function(fn, {"inputIds": ids, "causalMask": mask}, states)
+            return run_function(fn, {"inputIds": ids, "causalMask": mask}, states, const_value=deferred.value)
 
         logits = [step(np.array([prompt], np.int32), causal_mask(0, len(prompt)).numpy())]
         tokens = [11, 60, 2, 95]
@@ -85,15 +86,15 @@ def test_our_pass_runner_gives_the_program_coremltools_pipelines_give(model_type
     from coremltools.converters.mil import mil
     from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
 
-    from ifp_export.targets.coreml.build import SharedWeights, decoder_function
+    from ifp_export.targets.coreml.build import ProgramWeights, decoder_function
+    from ifp_export.targets.coreml.deferred import DeferredWeights
     from ifp_export.targets.coreml.passes import NOT_RUN, pipelines, run_passes
 
     source = ModuleWeights(model(model_type))
-    shared = SharedWeights.load(source, CONTEXT, quantize)
-    reader = emit_module.FFNReader(source, quantize)
+    weights = ProgramWeights(source, CONTEXT, quantize, DeferredWeights())
 
     def built():
-        return decoder_function(source.config, shared, reader.dense_weights, CONTEXT)
+        return decoder_function(source.config, weights, weights.ffn(None), CONTEXT)
 
     ours = run_passes(built())
     theirs = mil.Program()
@@ -103,3 +104,30 @@ def test_our_pass_runner_gives_the_program_coremltools_pipelines_give(model_type
     assert "reduce_transposes" in " ".join(pipelines(skip=NOT_RUN)[0].passes)
     symbols = re.compile(r"\b(is|block)\d+\b")  # symbolic dims and blocks are numbered process-wide
     assert symbols.sub(r"\1", str(ours)) == symbols.sub(r"\1", str(theirs.functions["main"]))
+
+
+def test_the_program_holds_placeholders_until_the_backend_writes_the_weights() -> None:
+    """Every matrix const of a built program is a broadcast placeholder (one row of memory), the same object in
+    every function for a shared tensor; the written package holds the real weights (blobs read back equal the
+    fp16 weights); a placeholder the backend never wrote fails the write instead of leaving a wrong blob."""
+    from ifp_export.targets.coreml.blobs import function_blobs, read_blob
+    from ifp_export.targets.coreml.package import package_weights_path
+
+    dense = model("llama")
+    functions = {"v0": np.stack([np.arange(0, 128, 2)] * 2), DENSE_NAME: None}
+    prog, _, deferred = emit_module.build_program(ModuleWeights(dense), functions, CONTEXT, "none", "v0")
+    matrices = {
+        name: [op.outputs[0].val for op in fn.operations if op.op_type == "const" and op.name.startswith("model_")]
+        for name, fn in prog.functions.items()
+    }
+    assert all(val.strides[0] == 0 for vals in matrices.values() for val in vals if np.ndim(val) == 2)
+    shared = {id(v) for v in matrices["v0"]} & {id(v) for v in matrices[DENSE_NAME]}
+    assert len(shared) >= 4 * dense.config.num_hidden_layers  # q/k/v/o of every layer: one object in both functions
+    mlmodel = emit_module.convert_program(prog, deferred)
+    weights = package_weights_path(Path(mlmodel.package_path)).read_bytes()
+    blob = function_blobs(mlmodel.get_spec(), DENSE_NAME)["model_model_layers_1_mlp_down_proj_weight_to_fp16"]
+    expected = dense.model.layers[1].mlp.down_proj.weight.detach().numpy().astype(np.float16)
+    np.testing.assert_array_equal(read_blob(weights, blob), expected)
+    deferred.placeholder((4, 8), np.dtype(np.float16), lambda: np.zeros((4, 8), np.float16))  # in no function
+    with pytest.raises(RuntimeError, match="not written"):
+        emit_module.convert_program(prog, deferred)

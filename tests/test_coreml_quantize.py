@@ -24,7 +24,6 @@ from ifp_export.model.decoder import CausalLM
 from ifp_export.model.predictor import PredictorConfig, SparsityPredictor
 from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.targets import coreml
-from ifp_export.targets.coreml.quantize import quantize_weight
 from ifp_export.targets.onnx import DENSE_NAME, weight_bytes
 from ifp_export.weights import ModuleWeights
 
@@ -195,15 +194,3 @@ def test_unknown_mode_is_refused(models, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="quantize"):
         coreml.emit(tmp_path / "coreml", ModuleWeights(dense), kept(masks), predictor, masks, quantize="int2")
     assert not (tmp_path / "coreml").exists()
-
-
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_row_gather_of_the_quantized_dense_weight_is_the_slice_quantized(mode: str) -> None:
-    """A variant's gate/up weights are rows of the dense function's quantized arrays (emit.FFNReader): that must
-    equal quantizing the rows on their own, bit for bit."""
-    weight = np.random.default_rng(0).normal(0, 0.02, (96, 64)).astype(np.float32)
-    rows = np.array([1, 5, 6, 40, 95])
-    gathered, direct = quantize_weight(weight, mode).rows(rows), quantize_weight(weight[rows], mode)
-    assert gathered.data.dtype == direct.data.dtype and gathered.scale.shape == direct.scale.shape
-    np.testing.assert_array_equal(gathered.data, direct.data)
-    np.testing.assert_array_equal(gathered.scale, direct.scale)

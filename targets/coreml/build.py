@@ -11,14 +11,13 @@ goes wrong on real checkpoints are built differently (issue 18.3):
 
 Every weight const is named `const_name(hf_name)`; shared tensors (everything but the FFN) are the same numpy
 arrays in every function, so `emit` can give them one `weight_id` and the backend writes them once. With
-`--quantize`, every 2-D weight is a `constexpr_blockwise_shift_scale` built directly from quantized arrays
-(`quantize`): the shared ones are quantized once, in `SharedWeights.load`.
+`--quantize`, every 2-D weight is a `constexpr_blockwise_shift_scale` over quantized arrays (`quantize`). Matrices
+are placeholders until the backend writes them (`ProgramWeights`, `deferred`): the program never holds the weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,8 +25,9 @@ import torch
 
 from ifp_export.model.config import DecoderConfig, rope_inverse_frequencies
 from ifp_export.quiet import quiet
-from ifp_export.targets.coreml.quantize import QuantizedWeight, quantize_weight, weight_const
-from ifp_export.weights import FFN_PROJECTIONS, WeightSource, is_ffn
+from ifp_export.targets.coreml.deferred import DeferredWeights
+from ifp_export.targets.coreml.quantize import QuantizedWeight, quantize_weight, quantized_layout, weight_const
+from ifp_export.weights import FFN_PROJECTIONS, WeightSource, ffn_slice, is_ffn
 
 with quiet():
     import coremltools as ct
@@ -64,33 +64,67 @@ def program_weight(array: np.ndarray, quantize: str) -> Weight:
     return quantize_weight(np.asarray(array, np.float32), quantize)
 
 
-@dataclass
-class SharedWeights:
-    """Every non-FFN tensor as the program stores it (HF name -> fp16 or quantized) and the fp16 RoPE tables, built
-    once for all functions."""
+class ProgramWeights:
+    """Every weight of the program as it stores them, read from the source only when the backend writes it
+    (`deferred`): a 2-D weight is a placeholder const (fp16, or int data + fp16 scales), the same object in every
+    function for a shared tensor (one `weight_id`, one blob); vectors (norms, biases) and the RoPE tables are held.
+    A variant's FFN slices are gathered and quantized on their own (equal to rows of the dense function's quantized
+    arrays for gate/up: one scale row per output channel; anew for down_proj, whose input blocks change)."""
 
-    arrays: dict[str, Weight]
-    rope: tuple[np.ndarray, np.ndarray]
-
-    @classmethod
-    def load(cls, source: WeightSource, max_context: int, quantize: str = "none") -> SharedWeights:
-        arrays = {}
-        for name in source.names():
-            if not is_ffn(name):
-                arrays[name] = program_weight(source.get(name), quantize)
-                source.release()
+    def __init__(self, source: WeightSource, max_context: int, quantize: str, deferred: DeferredWeights) -> None:
+        self.source, self.quantize, self.deferred = source, quantize, deferred
+        self.shared_names = [n for n in source.names() if not is_ffn(n)]
+        self._shared: dict[str, Weight] = {}
         cos, sin = rope_tables(source.config, max_context)
-        return cls(arrays, (cos.astype(np.float16), sin.astype(np.float16)))
+        self.rope = (cos.astype(np.float16), sin.astype(np.float16))
 
     def names(self) -> list[str]:
         """Const names of the shared weights (what gets one `weight_id` across functions)."""
-        return [const_name(n) for n in self.arrays] + list(ROPE_TABLES) + [ZEROS_PREFIX]
+        return [const_name(n) for n in self.shared_names] + list(ROPE_TABLES) + [ZEROS_PREFIX]
+
+    def shared(self, name: str) -> Weight:
+        if name not in self._shared:
+            shape = self.source.shape(name)
+            read = lambda: self.source.get(name)  # noqa: E731
+            self._shared[name] = (
+                program_weight(read(), self.quantize) if len(shape) != 2 else self._deferred(shape, read)
+            )
+            self.source.release()
+        return self._shared[name]
+
+    def ffn(self, indices: np.ndarray | None) -> FFNWeights:
+        """One function's FFN weights: the dense ones (None) or a variant's kept neurons ([L, k])."""
+
+        def weight(layer: int, proj: str) -> Weight:
+            rows = None if indices is None else indices[layer]
+            hidden, width = self.source.config.hidden_size, self.source.config.intermediate_size
+            width = width if rows is None else len(rows)
+            shape = (hidden, width) if proj == "down_proj" else (width, hidden)
+            return self._deferred(shape, lambda: ffn_slice(self.source, layer, proj, rows))
+
+        return weight
+
+    def _deferred(self, shape: tuple[int, ...], read: Callable[[], np.ndarray]) -> Weight:
+        def produced() -> Weight:
+            value = program_weight(read(), self.quantize)
+            self.source.release()
+            return value
+
+        if self.quantize == "none":
+            return self.deferred.placeholder(shape, np.dtype(np.float16), produced)
+        key = object()  # the data and scale blobs of this weight come from one quantization
+        quantized = lambda: self.deferred.once(key, produced)  # noqa: E731
+        data_dtype, scale_shape = quantized_layout(self.quantize, shape)
+        return QuantizedWeight(
+            self.deferred.placeholder(shape, data_dtype, lambda: quantized().data),
+            self.deferred.placeholder(scale_shape, np.dtype(np.float16), lambda: quantized().scale),
+        )
 
 
 FFNWeights = Callable[[int, str], Weight]  # (layer, projection) -> [out, in], fp16 or quantized
 
 
-def decoder_function(cfg: DecoderConfig, shared: SharedWeights, ffn: FFNWeights, max_context: int) -> Function:
+def decoder_function(cfg: DecoderConfig, shared: ProgramWeights, ffn: FFNWeights, max_context: int) -> Function:
     """The stateful decoder step: inputIds [1, T], causalMask [1, 1, T, P+T] -> logits [1, T, V]; the KV cache
     states [L, 1, KVH, C, D] get keys/values written at P..P+T-1."""
     cache = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_context, cfg.head_dim)
@@ -113,8 +147,8 @@ def decoder_function(cfg: DecoderConfig, shared: SharedWeights, ffn: FFNWeights,
     return fn
 
 
-def weight(shared: SharedWeights, name: str) -> Any:
-    return weight_const(shared.arrays[name], const_name(name))
+def weight(shared: ProgramWeights, name: str) -> Any:
+    return weight_const(shared.shared(name), const_name(name))
 
 
 def _decoder_body(cfg, shared, ffn, ids, mask, key_state, value_state):

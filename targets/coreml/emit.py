@@ -31,12 +31,10 @@ from ifp_export.quiet import quiet
 from ifp_export.targets.coreml.build import (
     DECODER_STATES,
     ZEROS_PREFIX,
-    FFNWeights,
-    SharedWeights,
-    Weight,
+    ProgramWeights,
     decoder_function,
-    program_weight,
 )
+from ifp_export.targets.coreml.deferred import DeferredWeights
 from ifp_export.targets.coreml.package import (
     COREML_DIR,
     DECODER_PACKAGE,
@@ -52,7 +50,7 @@ from ifp_export.targets.coreml.passes import run_passes
 from ifp_export.targets.coreml.predictor import convert_predictor
 from ifp_export.targets.coreml.quantize import QUANTIZED_SUFFIX
 from ifp_export.targets.onnx import DENSE_NAME
-from ifp_export.weights import WeightSource, ffn_slice
+from ifp_export.weights import WeightSource
 
 with quiet():
     from coremltools.converters.mil import mil
@@ -107,35 +105,6 @@ def assign_weight_ids(fn: Any, function: str, shared: set[str]) -> dict[str, int
     return sizes
 
 
-class FFNReader:
-    """Each function's FFN weights as the program stores them. The dense function is built first and its arrays
-    kept (they are in its program anyway); a variant's `gate_proj`/`up_proj` are rows of them (one scale row per
-    output channel, so a row gather equals quantizing the slice), and its `down_proj` the dense columns (fp16) or
-    the checkpoint's columns quantized anew (the input blocks change)."""
-
-    def __init__(self, source: WeightSource, quantize: str) -> None:
-        self.source, self.quantize = source, quantize
-        self.dense: dict[tuple[int, str], Weight] = {}
-
-    def read(self, layer: int, proj: str, rows: np.ndarray | None = None) -> Weight:
-        weight = program_weight(ffn_slice(self.source, layer, proj, rows), self.quantize)
-        self.source.release()
-        return weight
-
-    def dense_weights(self, layer: int, proj: str) -> Weight:
-        self.dense[layer, proj] = self.read(layer, proj)
-        return self.dense[layer, proj]
-
-    def pruned(self, indices: np.ndarray) -> FFNWeights:
-        def weights(layer: int, proj: str) -> Weight:
-            full, rows = self.dense[layer, proj], indices[layer]
-            if proj != "down_proj":
-                return full[rows] if isinstance(full, np.ndarray) else full.rows(rows)
-            return full[:, rows] if isinstance(full, np.ndarray) else self.read(layer, proj, rows)
-
-        return weights
-
-
 def build_program(
     source: WeightSource,
     kept: dict[str, np.ndarray | None],
@@ -143,31 +112,27 @@ def build_program(
     quantize: str,
     default: str,
     progress: Progress = no_progress,
-) -> tuple[Any, int]:
-    """The multifunction program (one function per `kept` entry, in order; None = dense, built first) and its ideal
-    weight bytes: shared consts once + every function's own."""
-    cfg = source.config
-    shared = SharedWeights.load(source, max_context, quantize)
-    shared_names = set(shared.names())
-    reader = FFNReader(source, quantize)
-    functions, sizes = {}, {}
+) -> tuple[Any, int, DeferredWeights]:
+    """The multifunction program (one function per `kept` entry, in order; None = dense), its ideal weight bytes
+    (shared consts once + every function's own) and its deferred weights (read when `convert_program` writes them)."""
+    deferred = DeferredWeights()
+    weights = ProgramWeights(source, max_context, quantize, deferred)
+    shared_names = set(weights.names())
+    prog, sizes = mil.Program(), {}
     with progress("Core ML functions", len(kept)) as advance:
-        for name in sorted(kept, key=lambda n: kept[n] is not None):  # stable: dense first, then in order
-            indices = kept[name]
-            ffn = reader.dense_weights if indices is None else reader.pruned(indices)
-            functions[name] = run_passes(decoder_function(cfg, shared, ffn, max_context))
-            sizes.update(assign_weight_ids(functions[name], name, shared_names))
+        for name, indices in kept.items():
+            fn = run_passes(decoder_function(source.config, weights, weights.ffn(indices), max_context))
+            sizes.update(assign_weight_ids(fn, name, shared_names))
+            prog.add_function(name, fn)
             advance(1)
-    prog = mil.Program()
-    for name in kept:
-        prog.add_function(name, functions[name])
     prog.export_as_multifunction = True
     prog.default_function_name = default
-    return prog, sum(sizes.values())
+    return prog, sum(sizes.values()), deferred
 
 
-def convert_program(prog: Any) -> Any:
-    """The program as an `MLModel` over a temporary mlpackage, through coremltools' MIL-to-proto backend directly.
+def convert_program(prog: Any, deferred: DeferredWeights) -> Any:
+    """The program as an `MLModel` over a temporary mlpackage, through coremltools' MIL-to-proto backend directly,
+    each deferred weight read as its blob is written.
 
     `mil_convert` would first run three pass pipelines, empty here (every function ran its passes and was
     validated), each of which still validates the whole multifunction program and formats it for a debug log line:
@@ -175,14 +140,15 @@ def convert_program(prog: Any) -> Any:
     ct = coremltools()
     prog._check_early_error_out_for_invalid_program()
     with quiet(), contextlib.redirect_stderr(io.StringIO()), tempfile.TemporaryDirectory() as weights:
-        proto = mil_to_proto(
-            prog,
-            weights,
-            specification_version=ct.target.iOS18,
-            export_multi_functions=True,
-            convert_from="milinternal",
-            convert_to="mlprogram",
-        )
+        with deferred.writing():
+            proto = mil_to_proto(
+                prog,
+                weights,
+                specification_version=ct.target.iOS18,
+                export_multi_functions=True,
+                convert_from="milinternal",
+                convert_to="mlprogram",
+            )
         package = _create_mlpackage(proto, weights)
     return ct.models.MLModel(package, is_temp_package=True, skip_model_load=True, compute_units=ct.ComputeUnit.CPU_ONLY)
 
@@ -260,11 +226,11 @@ def emit(
     functions = variant_kept(kept)
     default = default_function or next(iter(kept))
     max_context = context_length(source.config.max_position_embeddings)
-    prog, ideal = build_program(source, functions, max_context, quantize, default, progress)
+    prog, ideal, deferred = build_program(source, functions, max_context, quantize, default, progress)
     directory.mkdir(parents=True)
     decoder = directory / DECODER_PACKAGE
-    mlmodel = convert_program(prog)
-    del prog
+    mlmodel = convert_program(prog, deferred)
+    del prog, deferred
     cfg = source.config
     mlmodel.short_description = f"IFPruning decoder ({cfg.num_hidden_layers} layers, d_ff {cfg.intermediate_size})"
     save_model(mlmodel, decoder)

@@ -37,10 +37,6 @@ class QuantizedWeight:
     data: np.ndarray  # [out, in], int8 (int4 values are stored one per int8 until the backend packs them)
     scale: np.ndarray  # [out, in / block], fp16
 
-    def rows(self, rows: np.ndarray) -> QuantizedWeight:
-        """The weight of these output channels: exactly what quantizing those rows alone gives (scales are per row)."""
-        return QuantizedWeight(self.data[rows], self.scale[rows])
-
 
 def block_sizes(mode: str, in_features: int) -> list[int]:
     """coremltools' block sizes for [out, in]: one scale per output channel (1) and per block of input channels
@@ -48,6 +44,14 @@ def block_sizes(mode: str, in_features: int) -> list[int]:
     if mode == "int4" and in_features % INT4_BLOCK_SIZE == 0:
         return [1, INT4_BLOCK_SIZE]
     return [1, 0]
+
+
+def quantized_layout(mode: str, shape: tuple[int, ...]) -> tuple[np.dtype, tuple[int, int]]:
+    """The dtype of `quantize_weight`'s data and the shape of its scales for an [out, in] weight, without
+    quantizing it."""
+    out, in_features = shape
+    block = block_sizes(mode, in_features)[1] or in_features
+    return np.dtype(types.nptype_from_builtin(DTYPES[mode])), (out, in_features // block)
 
 
 def quantize_weight(weight: np.ndarray, mode: str) -> QuantizedWeight:

@@ -12,13 +12,14 @@ bounded by one layer at any model size.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from ifp_export.bounds import lockstep_logits
 from ifp_export.model.decoder import CausalLM
 from ifp_export.targets.onnx.build import build_decoder
 from ifp_export.targets.onnx.ops import Binding, dequantized_sources
@@ -106,45 +107,6 @@ class ReferenceRun:
     fp32: np.ndarray | None = None  # quantized only: the fp32 model's logits on the same tokens (quality figure)
 
 
-Stream = tuple[torch.dtype, bool]  # (compute dtype, with the dequantized weights)
-
-
-@torch.no_grad()
-def lockstep_logits(
-    model: CausalLM,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    streams: list[Stream],
-    dequantizer: LayerDequantizer,
-    release: Callable[[nn.Module], None] = lambda module: None,
-) -> list[np.ndarray]:
-    """The logits of one uncached forward over `ids` for every stream, the streams advancing together a module at a
-    time: each module's weights are read (and, for the dequantized streams, dequantized) once for all of them, then
-    `release(module)` may drop them. A float64 stream upcasts the embedding rows, and every later op follows its
-    input's dtype (as `ifp_export.bounds.float64` does for a whole forward)."""
-    inner = model.model
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    rows = inner.embed_tokens(ids)
-    release(inner.embed_tokens)
-    xs = [rows.to(dtype) for dtype, _ in streams]
-    tables = {dtype: inner.positional(mask, positions, dtype) for dtype in {dtype for dtype, _ in streams}}
-
-    def advance(owner: str, module: nn.Module, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for dequantized in (False, True):
-            chosen = [i for i, (_, d) in enumerate(streams) if d == dequantized]
-            if chosen:
-                with dequantizer.swapped(owner) if dequantized else nullcontext():
-                    for i in chosen:
-                        xs[i] = run(xs[i])
-        release(module)
-
-    for index, layer in enumerate(inner.layers):
-        advance(f"model.layers.{index}", layer, lambda x, layer=layer: layer(x, *tables[x.dtype])[0])
-    xs = [inner.norm(x) for x in xs]
-    advance("lm_head", model.lm_head, model.lm_head)
-    return [x.numpy() for x in xs]
-
-
 def reference_run(
     reference: CausalLM,
     ids: torch.Tensor,
@@ -156,7 +118,7 @@ def reference_run(
     a quantized export on the dequantized weights (and once more on its own fp32 weights, the quality figure): one
     pass over the weights, whatever the continuation's length."""
     quantized = quantize != "none"
-    streams: list[Stream] = [(torch.float32, quantized), (torch.float64, quantized)]
+    streams = [(torch.float32, quantized), (torch.float64, quantized)]
     streams += [(torch.float32, False)] if quantized else []
-    logits = lockstep_logits(reference, ids, mask, streams, LayerDequantizer(reference, quantize), release)
+    logits = lockstep_logits(reference, ids, mask, streams, LayerDequantizer(reference, quantize).swapped, release)
     return ReferenceRun(logits[0], logits[1], logits[2] if quantized else None)
