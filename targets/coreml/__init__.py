@@ -9,9 +9,11 @@ cache), both flexible (1..C), so one function serves prefill and decode; states 
 max-scaled, so neither overflows nor loses the angle in fp16 (`numerics`).
 
 Shared tensors (embeddings, attention, norms, lm_head, RoPE tables) carry one `weight_id` in every function and
-are written once; only the FFN slices differ per function (`emit`). `--quantize int8|int4` quantizes every 2-D
-weight as it is read, shared ones once (`quantize`). Core ML cannot predict on Linux, so validation is structural
-plus every weight read back from weight.bin (`validate`); on macOS it also compares predictions (`parity`).
+are written once; only the FFN slices differ per function (`emit`). The program holds placeholders for the
+matrices, each read from the checkpoint (and, with `--quantize int8|int4`, quantized: `quantize`) as the backend
+writes its blob (`deferred`), so about one tensor is resident at a time. Core ML cannot predict on Linux, so
+validation is structural plus every weight read back from weight.bin (`validate`); on macOS it also compares
+predictions (`parity`).
 """
 
 from ifp_export.targets.coreml.blobs import (

@@ -136,9 +136,8 @@ def dequantized_sources(bindings: list[Binding], get: Callable[[str], np.ndarray
         rows = [get(s).shape[0] for s in binding.sources]
         k = get(binding.sources[0]).shape[1]
         make = Materializer(get)
-        matrix = dequantize(make(binding), make(scales[binding.sources]), bits, k)
-        for name, part in zip(binding.sources, np.split(matrix.T, np.cumsum(rows)[:-1], axis=0), strict=True):
-            weights[name] = np.ascontiguousarray(part)
+        matrix = dequantized_rows(make(binding), make(scales[binding.sources]), bits, k)  # [N, K]: sources' rows
+        weights.update(zip(binding.sources, np.split(matrix, np.cumsum(rows)[:-1], axis=0), strict=True))
     return weights
 
 
@@ -147,10 +146,17 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.
 
     The reference a quantized graph is validated against: PyTorch run with these weights.
     """
+    return dequantized_rows(blocks, scales, bits, k).T
+
+
+def dequantized_rows(blocks: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """`dequantize`'s weight as [N, K] (the HF [out, in] layout), C-contiguous, computed with torch (threaded, one
+    pass per step: at 8B the reference dequantizes every weight of every model it checks)."""
     n, k_blocks, _ = blocks.shape
+    packed = torch.from_numpy(blocks)
     if bits == 4:
-        values = np.stack((blocks & 0x0F, blocks >> 4), axis=-1).reshape(n, k_blocks, BLOCK_SIZE)
+        values = torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(n, k_blocks, BLOCK_SIZE)
     else:
-        values = blocks.reshape(n, k_blocks, BLOCK_SIZE)
-    weight = (values.astype(np.float32) - float(1 << (bits - 1))) * scales[:, :, None]
-    return np.ascontiguousarray(weight.reshape(n, k_blocks * BLOCK_SIZE)[:, :k].T)
+        values = packed.view(n, k_blocks, BLOCK_SIZE)
+    weight = values.to(torch.float32).sub_(float(1 << (bits - 1))).mul_(torch.from_numpy(scales)[:, :, None])
+    return weight.view(n, k_blocks * BLOCK_SIZE)[:, :k].contiguous().numpy()

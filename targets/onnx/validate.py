@@ -2,17 +2,19 @@
 
 Per model, ORT runs first: it generates a greedy continuation of a left-padded batch through its KV cache (Optimum's
 layout, as clients run it), runs the same tokens again in one uncached forward, and the GenAI-flavour graph on the
-first prompt unpadded; only the logits are kept. Then the PyTorch reference, streaming the mapped checkpoint a layer at
-a time, runs teacher-forced over those tokens: one forward in float32 and one in float64 (`reference.ReferenceRun`),
-not one per generated token. Every position of every row is compared with the float64 logits under the bound its
-own fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check, and a KV-cache bug shows
-as cached logits that differ where the uncached ones agree. At most one model's weights are resident at a time.
+first prompt unpadded (prefill, one decode step, the rest at once); only the logits are kept. Then the PyTorch
+reference, reading the mapped checkpoint a layer at a time, runs teacher-forced over those tokens: one forward in
+float32 and one in float64, in lockstep (`reference.ReferenceRun`), not one per generated token. Every position of
+every row is compared with the float64 logits under the bound its own fp32 noise gives (`ifp_export.bounds`); the
+cached logits' top-1 is the greedy check, and a KV-cache bug shows as cached logits that differ where the uncached
+ones agree. At most one model's weights are resident at a time.
 
 fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
 the *same dequantized weights* (that is what catches graph and binding bugs): the shipped graph's MatMulNBits
-quantize activations to int8 (accuracy_level 4, the fast CPU path), so the check runs its exact twin (the same
-file and data with accuracy_level 0, loaded from memory); the shipped graph's error against the dequantized and
-the fp32 model (max |Δ|, top-1 agreement) is reported as a quality figure, not gated on.
+quantize activations to int8 (accuracy_level 4, the fast CPU path), so the shipped graph generates and its exact
+twin (the same file and data with accuracy_level 0, loaded from memory) re-runs the tokens uncached and through the
+cache in three pieces (each of its runs dequantizes every weight); the shipped graph's error against the dequantized
+and the fp32 model (max |Δ|, top-1 agreement) is reported as a quality figure, not gated on.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class OrtRun:
     cached: np.ndarray  # [B, T, V] prefill logits, then each cached decode step's (its argmax is the next token)
     uncached: np.ndarray  # [B, T, V] one forward over `ids` with an empty cache
     genai: np.ndarray | None = None  # [T0, V] the GenAI-flavour graph, first prompt unpadded, cached, same tokens
-    shipped: np.ndarray | None = None  # quantized only: the shipped graph (accuracy_level 4), uncached
+    shipped: np.ndarray | None = None  # quantized only: the shipped graph's (accuracy_level 4) cached greedy logits
     load_seconds: float = 0.0
 
 
@@ -115,8 +117,7 @@ def generate_cached(decoder: OrtDecoder, prompts: list[list[int]], tokens: int) 
     """Greedy continuation of the left-padded batch through the KV cache (Optimum's layout, as clients run it), then
     the same tokens in one uncached forward: every position's logits both ways."""
     ids, mask = (t.numpy() for t in left_pad(prompts))
-    positions = positions_of(mask)
-    logits, past = decoder(ids, mask, positions, decoder.empty_cache(len(prompts)))
+    logits, past = decoder(ids, mask, positions_of(mask), decoder.empty_cache(len(prompts)))
     steps = [logits]
     for _ in range(tokens):
         token = steps[-1][:, -1].argmax(-1)[:, None]
@@ -125,19 +126,40 @@ def generate_cached(decoder: OrtDecoder, prompts: list[list[int]], tokens: int) 
         steps.append(logits)
     if tokens == 0:  # one forward over the prompts (`--checks quick`): nothing was decoded through the cache
         return OrtRun(ids, mask, steps[0], steps[0])
-    uncached, _ = decoder(ids, mask, positions_of(mask), decoder.empty_cache(len(prompts)))
-    return OrtRun(ids, mask, np.concatenate(steps, axis=1), uncached)
+    return OrtRun(ids, mask, np.concatenate(steps, axis=1), uncached_logits(decoder, ids, mask))
+
+
+def uncached_logits(decoder: OrtDecoder, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return decoder(ids, mask, positions_of(mask), decoder.empty_cache(len(ids)))[0]
+
+
+def chunk_ends(prompt_width: int, total: int) -> list[int]:
+    """Where the cached re-run of known tokens splits them: the prompt, one decode step (the single-token path), then
+    the rest at once (the path with a cache and several new tokens): three runs instead of one per token. Re-running
+    a graph whose MatMulNBits compute in float (accuracy_level 0) dequantizes every weight per run."""
+    return sorted({prompt_width, min(prompt_width + 1, total), total})
+
+
+def replay_cached(decoder: OrtDecoder, ids: np.ndarray, mask: np.ndarray, prompt_width: int) -> np.ndarray:
+    """The logits of known tokens (left-padded prompts of `prompt_width` + a continuation) fed through the KV cache
+    in `chunk_ends` pieces, [B, T, V]."""
+    chunks, past, start = [], decoder.empty_cache(len(ids)), 0
+    for end in chunk_ends(prompt_width, ids.shape[1]):
+        logits, past = decoder(ids[:, start:end], mask[:, :end], positions_of(mask[:, :end])[:, start:], past)
+        chunks.append(logits)
+        start = end
+    return np.concatenate(chunks, axis=1)
 
 
 def genai_cached(sess: ort.InferenceSession, tokens: list[int], prompt_length: int) -> np.ndarray:
-    """A GenAI-flavour graph (no position_ids) on one unpadded sequence as og runs it: the prompt's prefill, then the
-    rest fed one token at a time through its cache; the logits of every position [T, V]."""
+    """A GenAI-flavour graph (no position_ids) on one unpadded sequence through its cache as og runs it, in
+    `chunk_ends` pieces (the prompt's prefill, one decode step, the rest); the logits of every position [T, V]."""
     first = next(i for i in sess.get_inputs() if i.name.startswith("past_key_values."))
     empty = np.zeros((1, int(first.shape[1]), 0, int(first.shape[3])), np.float32)
     outputs = [o.name for o in sess.get_outputs()]
     past = {i.name: empty for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
     chunks, start = [], 0
-    for end in [prompt_length, *range(prompt_length + 1, len(tokens) + 1)]:
+    for end in chunk_ends(prompt_length, len(tokens)):
         feeds = {"input_ids": np.asarray([tokens[start:end]], np.int64), "attention_mask": np.ones((1, end), np.int64)}
         got, *present = sess.run(outputs, feeds | past)
         past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(outputs[1:], present, strict=True)}
@@ -154,22 +176,24 @@ def run_onnx(
     genai_path: Path | None,
     tokens: int = GREEDY_TOKENS,
 ) -> OrtRun:
-    """ONNX checker, ORT load, the cached greedy continuation of `tokens` tokens and the uncached forward (a quantized
-    graph: its accuracy_level 0 twin, plus the shipped graph uncached), and the GenAI-flavour graph on the first
-    prompt (if given)."""
+    """ONNX checker, ORT load, the cached greedy continuation of `tokens` tokens and the uncached forward, and the
+    GenAI-flavour graph on the first prompt (if given). A quantized graph generates as shipped (int8 activations,
+    fast), then its accuracy_level 0 twin, which the reference can match at the fp32 bound, re-runs those tokens
+    uncached and through the cache (`replay_cached`); the shipped graph's logits are the quality figure."""
     onnx.checker.check_model(str(path))
-    if quantize != "none":  # the exact twin generates and is dropped before the shipped graph loads
-        run = generate_cached(OrtDecoder(exact_session(path, resident)), prompts, tokens)
     start = time.perf_counter()
     decoder = decoder_session(path, resident)
     load_seconds = time.perf_counter() - start
-    shipped = None
-    if quantize != "none":
-        shipped, _ = decoder(run.ids, run.mask, positions_of(run.mask), decoder.empty_cache(len(prompts)))
-    else:
-        run = generate_cached(decoder, prompts, tokens)
+    run = generate_cached(decoder, prompts, tokens)
     del decoder  # one session of this model at a time: its own FFN weights are not held twice
-    run.shipped, run.load_seconds = shipped, load_seconds
+    if quantize != "none":
+        exact = OrtDecoder(exact_session(path, resident))
+        shipped, width = run.cached, max(len(p) for p in prompts)
+        uncached = uncached_logits(exact, run.ids, run.mask)
+        cached = uncached if tokens == 0 else replay_cached(exact, run.ids, run.mask, width)
+        run = OrtRun(run.ids, run.mask, cached, uncached, shipped=shipped)
+        del exact
+    run.load_seconds = load_seconds
     if genai_path is not None:
         onnx.checker.check_model(str(genai_path))
         genai = exact_session(genai_path, resident)  # accuracy_level 0 (a no-op for fp32 graphs)
