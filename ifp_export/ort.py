@@ -52,23 +52,28 @@ class ResidentWeights:
                 self.values[(offset, length)] = ort.OrtValue.ortvalue_from_numpy(array)
             yield init.name, self.values[(offset, length)]
 
-    def options(self, path: Path, threads: int = 0) -> ort.SessionOptions:
+    def options(self, path: Path, threads: int = 0, prepack: bool = False) -> ort.SessionOptions:
+        """Session options binding the resident shared weights. Pre-packing copies every MatMul weight per session,
+        including the resident shared ones; without it a variant switch reads only the FFN slices (measured: 0.4 s
+        -> 0.1 s on the benchmark model, same tok/s). But an unpacked `MatMulNBits` dequantizes its whole weight on
+        every run (3B int4, 2 prompts, 4 greedy tokens: 61 s unpacked, 3 s packed), so `prepack` for int4/int8
+        graphs run more than a few steps."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         if threads == 1:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
-        # Pre-packing copies every MatMul weight per session, including the resident shared ones; without it a
-        # variant switch reads only the FFN slices (measured: 0.4 s -> 0.1 s on the benchmark model, same tok/s).
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
         for name, value in self.initializers(path):
             options.add_initializer(name, value)
         return options
 
-    def session_from_bytes(self, graph: bytes, path: Path, threads: int = 0) -> ort.InferenceSession:
+    def session_from_bytes(
+        self, graph: bytes, path: Path, threads: int = 0, prepack: bool = False
+    ) -> ort.InferenceSession:
         """A session of `graph`, an edited copy of the graph at `path`, with `options(path)`; its external data
         resolves beside `path` (ORT checks even the files of initializers the options override)."""
-        options = self.options(path, threads)
+        options = self.options(path, threads, prepack)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 

@@ -1,6 +1,6 @@
 """fold: check that each variant's kept FFN neurons fold exactly into a smaller dense decoder, one at a time.
 
-Exactness: the masked full model's fp32 logits on the variant's own calibration prompts == the folded model's, under
+Exactness: the masked full model's fp32 logits on the variant's first calibration prompt == the folded model's, under
 the bound of `ifp_export.bounds`: the folded model in float64 is the truth (in exact arithmetic the masked model
 computes the same numbers: its dropped neurons add exact zeros), its own float32 run gives the noise the bound is a
 multiple of, and the masked model (one batched fp32 forward pass of the full model, each prompt row with its
@@ -30,7 +30,9 @@ from ifp_export.pipeline import ExportContext
 
 KEPT_INDICES_FILE = "variants.safetensors"
 VARIANTS_DIR = "variants"
-CHECK_PROMPTS = 4
+# One calibration prompt per variant: every SwiGLU neuron is non-zero on any input, so a wrong neuron, axis or layer
+# moves every position's logits; the masked batch is the pass's cost (at 3B, 4 prompts each took ~100 s of 128 s).
+CHECK_PROMPTS = 1
 
 
 class FoldPass:

@@ -194,3 +194,27 @@ def test_unknown_mode_is_refused(models, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="quantize"):
         coreml.emit(tmp_path / "coreml", ModuleWeights(dense), kept(masks), predictor, masks, quantize="int2")
     assert not (tmp_path / "coreml").exists()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_weight_gives_coremltools_bits(mode: str) -> None:
+    """Our torch quantizer is coremltools' `compute_qparams_by_dtype` (what its `linear_quantize_weights` pass
+    calls) bit for bit: data and fp16 scales, on normal weights, a row with an outlier, an all-zero row and block,
+    and a width that is not a multiple of the int4 block (one scale per row)."""
+    from coremltools.optimize._utils import compute_qparams_by_dtype
+
+    from ifp_export.targets.coreml.quantize import DTYPES, block_sizes, quantize_weight
+
+    rng = np.random.default_rng(0)
+    for shape in [(48, 96), (16, 40)]:
+        weight = rng.normal(0, 0.02, shape).astype(np.float32)
+        weight[1, 3] = 7.5  # an outlier
+        weight[2] = 0.0  # an all-zero row
+        weight[3, :32] = 0.0  # an all-zero block
+        expected_data, expected_scale, _ = compute_qparams_by_dtype(
+            weight, DTYPES[mode], "LINEAR_SYMMETRIC", block_sizes(mode, shape[1])
+        )
+        got = quantize_weight(weight, mode)
+        assert got.data.dtype == expected_data.dtype and got.data.dtype.metadata == expected_data.dtype.metadata
+        np.testing.assert_array_equal(got.data, expected_data)
+        np.testing.assert_array_equal(got.scale, expected_scale.astype(np.float16))

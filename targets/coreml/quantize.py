@@ -5,10 +5,9 @@ an output channel (iOS 18 block-wise), or per output channel for any weight whos
 the block (a pruned `down_proj` with k % 32 != 0; q/k/v, gate/up when hidden % 32 != 0), which coremltools' pass would
 otherwise skip. Every 2-D model weight is quantized (no size threshold); norms, biases and the RoPE tables stay
 fp16. The arithmetic is coremltools' own (`compute_qparams_by_dtype`, what its `linear_quantize_weights` pass
-calls), applied to the float32 weight (numpy is ~7x slower on fp16 arrays, and the fp32 weight is the better
-input), scales then stored in fp16; the result is deterministic: a shared weight is quantized once and its
-data/scale arrays are the same objects in every function (one `weight_id`), and each function's FFN slices are
-quantized as they are read, one tensor at a time.
+calls), done in torch on the float32 weight (the same bits, threaded), scales then stored in fp16; the result is
+deterministic: a shared weight is quantized once (one `weight_id`), and each function's FFN slices are quantized as
+the backend writes them, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -17,17 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ifp_export.quiet import quiet
 
 with quiet():
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
-    from coremltools.optimize._utils import compute_qparams_by_dtype
 
 INT4_BLOCK_SIZE = 32  # input channels per int4 scale (as ONNX MatMulNBits)
 QUANTIZED_SUFFIX = "_quantized"  # the constexpr op replacing const `w` is `w_quantized` (coremltools' naming)
 DTYPES = {"int8": types.int8, "int4": types.int4}
+QUANT_RANGE = {"int8": (-127, 127), "int4": (-7, 7)}  # signed, symmetric: coremltools' `get_quant_range`
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,21 @@ def quantized_layout(mode: str, shape: tuple[int, ...]) -> tuple[np.dtype, tuple
 
 
 def quantize_weight(weight: np.ndarray, mode: str) -> QuantizedWeight:
-    """Quantize one float32 [out, in] weight (symmetric, `mode` int8 or int4); fp16 scales."""
+    """Quantize one float32 [out, in] weight (symmetric, `mode` int8 or int4); fp16 scales.
+
+    coremltools' arithmetic (`compute_qparams_by_dtype`, LINEAR_SYMMETRIC: max |w| per block, scale = 2 max / (q_max -
+    q_min), data = clip(round(w / scale))), step for step in float32 with torch instead of numpy: threaded, and the
+    same bits (tests/test_coreml_quantize.py holds it to coremltools' function); an all-zero block gets data 0."""
     if mode not in DTYPES:
         raise ValueError(f"quantize mode must be one of {sorted(DTYPES)}, got {mode!r}")
-    result = compute_qparams_by_dtype(weight, DTYPES[mode], "LINEAR_SYMMETRIC", block_sizes(mode, weight.shape[1]))
-    if result is None:  # only for block sizes that do not divide the weight, which block_sizes never returns
-        raise ValueError(f"cannot quantize a weight of shape {weight.shape} to {mode}")
-    data, scale, _ = result
-    return QuantizedWeight(data, scale.astype(np.float16))
+    dtype, scale_shape = quantized_layout(mode, weight.shape)
+    q_min, q_max = QUANT_RANGE[mode]
+    blocks = torch.from_numpy(np.ascontiguousarray(weight, np.float32)).view(*scale_shape, -1)
+    max_abs = torch.maximum(blocks.amin(-1, keepdim=True).abs(), blocks.amax(-1, keepdim=True).abs())
+    scale = (max_abs - (-max_abs)) / (q_max - q_min)
+    data = torch.nan_to_num(torch.round(blocks / scale), nan=0.0).clamp_(q_min, q_max)
+    data = data.to(torch.int8).view(weight.shape).numpy().view(dtype)
+    return QuantizedWeight(data, scale.view(scale_shape).numpy().astype(np.float16))
 
 
 def weight_const(value: np.ndarray | QuantizedWeight, name: str) -> Any:

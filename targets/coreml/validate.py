@@ -133,22 +133,30 @@ def check_weights(
     skip: set[str],
     quantized: dict[str, QuantizedRef] | None = None,
     release: Callable[[], None] = lambda: None,
+    compared: dict[tuple, tuple[float, float | bool]] | None = None,
 ) -> tuple[int, int, float, bool, list[str], int, float]:
     """Read every tensor of `model` back from weight.bin by its const name; (checked, FFN checked, max |diff|,
     all equal to the tensor's fp16 rounding / within the quantization bound, names not found, quantized checked,
     max |diff| / bound over quantized elements). With `quantized` (the function's constexpr weights), every 2-D
-    tensor must be one of them. `release()` runs before each tensor (drops the pages read for the last one)."""
+    tensor must be one of them. `release()` runs before each tensor (drops the pages read for the last one).
+    `compared` (shared across a package's functions) keeps each comparison by blob offset and the tensor's memory:
+    a shared weight, the same blob against the same tensor in every function, is compared once, while a function's
+    own tensor (a fold's FFN slice is its own memory) is always compared, even if its blob were another's."""
+    compared = {} if compared is None else compared
     checked = ffn = nquantized = 0
     worst, exact, missing, ratio = 0.0, True, [], 0.0
     for name, tensor in model.state_dict().items():
         release()
         ref = refs.get(const_name(name))
         qref = None if quantized is None else quantized.get(const_name(name) + QUANTIZED_SUFFIX)
+        key = (blob_key(qref or ref), tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
         if qref is not None:
             if qref.shape != tuple(tensor.shape):
                 missing.append(name)
                 continue
-            diff, bound = quantized_difference(*dequantize(weights, qref), tensor)
+            if key not in compared or key[0] is None:
+                compared[key] = quantized_difference(*dequantize(weights, qref), tensor)
+            diff, bound = compared[key]
             worst, ratio = max(worst, diff), max(ratio, bound)
             checked += 1
             nquantized += 1
@@ -163,16 +171,25 @@ def check_weights(
             if name not in skip and tensor.numel() >= 2 and not identity:
                 missing.append(name)
             continue
-        stored = read_blob(weights, ref)
-        if stored.shape != tuple(tensor.shape):
+        if ref.shape != tuple(tensor.shape):
             missing.append(name)
             continue
-        diff, equal = blob_difference(stored, tensor)
+        if key not in compared:
+            compared[key] = blob_difference(read_blob(weights, ref), tensor)
+        diff, equal = compared[key]
         worst = max(worst, diff)
         exact &= equal
         checked += 1
         ffn += name.rsplit(".", 2)[-2] in FFN_PARAMS
     return checked, ffn, worst, exact and ratio <= 1.0, missing, nquantized, ratio
+
+
+def blob_key(ref: BlobRef | QuantizedRef | None) -> tuple | None:
+    """The weight.bin offsets a const reads (None if a part is inline in the spec: never taken as seen)."""
+    if ref is None or isinstance(ref, BlobRef):
+        return None if ref is None else (ref.offset,)
+    parts = [p for p in (ref.data, ref.scale, ref.offset) if p is not None]
+    return None if any(not isinstance(p, BlobRef) for p in parts) else tuple(p.offset for p in parts)
 
 
 def blob_difference(stored: np.ndarray, tensor: torch.Tensor) -> tuple[float, bool]:
@@ -240,7 +257,7 @@ def check_decoder_package(
             f" expected {artifacts.functions} (default {artifacts.default_function!r})"
         )
     weights = open_weights(artifacts.decoder)
-    rows = []
+    rows, compared = [], {}
     with progress("Core ML validation", len(artifacts.functions)) as advance:
         for name in artifacts.functions:
 
@@ -249,7 +266,7 @@ def check_decoder_package(
                 release()
 
             model = reference(name)
-            rows.append(check_function(spec, weights, described[name], name, model, artifacts, dropped))
+            rows.append(check_function(spec, weights, described[name], name, model, artifacts, dropped, compared))
             rows[-1].residual_peak = None if peak is None else peak(model)
             advance(1)
     return rows
@@ -263,8 +280,9 @@ def check_function(
     model: CausalLM,
     artifacts: CoreMLArtifacts,
     release: Callable[[], None] = lambda: None,
+    compared: dict[tuple, tuple[float, float | bool]] | None = None,
 ) -> FunctionCheck:
-    """One function's row of the table."""
+    """One function's row of the table (`compared` as in `check_weights`)."""
     io = {
         "inputs": [feature_signature(f) for f in desc.input],
         "outputs": [feature_signature(f) for f in desc.output],
@@ -273,7 +291,7 @@ def check_function(
     skip = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     quantized = None if artifacts.quantize == "none" else function_quantized(spec, name)
     checked, ffn, worst, exact, missing, nquantized, ratio = check_weights(
-        weights, function_blobs(spec, name), model, const_name, skip, quantized, release
+        weights, function_blobs(spec, name), model, const_name, skip, quantized, release, compared
     )
     missing += check_numerics(spec, name, weights, model.config, artifacts.max_context)
     io_ok = io == expected_decoder_io(model, artifacts.max_context)

@@ -92,21 +92,25 @@ class ValidationRow:
         return row | {"checks": [c.record() for c in self.checks], "ok": self.ok}
 
 
-def decoder_session(path: Path, resident: ResidentWeights) -> OrtDecoder:
-    """One thread, shared weights from the resident memory-mapped cache (held once across every model checked)."""
-    options = resident.options(path, threads=1)
+def decoder_session(path: Path, resident: ResidentWeights, prepack: bool = False) -> OrtDecoder:
+    """One thread, shared weights from the resident memory-mapped cache (held once across every model checked);
+    `prepack` for quantized graphs (see `ResidentWeights.options`)."""
+    options = resident.options(path, threads=1, prepack=prepack)
     return OrtDecoder(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
 
 
 def exact_session(path: Path, resident: ResidentWeights) -> ort.InferenceSession:
-    """The graph at `path` with every MatMulNBits computing in float (accuracy_level 0) over the same data files."""
+    """The graph at `path` with every MatMulNBits computing in float (accuracy_level 0) over the same data files,
+    pre-packed if it has any (an fp32 graph is returned unchanged in a session without pre-packing)."""
     proto = onnx.load(str(path), load_external_data=False)
+    quantized = False
     for node in proto.graph.node:
         if node.op_type == "MatMulNBits":
+            quantized = True
             for attribute in node.attribute:
                 if attribute.name == "accuracy_level":
                     attribute.i = 0
-    return resident.session_from_bytes(proto.SerializeToString(), path, threads=1)
+    return resident.session_from_bytes(proto.SerializeToString(), path, threads=1, prepack=quantized)
 
 
 def positions_of(mask: np.ndarray) -> np.ndarray:
@@ -182,7 +186,7 @@ def run_onnx(
     uncached and through the cache (`replay_cached`); the shipped graph's logits are the quality figure."""
     onnx.checker.check_model(str(path))
     start = time.perf_counter()
-    decoder = decoder_session(path, resident)
+    decoder = decoder_session(path, resident, prepack=quantize != "none")
     load_seconds = time.perf_counter() - start
     run = generate_cached(decoder, prompts, tokens)
     del decoder  # one session of this model at a time: its own FFN weights are not held twice
