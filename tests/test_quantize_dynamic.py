@@ -15,7 +15,7 @@ from ifp_export.masks import encode_prompts
 from ifp_export.model.softtopk import hard_topk_mask
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime, top_k_indices
-from ifp_export.targets.onnx import SHARED_DATA, emit, external_data_files, validate, validation_inputs
+from ifp_export.targets.onnx import DENSE_NAME, SHARED_DATA, emit, external_data_files, validate, validation_inputs
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
@@ -34,8 +34,12 @@ def test_quantized_models_pass_their_tolerance(quantized, tiny_export: ExportCon
     for row in rows:
         assert row.quantize == mode
         assert row.ok, row  # tight parity with PyTorch on the same dequantized weights
-        assert row.fp32_prefill_diff > 0  # really quantized: not bit-equal to fp32 (reported as quality)
-        assert 0.0 <= row.fp32_top1_agreement <= 1.0
+        assert row.shipped_prefill_diff is not None  # the shipped graph (int8 activations) vs the same weights
+        if row.model == f"{DENSE_NAME}.onnx":  # the figure against the fp32 model is the dense model's
+            assert row.fp32_prefill_diff > 0  # really quantized: not bit-equal to fp32 (reported as quality)
+            assert 0.0 <= row.fp32_top1_agreement <= 1.0
+        else:
+            assert row.fp32_prefill_diff is None
         assert {c.name for c in row.checks} == {"uncached", "cached"}  # every position, cached and not, gated
     assert all(check.ok for check in routing)
 

@@ -120,11 +120,14 @@ def nibble_plane(blocks: np.ndarray, plane: str) -> np.ndarray:
     return np.ascontiguousarray(values[..., 0::2] | (values[..., 1::2] << 4))
 
 
-def dequantized_sources(bindings: list[Binding], get: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+def dequantized_sources(
+    bindings: list[Binding], get: Callable[[str], np.ndarray], make: Callable[[Binding], np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """HF name -> the float32 [out, in] weight a quantized graph really uses, for every quantized source.
 
     Load these into the PyTorch decoder (in place of the originals) to get the reference a quantized export
-    must match; unquantized tensors (embeddings, norms, biases) are not listed.
+    must match; unquantized tensors (embeddings, norms, biases) are not listed. `make` materializes the blocks and
+    scales (default: a `Materializer` over `get`).
     """
     scales = {b.sources: b for b in bindings if b.layout.endswith("_scales")}
     weights: dict[str, np.ndarray] = {}
@@ -135,8 +138,8 @@ def dequantized_sources(bindings: list[Binding], get: Callable[[str], np.ndarray
         binding = dataclasses.replace(binding, layout=f"int{bits}_blocks")  # int8hi: the whole int8 blocks
         rows = [get(s).shape[0] for s in binding.sources]
         k = get(binding.sources[0]).shape[1]
-        make = Materializer(get)
-        matrix = dequantized_rows(make(binding), make(scales[binding.sources]), bits, k)  # [N, K]: sources' rows
+        made = make or Materializer(get)
+        matrix = dequantized_rows(made(binding), made(scales[binding.sources]), bits, k)  # [N, K]: sources' rows
         weights.update(zip(binding.sources, np.split(matrix, np.cumsum(rows)[:-1], axis=0), strict=True))
     return weights
 

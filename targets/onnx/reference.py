@@ -22,8 +22,8 @@ from torch import nn
 from ifp_export.bounds import lockstep_logits
 from ifp_export.model.decoder import CausalLM
 from ifp_export.targets.onnx.build import build_decoder
-from ifp_export.targets.onnx.ops import Binding, dequantized_sources
-from ifp_export.weights import ModuleWeights
+from ifp_export.targets.onnx.ops import Binding, Materializer, dequantized_sources
+from ifp_export.weights import ModuleWeights, is_ffn
 
 
 def quantized_groups(model: CausalLM, quantize: str) -> dict[str, list[Binding]]:
@@ -46,11 +46,16 @@ def quantized_groups(model: CausalLM, quantize: str) -> dict[str, list[Binding]]
     return groups
 
 
-def swap_in(model: CausalLM, bindings: list[Binding], get: Callable[[str], np.ndarray]) -> dict[str, nn.Parameter]:
+def swap_in(
+    model: CausalLM,
+    bindings: list[Binding],
+    get: Callable[[str], np.ndarray],
+    make: Callable[[Binding], np.ndarray] | None = None,
+) -> dict[str, nn.Parameter]:
     """Set the dequantized weights of `bindings` on `model` (a tied embedding's on lm_head, untying it); returns
-    the parameters they replaced, by module attribute name."""
+    the parameters they replaced, by module attribute name (`make` as in `dequantized_sources`)."""
     replaced = {}
-    for name, weight in dequantized_sources(bindings, get).items():
+    for name, weight in dequantized_sources(bindings, get, make).items():
         if model.config.tie_word_embeddings and name == "model.embed_tokens.weight":
             name = "lm_head.weight"
         module_name, _, attribute = name.rpartition(".")
@@ -80,17 +85,29 @@ class LayerDequantizer:
     """The weights the quantized graph's MatMulNBits use, one module (a decoder layer, lm_head) at a time: `swapped`
     sets a module's dequantized weights on the model for a block and puts its own back after, so a reference never
     holds more than one module's dequantized weights (a whole 8B model's would be 32 GB), and each weight is
-    quantized once per reference, however many streams run through the module."""
+    quantized once per reference, however many streams run through the module. `shared` (a dict kept across the
+    models of one export) holds the blocks and scales of the weights no FFN slice enters (attention, lm_head: the
+    same tensors in every model), ~0.6 byte per int4 weight, so they are quantized once per export."""
 
-    def __init__(self, model: CausalLM, quantize: str) -> None:
+    def __init__(self, model: CausalLM, quantize: str, shared: dict | None = None) -> None:
         self.model = model
         self.groups = {} if quantize == "none" else quantized_groups(model, quantize)
         self.get = ModuleWeights(model).get
+        self.own = Materializer(self.get)
+        self.shared = {} if shared is None else shared
+
+    def make(self, binding: Binding) -> np.ndarray:
+        if any(is_ffn(source) for source in binding.sources):
+            return self.own(binding)
+        key = (binding.sources, binding.layout)
+        if key not in self.shared:
+            self.shared[key] = self.own(binding)
+        return self.shared[key]
 
     @contextmanager
     def swapped(self, owner: str) -> Iterator[None]:
         bindings = self.groups.get(owner)
-        replaced = {} if bindings is None else swap_in(self.model, bindings, self.get)
+        replaced = {} if bindings is None else swap_in(self.model, bindings, self.get, self.make)
         try:
             yield
         finally:
@@ -104,7 +121,7 @@ class ReferenceRun:
 
     ref32: np.ndarray  # [B, T, V] one uncached forward over the left-padded prompts + ORT's greedy continuation
     ref64: np.ndarray  # the same forward in float64: the truth the checks measure against (`ifp_export.bounds`)
-    fp32: np.ndarray | None = None  # quantized only: the fp32 model's logits on the same tokens (quality figure)
+    fp32: np.ndarray | None = None  # quantized, dense model: the fp32 model's logits on the same tokens (quality)
 
 
 def reference_run(
@@ -113,12 +130,16 @@ def reference_run(
     mask: torch.Tensor,
     quantize: str = "none",
     release: Callable[[nn.Module], None] = lambda module: None,
+    fp32_figure: bool = True,
+    shared_quantized: dict | None = None,
 ) -> ReferenceRun:
     """`reference` teacher-forced over `ids` (left-padded prompts + continuation, [B, T]) in float32 and float64, for
-    a quantized export on the dequantized weights (and once more on its own fp32 weights, the quality figure): one
-    pass over the weights, whatever the continuation's length."""
+    a quantized export on the dequantized weights (and, with `fp32_figure`, once more on its own fp32 weights: the
+    quantization's quality figure): one pass over the weights, whatever the continuation's length.
+    `shared_quantized` as `LayerDequantizer.shared`."""
     quantized = quantize != "none"
     streams = [(torch.float32, quantized), (torch.float64, quantized)]
-    streams += [(torch.float32, False)] if quantized else []
-    logits = lockstep_logits(reference, ids, mask, streams, LayerDequantizer(reference, quantize).swapped, release)
-    return ReferenceRun(logits[0], logits[1], logits[2] if quantized else None)
+    streams += [(torch.float32, False)] if quantized and fp32_figure else []
+    dequantizer = LayerDequantizer(reference, quantize, shared_quantized)
+    logits = lockstep_logits(reference, ids, mask, streams, dequantizer.swapped, release)
+    return ReferenceRun(logits[0], logits[1], logits[2] if len(logits) > 2 else None)
