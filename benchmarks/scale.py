@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         if code != 0:
             raise SystemExit(f"new-checkpoint failed (exit {code}); see {work / 'new-checkpoint.log'}")
         console.log(f"new-checkpoint: {wall:.1f}s, peak RSS {(rss or 0) / 2**20:,.0f} MiB")
+        shutil.rmtree(src)  # the checkpoint holds its own copy: an 8B source would be 16 GB more on disk
     shutil.rmtree(out, ignore_errors=True)
     cmd = cli("export", str(ckpt), "-o", str(out), "--quantize", args.quantize)
     cmd += ["--until", args.until] if args.until else []
