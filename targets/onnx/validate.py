@@ -117,9 +117,9 @@ def positions_of(mask: np.ndarray) -> np.ndarray:
     return np.maximum(mask.cumsum(-1) - 1, 0)
 
 
-def generate_cached(decoder: OrtDecoder, prompts: list[list[int]], tokens: int) -> OrtRun:
-    """Greedy continuation of the left-padded batch through the KV cache (Optimum's layout, as clients run it), then
-    the same tokens in one uncached forward: every position's logits both ways."""
+def generate_cached(decoder: OrtDecoder, prompts: list[list[int]], tokens: int) -> tuple[np.ndarray, ...]:
+    """Greedy continuation of the left-padded batch through the KV cache (Optimum's layout, as clients run it):
+    (ids, mask, logits) [B, T(, V)], the prefill's logits then each decode step's (its argmax is the next token)."""
     ids, mask = (t.numpy() for t in left_pad(prompts))
     logits, past = decoder(ids, mask, positions_of(mask), decoder.empty_cache(len(prompts)))
     steps = [logits]
@@ -128,9 +128,7 @@ def generate_cached(decoder: OrtDecoder, prompts: list[list[int]], tokens: int) 
         ids, mask = np.concatenate((ids, token), axis=1), np.concatenate((mask, np.ones_like(token)), axis=1)
         logits, past = decoder(token, mask, positions_of(mask)[:, -1:], past)
         steps.append(logits)
-    if tokens == 0:  # one forward over the prompts (`--checks quick`): nothing was decoded through the cache
-        return OrtRun(ids, mask, steps[0], steps[0])
-    return OrtRun(ids, mask, np.concatenate(steps, axis=1), uncached_logits(decoder, ids, mask))
+    return ids, mask, np.concatenate(steps, axis=1)
 
 
 def uncached_logits(decoder: OrtDecoder, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -188,14 +186,15 @@ def run_onnx(
     start = time.perf_counter()
     decoder = decoder_session(path, resident, prepack=quantize != "none")
     load_seconds = time.perf_counter() - start
-    run = generate_cached(decoder, prompts, tokens)
+    ids, mask, cached = generate_cached(decoder, prompts, tokens)
+    if quantize == "none":  # without generated tokens (`--checks quick`) the prompts' one forward is the check
+        run = OrtRun(ids, mask, cached, cached if tokens == 0 else uncached_logits(decoder, ids, mask))
     del decoder  # one session of this model at a time: its own FFN weights are not held twice
     if quantize != "none":
         exact = OrtDecoder(exact_session(path, resident))
-        shipped, width = run.cached, max(len(p) for p in prompts)
-        uncached = uncached_logits(exact, run.ids, run.mask)
-        cached = uncached if tokens == 0 else replay_cached(exact, run.ids, run.mask, width)
-        run = OrtRun(run.ids, run.mask, cached, uncached, shipped=shipped)
+        uncached = uncached_logits(exact, ids, mask)
+        replayed = uncached if tokens == 0 else replay_cached(exact, ids, mask, max(len(p) for p in prompts))
+        run = OrtRun(ids, mask, replayed, uncached, shipped=cached)
         del exact
     run.load_seconds = load_seconds
     if genai_path is not None:
