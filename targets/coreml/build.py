@@ -85,11 +85,11 @@ class ProgramWeights:
     def shared(self, name: str) -> Weight:
         if name not in self._shared:
             shape = self.source.shape(name)
-            read = lambda: self.source.get(name)  # noqa: E731
-            self._shared[name] = (
-                program_weight(read(), self.quantize) if len(shape) != 2 else self._deferred(shape, read)
-            )
-            self.source.release()
+            if len(shape) == 2:
+                self._shared[name] = self._deferred(shape, lambda: self.source.get(name))
+            else:
+                self._shared[name] = program_weight(self.source.get(name), self.quantize)
+                self.source.release()
         return self._shared[name]
 
     def ffn(self, indices: np.ndarray | None) -> FFNWeights:
