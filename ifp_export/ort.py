@@ -125,6 +125,14 @@ def own_tensor_feeds(model: onnx.ModelProto, directory: Path, shared_file: str) 
     return feeds
 
 
+def graph_skeleton(path: Path, shared_file: str) -> bytes:
+    """The graph at `path` with its own tensors (every external one outside `shared_file`) as inputs, serialized: two
+    graphs with equal skeletons compute the same function of their own tensors (the variants of one export)."""
+    model = onnx.load(str(path), load_external_data=False)
+    own_tensor_feeds(model, path.parent, shared_file)
+    return model.SerializeToString()
+
+
 class OrtDecoder:
     """Runs a decoder graph in Optimum's layout with an explicit numpy KV cache."""
 

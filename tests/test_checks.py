@@ -23,7 +23,7 @@ from ifp_export.cli import bundled_sample
 from ifp_export.fsutil import read_safetensors
 from ifp_export.generate import left_pad
 from ifp_export.pipeline import ExportContext
-from ifp_export.targets.onnx import DENSE_NAME, emit, validate, validation_inputs
+from ifp_export.targets.onnx import DENSE_NAME, emit, emitter, validate, validation_inputs
 
 
 def test_bound_is_a_multiple_of_the_reference_noise_with_a_floor() -> None:
@@ -315,24 +315,36 @@ def swap_layer_1_cache_outputs(path: Path) -> None:
 
 
 @pytest.mark.parametrize("quantize", ["none", "int4"])
-def test_a_kv_cache_bug_fails_the_cached_check_only(tiny_export: ExportContext, tmp_path: Path, quantize: str) -> None:
-    """dense.onnx with a KV-cache bug: its cached check fails, its uncached check and every other model pass. int4:
-    the shipped graph generates, its exact twin replays the tokens through the cache in three pieces."""
+@pytest.mark.parametrize("damaged", [DENSE_NAME, "second variant"])
+def test_a_kv_cache_bug_fails_the_cached_check_only(
+    tiny_export: ExportContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quantize: str, damaged: str
+) -> None:
+    """A graph with a KV-cache bug: its cached check fails, its uncached check and every other model pass. int4: the
+    shipped graph generates, its exact twin replays the tokens through the cache in three pieces. In a variant after
+    the first (whose graph the others share, so their cache paths are checked once, there), the bug makes its graph
+    another one, which gets its own cache checks."""
     ctx = tiny_export
     if quantize == "none":
         artifacts = copy_artifacts(ctx.emitted["onnx"], tmp_path / "onnx")
-    else:
+    else:  # every own tensor in the data files, as at any real size (the tiny int4 scales would be inline: graphs
+        monkeypatch.setattr(emitter, "EXTERNAL_THRESHOLD", 64)  # that differ, each then checked in full)
         masks = torch.stack([v.mask for v in ctx.variants])
         kept = {v.name: v.kept.numpy() for v in ctx.variants}
         artifacts = emit(
             tmp_path / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks, quantize=quantize
         )
-    path = artifacts.models[DENSE_NAME]
+    first, second = (v.name for v in ctx.variants[:2])
+    path = artifacts.models[DENSE_NAME if damaged == DENSE_NAME else second]
     swap_layer_1_cache_outputs(path)
     rows, _ = validate(artifacts, **validation_inputs(ctx))
-    dense = next(r for r in rows if r.model == path.name)
-    assert dense.check("uncached").ok and not dense.check("cached").ok, [c.text() for c in dense.checks]
-    assert all(r.ok for r in rows if r is not dense)
+    broken = next(r for r in rows if r.model == path.name)
+    assert broken.check("uncached").ok and not broken.check("cached").ok, [c.text() for c in broken.checks]
+    assert broken.same_graph_as is None
+    assert all(r.ok for r in rows if r is not broken)
+    shared = [r for r in rows if r.same_graph_as is not None]
+    assert {r.same_graph_as for r in shared} == {first}
+    assert len(shared) == len(ctx.variants) - (1 if damaged == DENSE_NAME else 2)
+    assert all((r.check("cached") is None) == (quantize != "none") and r.check("genai") is None for r in shared)
 
 
 def test_a_quantization_layout_bug_fails_validation(tiny_export: ExportContext, tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ reference, reading the mapped checkpoint a layer at a time, runs teacher-forced 
 float32 and one in float64, in lockstep (`reference.ReferenceRun`), not one per generated token. Every position of
 every row is compared with the float64 logits under the bound its own fp32 noise gives (`ifp_export.bounds`); the
 cached logits' top-1 is the greedy check, and a KV-cache bug shows as cached logits that differ where the uncached
-ones agree. At most one model's weights are resident at a time.
+ones agree. At most one model's weights are resident at a time. The variants' graphs are one graph fed their own
+tensors (`ifp_export.ort.graph_skeleton`), so the paths only that graph decides (the GenAI graph, a quantized graph's
+cached replay) run on the first model of each graph, and every model's own tensors are checked on its own tokens.
 
 fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
 the *same dequantized weights* (that is what catches graph and binding bugs): the shipped graph's MatMulNBits
@@ -41,7 +43,7 @@ from ifp_export.masks import encode_prompts
 from ifp_export.memory import release_freed_memory
 from ifp_export.model.decoder import CausalLM, DecoderLayer
 from ifp_export.model.predictor import SparsityPredictor
-from ifp_export.ort import OrtDecoder, ResidentWeights, session
+from ifp_export.ort import OrtDecoder, ResidentWeights, graph_skeleton, session
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME, check_dynamic
 from ifp_export.targets.onnx.emitter import DENSE_NAME, PREDICTOR_NAME, SHARED_DATA, OnnxArtifacts
@@ -52,6 +54,7 @@ from ifp_export.weights import WeightSource
 
 VALIDATION_PROMPTS = 2
 GREEDY_TOKENS = 16  # ORT's greedy continuation of every prompt, cached; the reference checks it in one forward
+THREADS = 2  # ORT runs alone (the reference after it): both cores; fixed, so the figures are the same on any machine
 
 
 @dataclass
@@ -60,7 +63,7 @@ class OrtRun:
 
     ids: np.ndarray  # [B, T] left-padded prompts + the greedy continuation ORT chose, cached
     mask: np.ndarray  # [B, T]
-    cached: np.ndarray  # [B, T, V] prefill logits, then each cached decode step's (its argmax is the next token)
+    cached: np.ndarray | None  # [B, T, V] prefill logits, then each cached decode step's (argmax: the next token)
     uncached: np.ndarray  # [B, T, V] one forward over `ids` with an empty cache
     genai: np.ndarray | None = None  # [T0, V] the GenAI-flavour graph, first prompt unpadded, cached, same tokens
     shipped: np.ndarray | None = None  # quantized only: the shipped graph's (accuracy_level 4) cached greedy logits
@@ -77,6 +80,7 @@ class ValidationRow:
     fp32_prefill_diff: float | None = None  # quantized only, the shipped graph: vs the fp32 model (reported)
     fp32_top1_agreement: float | None = None
     shipped_prefill_diff: float | None = None  # quantized only: the shipped graph vs the dequantized weights
+    same_graph_as: str | None = None  # its graphs equal this model's but for its own tensors: cache paths checked there
 
     @property
     def ok(self) -> bool:
@@ -93,9 +97,9 @@ class ValidationRow:
 
 
 def decoder_session(path: Path, resident: ResidentWeights, prepack: bool = False) -> OrtDecoder:
-    """One thread, shared weights from the resident memory-mapped cache (held once across every model checked);
+    """`THREADS` threads, shared weights from the resident memory-mapped cache (held once across every model checked);
     `prepack` for quantized graphs (see `ResidentWeights.options`)."""
-    options = resident.options(path, threads=1, prepack=prepack)
+    options = resident.options(path, threads=THREADS, prepack=prepack)
     return OrtDecoder(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
 
 
@@ -110,7 +114,7 @@ def exact_session(path: Path, resident: ResidentWeights) -> ort.InferenceSession
             for attribute in node.attribute:
                 if attribute.name == "accuracy_level":
                     attribute.i = 0
-    return resident.session_from_bytes(proto.SerializeToString(), path, threads=1, prepack=quantized)
+    return resident.session_from_bytes(proto.SerializeToString(), path, threads=THREADS, prepack=quantized)
 
 
 def positions_of(mask: np.ndarray) -> np.ndarray:
@@ -177,11 +181,13 @@ def run_onnx(
     resident: ResidentWeights,
     genai_path: Path | None,
     tokens: int = GREEDY_TOKENS,
+    replay: bool = True,
 ) -> OrtRun:
     """ONNX checker, ORT load, the cached greedy continuation of `tokens` tokens and the uncached forward, and the
     GenAI-flavour graph on the first prompt (if given). A quantized graph generates as shipped (int8 activations,
     fast), then its accuracy_level 0 twin, which the reference can match at the fp32 bound, re-runs those tokens
-    uncached and through the cache (`replay_cached`); the shipped graph's logits are the quality figure."""
+    uncached and, with `replay`, through the cache (`replay_cached`); the shipped graph's logits are the quality
+    figure."""
     onnx.checker.check_model(str(path))
     start = time.perf_counter()
     decoder = decoder_session(path, resident, prepack=quantize != "none")
@@ -193,7 +199,9 @@ def run_onnx(
     if quantize != "none":
         exact = OrtDecoder(exact_session(path, resident))
         uncached = uncached_logits(exact, ids, mask)
-        replayed = uncached if tokens == 0 else replay_cached(exact, ids, mask, max(len(p) for p in prompts))
+        replayed = None
+        if replay:
+            replayed = uncached if tokens == 0 else replay_cached(exact, ids, mask, ids.shape[1] - tokens)
         run = OrtRun(ids, mask, replayed, uncached, shipped=cached)
         del exact
     run.load_seconds = load_seconds
@@ -208,14 +216,14 @@ def run_onnx(
 def compare_run(
     name: str, run: OrtRun, expected: ReferenceRun, layers: int, quantize: str, tokens: int
 ) -> ValidationRow:
-    """Every position of every row, cached and uncached, against the float64 reference, under the bound its own
-    fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check. Without generated tokens
+    """Every position of every row, cached (if run) and uncached, against the float64 reference, under the bound its
+    own fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check. Without generated tokens
     (`--checks quick`) the one forward over the prompts is the only check."""
     valid = run.mask.astype(bool)
     ref32, ref64 = expected.ref32[valid], expected.ref64[valid]
     noise = relative_noise(ref32, ref64)
     checks = [compare("uncached", run.uncached[valid], ref32, ref64, layers, noise)]
-    if tokens:
+    if tokens and run.cached is not None:
         checks.append(compare("cached", run.cached[valid], ref32, ref64, layers, noise))
     if run.genai is not None:
         first = valid[0]
@@ -279,18 +287,27 @@ def validate(
     reference (one alive at a time, streaming the mapped checkpoint a layer at a time) runs teacher-forced over the
     same tokens in float32 and float64; then the predictor graph's scores and routing. `checks="quick"`: the dense
     model and the first variant in full, every other variant by one forward over its first prompt (its weights, graph
-    and binding; no generation, no GenAI graph). A quantized export's figure against the fp32 model is the dense
-    model's (one more reference stream)."""
+    and binding; no generation, no GenAI graph). A model checked in full whose graphs equal an earlier one's but for
+    its own tensors (`graph_skeleton`: the variants after the first) skips what only tests the graph, the GenAI graph
+    and a quantized graph's cached replay; its generated tokens are still checked uncached (and, fp32, cached), which
+    tests every own tensor. A quantized export's figure against the fp32 model is the dense model's (one more
+    reference stream)."""
     rows = []
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     layers = backbone.config.num_hidden_layers
     in_full = full_models(kept, checks)
     shared_quantized: dict = {}  # the shared weights' blocks and scales, quantized once for every model
+    cache_checked: dict[tuple[bytes, bytes], str] = {}  # graph skeletons -> the model whose cache paths ran on them
     for name, reference in references(backbone, weights, kept):
-        full = name in in_full
-        tokens, genai = (GREEDY_TOKENS, artifacts.genai_models.get(name)) if full else (0, None)
-        chosen = prompts[name] if full else prompts[name][:1]
-        run = run_onnx(artifacts.models[name], chosen, artifacts.quantize, resident, genai, tokens)
+        path, genai, same_as = artifacts.models[name], artifacts.genai_models.get(name), None
+        if name in in_full:
+            shape = (graph_skeleton(path, SHARED_DATA), b"" if genai is None else graph_skeleton(genai, SHARED_DATA))
+            first = cache_checked.setdefault(shape, name)
+            same_as = None if first == name else first
+            tokens, chosen = GREEDY_TOKENS, prompts[name]
+        else:
+            tokens, chosen, genai = 0, prompts[name][:1], None
+        run = run_onnx(path, chosen, artifacts.quantize, resident, None if same_as else genai, tokens, not same_as)
         release_freed_memory()
         ids, mask = torch.from_numpy(run.ids), torch.from_numpy(run.mask)
         release = lambda module: weights.release()  # noqa: E731
@@ -299,7 +316,8 @@ def validate(
         )
         del reference
         weights.release()
-        rows.append(compare_run(artifacts.models[name].name, run, expected, layers, artifacts.quantize, tokens))
+        rows.append(compare_run(path.name, run, expected, layers, artifacts.quantize, tokens))
+        rows[-1].same_graph_as = same_as
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
 
@@ -334,9 +352,10 @@ def validation_table(rows: list[ValidationRow], routing: list[Exactness]) -> Tab
     for r in rows:
         uncached, cached, genai_check = r.check("uncached"), r.check("cached"), r.check("genai")
         cells = [r.model, f"{r.load_seconds:.2f}", f"{uncached.noise:.1e}", f"{uncached.bound:.1e}"]
-        cells += [f"{uncached.error:.1e}", "-" if cached is None else f"{cached.error:.1e}"]
+        same = "-" if r.same_graph_as is None else f"= {r.same_graph_as}"  # its graph's cache paths ran there
+        cells += [f"{uncached.error:.1e}", same if cached is None else f"{cached.error:.1e}"]
         if genai:
-            cells.append("-" if genai_check is None else f"{genai_check.error:.1e}")
+            cells.append(same if genai_check is None else f"{genai_check.error:.1e}")
         cells += [str(sum(c.top1_disagreements for c in r.checks)), str(sum(c.near_ties for c in r.checks))]
         if quantized:
             versus = r.fp32_prefill_diff is not None
@@ -344,6 +363,8 @@ def validation_table(rows: list[ValidationRow], routing: list[Exactness]) -> Tab
             cells += [f"{r.fp32_top1_agreement:.1%}" if versus else "-"]
         table.add_row(*cells, "yes" if r.ok else "NO")
     table.caption = "predictor.onnx: " + "; ".join(c.text() for c in routing)
+    if any(r.same_graph_as for r in rows):
+        table.caption += "; = NAME: the same graph as NAME's but for its own tensors, its cache paths checked there"
     return table
 
 
