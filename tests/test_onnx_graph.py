@@ -30,7 +30,14 @@ from ifp_export.fold import fold_decoder, relative_difference
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
 from ifp_export.targets.onnx.build import bind_lazy, build_decoder
-from ifp_export.targets.onnx.ops import Binding, dequantize, dequantized_sources, materialize, quantize
+from ifp_export.targets.onnx.ops import (
+    Binding,
+    dequantize,
+    dequantized_sources,
+    materialize,
+    quantize,
+    quantize_rows,
+)
 from ifp_export.weights import ModuleWeights, ffn_slice, is_ffn
 
 BOUND = 1e-4  # the project's relative bound: max |Δ| / max(1, max |reference|)
@@ -293,6 +300,30 @@ def test_quantizer_is_deterministic_and_dequantize_matches_matmulnbits(bits: int
     inputs = rng.normal(size=(3, 40)).astype(np.float32)
     (out,) = session.run(None, {"x": inputs})
     np.testing.assert_allclose(out, inputs @ dequantized, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [96, 100])
+def test_the_references_torch_quantizer_is_orts_bit_for_bit(bits: int, k: int) -> None:
+    """`quantize_rows` (validation's reference, torch) against ORT's routine (the emitter's) on rows given as two
+    tensors (a packed projection), with the cases where rounding and the scale's sign decide: an all-zero block,
+    exact halves, |min| == |max|, tiny and huge blocks. K = 100: the padding past K (nothing reads it) aside."""
+    rng = np.random.default_rng(1)
+    first = (rng.normal(size=(300, k)) * rng.uniform(0, 3, size=(300, 1))).astype(np.float32)
+    first[0, :32] = 0
+    first[1, :32] = np.arange(32) / 4 - 4  # every quarter: halves after scaling by 1 / 0.5
+    first[2, :32] = np.abs(first[2, :32])
+    first[2, 5] = -first[2, :32].max()  # a tie in |.|: ORT takes the minimum
+    first[3] *= 1e-30
+    first[4] *= 1e30
+    second = rng.normal(size=(77, k)).astype(np.float32)
+    second.setflags(write=False)  # a memory-mapped weight
+    blocks, scales = quantize(np.concatenate([first, second]).T, bits)
+    got_blocks, got_scales = quantize_rows([first, second], bits)
+    assert got_scales.tobytes() == scales.tobytes()
+    np.testing.assert_array_equal(dequantize(got_blocks, got_scales, bits, k), dequantize(blocks, scales, bits, k))
+    if k % 32 == 0:
+        assert got_blocks.tobytes() == blocks.tobytes()
 
 
 def dequantized_reference(cfg: DecoderConfig, reference: CausalLM, bindings: list[Binding]) -> CausalLM:

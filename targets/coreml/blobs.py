@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ifp_export.targets.coreml.package import coremltools, package_weights_path
 
@@ -57,11 +58,10 @@ def read_blob(weights: Weights, ref: BlobRef) -> np.ndarray:
     """The value of a blob-backed const (fp16, fp32, int8 or int4) as a numpy array of its shape."""
     dtype, start, size = blob_data_range(weights, ref.offset)
     raw = bytes(weights[start : start + size])
-    if dtype == BLOB_INT4:  # packed, low nibble first; sign-extend
-        packed = np.frombuffer(raw, dtype=np.uint8)
-        nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1).astype(np.int8)
-        values = np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
-        return values[: int(np.prod(ref.shape))].reshape(ref.shape)
+    if dtype == BLOB_INT4:  # packed, low nibble first; sign-extended by arithmetic shifts (torch: both cores)
+        packed = torch.frombuffer(bytearray(raw), dtype=torch.int8)
+        values = torch.stack(((packed << 4) >> 4, packed >> 4), dim=-1).view(-1)
+        return values[: int(np.prod(ref.shape))].reshape(ref.shape).numpy()
     if dtype not in BLOB_DTYPES:
         raise ValueError(f"blob {ref.name} has an unexpected dtype code {dtype}")
     return np.frombuffer(raw, dtype=BLOB_DTYPES[dtype]).reshape(ref.shape)
@@ -123,8 +123,9 @@ def function_quantized(spec: Any, function: str) -> dict[str, QuantizedRef]:
     return refs
 
 
-def dequantize(weights: Weights, ref: QuantizedRef) -> tuple[np.ndarray, np.ndarray]:
-    """(weight, per-element scale) of a quantized weight, in fp32."""
+def quantized_parts(weights: Weights, ref: QuantizedRef) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(data, scale, offset or None) of a quantized weight as stored: weight = (data - offset) * scale, one scale (and
+    offset) per block, the block size along each axis being data dim / scale dim."""
 
     def array(value: BlobRef | np.ndarray | None) -> np.ndarray | None:
         return read_blob(weights, value) if isinstance(value, BlobRef) else value
@@ -132,18 +133,11 @@ def dequantize(weights: Weights, ref: QuantizedRef) -> tuple[np.ndarray, np.ndar
     data, scale, offset = array(ref.data), array(ref.scale), array(ref.offset)
     if data is None or scale is None or data.ndim != scale.ndim or data.shape != ref.shape:
         raise ValueError(f"quantized weight {ref.name} has inconsistent data/scale shapes")
-
-    def per_element(blocks: np.ndarray) -> np.ndarray:
-        out = blocks.astype(np.float32)
-        for axis, (full, part) in enumerate(zip(data.shape, blocks.shape, strict=True)):
-            if full % part:
-                raise ValueError(f"quantized weight {ref.name}: scale dim {part} does not divide {full}")
-            out = np.repeat(out, full // part, axis=axis)
-        return out
-
-    scales = per_element(scale)
-    shifted = data.astype(np.float32) - (per_element(offset) if offset is not None else 0.0)
-    return shifted * scales, scales
+    for part in (scale, offset):
+        tiled = part is None or all(f % b == 0 for f, b in zip(data.shape, part.shape, strict=True))
+        if not tiled or (part is not None and part.shape != scale.shape):
+            raise ValueError(f"quantized weight {ref.name}: scale/offset shape {part.shape} does not tile {data.shape}")
+    return data, scale, offset
 
 
 def blob_offsets(spec: Any) -> set[int]:

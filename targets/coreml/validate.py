@@ -28,11 +28,11 @@ from ifp_export.targets.coreml.blobs import (
     BlobRef,
     QuantizedRef,
     Weights,
-    dequantize,
     distinct_blob_bytes,
     function_blobs,
     function_quantized,
     open_weights,
+    quantized_parts,
     read_blob,
 )
 from ifp_export.targets.coreml.build import DECODER_STATES, const_name
@@ -109,10 +109,10 @@ class FunctionCheck:
         return self.io_ok and self.fp16_exact and not self.missing and found and quantized
 
 
-def quantization_bound(expected: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def quantization_bound(expected: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Allowed |dequantized - fp32| per element: half a quantization step (round to nearest), plus the fp16
     rounding of the weight before quantization and of the stored scale (2^-11 relative each, doubled)."""
-    return 0.5 * scales + 2.0**-10 * (np.abs(expected) + scales) + 2.0**-24
+    return 0.5 * scales + 2.0**-10 * (expected.abs() + scales) + 2.0**-24
 
 
 def tolerance_text(quantize: str) -> str:
@@ -155,7 +155,7 @@ def check_weights(
                 missing.append(name)
                 continue
             if key not in compared or key[0] is None:
-                compared[key] = quantized_difference(*dequantize(weights, qref), tensor)
+                compared[key] = quantized_difference(*quantized_parts(weights, qref), tensor)
             diff, bound = compared[key]
             worst, ratio = max(worst, diff), max(ratio, bound)
             checked += 1
@@ -208,15 +208,34 @@ def blob_difference(stored: np.ndarray, tensor: torch.Tensor) -> tuple[float, bo
     return worst, exact
 
 
-def quantized_difference(stored: np.ndarray, scales: np.ndarray, tensor: torch.Tensor) -> tuple[float, float]:
-    """(max |dequantized - tensor|, max of that / its `quantization_bound`), a chunk at a time (see blob_difference)."""
-    flat_stored, flat_scales, flat = stored.reshape(-1), scales.reshape(-1), tensor.detach().reshape(-1)
+def fp32(array: np.ndarray) -> torch.Tensor:
+    """A float32 copy of a (read-only, blob-backed) array as a tensor."""
+    return torch.from_numpy(np.array(array, np.float32))
+
+
+def quantized_difference(
+    data: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, tensor: torch.Tensor
+) -> tuple[float, float]:
+    """(max |dequantized - tensor|, max of that / its `quantization_bound`) of a weight stored as `quantized_parts`,
+    in torch (both cores) a block of rows at a time: each block's scale broadcast over it (a view, never repeated
+    to the weight's size), so temporaries stay a chunk's (see blob_difference)."""
+    tiles = [full // part for full, part in zip(data.shape, scale.shape, strict=True)]
+    step = tiles[0] * max(1, COMPARE_CHUNK // (data[0].size * tiles[0]))  # whole blocks of rows
     worst = ratio = 0.0
-    for start in range(0, flat.numel(), COMPARE_CHUNK):
-        expected = flat[start : start + COMPARE_CHUNK].float().numpy()
-        error = np.abs(flat_stored[start : start + COMPARE_CHUNK] - expected)
-        bound = quantization_bound(expected, flat_scales[start : start + COMPARE_CHUNK])
-        worst, ratio = max(worst, float(error.max(initial=0.0))), max(ratio, float((error / bound).max(initial=0.0)))
+    weight = tensor.detach()
+    for start in range(0, data.shape[0], step):
+        rows = slice(start, start + step)
+        blocks = slice(start // tiles[0], (start + step) // tiles[0])
+        view = [v for part, tile in zip(scale[blocks].shape, tiles, strict=True) for v in (part, tile)]
+        step_scale = [v for part in scale[blocks].shape for v in (part, 1)]
+        stored = fp32(data[rows]).reshape(view)
+        if offset is not None:
+            stored -= fp32(offset[blocks]).reshape(step_scale)
+        scales = fp32(scale[blocks]).reshape(step_scale)
+        expected = weight[rows].float().reshape(view)
+        error = (stored * scales - expected).abs_()
+        worst = max(worst, float(error.max()))
+        ratio = max(ratio, float((error / quantization_bound(expected, scales)).max()))
     return worst, ratio
 
 

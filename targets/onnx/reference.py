@@ -93,7 +93,7 @@ class LayerDequantizer:
         self.model = model
         self.groups = {} if quantize == "none" else quantized_groups(model, quantize)
         self.get = ModuleWeights(model).get
-        self.own = Materializer(self.get)
+        self.own = Materializer(self.get, in_torch=True)
         self.shared = {} if shared is None else shared
 
     def make(self, binding: Binding) -> np.ndarray:
