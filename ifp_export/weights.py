@@ -222,15 +222,9 @@ class SafetensorsWeights:
 
     def get(self, name: str) -> np.ndarray:
         """One tensor as float32: a read-only view of an F32 tensor, an upcast copy of an F16/BF16 one."""
-        raw = self.raw(name)
-        dtype = self._tensors[name].dtype
-        if dtype == "F32":
-            return raw
-        if dtype == "F16":
-            return raw.astype(np.float32)
-        bits = raw.astype(np.uint32)
-        bits <<= 16  # bf16 is the high half of a float32: exact
-        return bits.view(np.float32)
+        if self._tensors[name].dtype == "F32":
+            return self.raw(name)
+        return self.tensor(name).float().numpy()  # exact; torch's cast runs on both cores (numpy's on one)
 
     def check_finite(self) -> None:
         """Refuse NaN/Inf tensor by tensor, in chunks, then drop the pages read."""
