@@ -88,7 +88,11 @@ class ModuleWeights:
         return tuple(self._state[name].shape)
 
     def get(self, name: str) -> np.ndarray:
-        return self._state[name].detach().to(torch.float32).numpy()
+        return self.tensor(name).to(torch.float32).numpy()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The module's own tensor (no copy, its dtype)."""
+        return self._state[name].detach()
 
     def release(self) -> None:
         return None

@@ -56,7 +56,7 @@ class Materializer:
     """`materialize` over a stream of one model's bindings, quantizing each matrix once: a MatMulNBits' blocks and
     scales are two bindings over one quantization, bound one after the other, so the last one is kept."""
 
-    def __init__(self, get: Callable[[str], np.ndarray], in_torch: bool = False) -> None:
+    def __init__(self, get: Callable[[str], np.ndarray | torch.Tensor], in_torch: bool = False) -> None:
         self.get = get
         self.in_torch = in_torch  # `quantize_rows` (the validation reference's) instead of ORT's routine
         self._key: tuple | None = None
@@ -121,12 +121,22 @@ def quantize(matrix: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
 QUANTIZE_ROWS_CHUNK = 64  # rows quantized at once: their temporaries stay in the cache (~2x faster than whole)
 
 
-def quantize_rows(rows: list[np.ndarray], bits: int) -> tuple[np.ndarray, np.ndarray]:
+def as_float32(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Rows of a weight as a float32 tensor to read (a view of float32 data, else an upcast copy)."""
+    if isinstance(rows, torch.Tensor):
+        return rows.float()
+    with warnings.catch_warnings():  # a read-only mapped weight: torch only reads it here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(rows, np.float32))
+
+
+def quantize_rows(rows: list[np.ndarray | torch.Tensor], bits: int) -> tuple[np.ndarray, np.ndarray]:
     """`quantize` of the MatMul weight whose [out, in] rows are `rows` (concatenated), computed the way ORT's routine
-    does, bit for bit (tests/test_onnx_graph.py holds it to it), in torch on both cores and without the transpose:
-    per block of 32 inputs the value of largest |.| (the minimum on a tie) over -2**(bits-1) is the scale, and each
-    weight is round-half-away(w * (1 / scale) + 2**(bits-1)) clamped to the range. The validation reference
-    quantizes with it, independently of the emitter's bytes; the emitter keeps ORT's routine."""
+    does, bit for bit but for the block padding past K, which nothing reads (tests/test_onnx_graph.py holds it to
+    it), in torch on both cores and without the transpose: per block of 32 inputs the value of largest |.| (the
+    minimum on a tie) over -2**(bits-1) is the scale, and each weight is round-half-away(w * (1 / scale) +
+    2**(bits-1)) clamped to the range. The validation reference quantizes with it, independently of the emitter's
+    bytes; the emitter keeps ORT's routine."""
     mid = float(1 << (bits - 1))
     k = rows[0].shape[1]
     (n, k_blocks, width), _ = quantized_shapes(k, sum(r.shape[0] for r in rows), bits)
@@ -134,7 +144,7 @@ def quantize_rows(rows: list[np.ndarray], bits: int) -> tuple[np.ndarray, np.nda
     chunks = [(r, start) for r in rows for start in range(0, r.shape[0], QUANTIZE_ROWS_CHUNK)]
     done = 0
     for source, start in chunks:
-        part = torch.tensor(source[start : start + QUANTIZE_ROWS_CHUNK], dtype=torch.float32)  # a copy
+        part = as_float32(source[start : start + QUANTIZE_ROWS_CHUNK])  # only read
         part = torch.nn.functional.pad(part, (0, k_blocks * BLOCK_SIZE - k)).view(len(part), k_blocks, BLOCK_SIZE)
         high, low = part.amax(-1), part.amin(-1)
         scale = torch.where(high.abs() > low.abs(), high, low) / -mid
@@ -157,7 +167,9 @@ def nibble_plane(blocks: np.ndarray, plane: str) -> np.ndarray:
 
 
 def dequantized_sources(
-    bindings: list[Binding], get: Callable[[str], np.ndarray], make: Callable[[Binding], np.ndarray] | None = None
+    bindings: list[Binding],
+    get: Callable[[str], np.ndarray | torch.Tensor],
+    make: Callable[[Binding], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """HF name -> the float32 [out, in] weight a quantized graph really uses, for every quantized source.
 

@@ -49,7 +49,7 @@ def quantized_groups(model: CausalLM, quantize: str) -> dict[str, list[Binding]]
 def swap_in(
     model: CausalLM,
     bindings: list[Binding],
-    get: Callable[[str], np.ndarray],
+    get: Callable[[str], np.ndarray | torch.Tensor],
     make: Callable[[Binding], np.ndarray] | None = None,
 ) -> dict[str, nn.Parameter]:
     """Set the dequantized weights of `bindings` on `model` (a tied embedding's on lm_head, untying it); returns
@@ -92,7 +92,7 @@ class LayerDequantizer:
     def __init__(self, model: CausalLM, quantize: str, shared: dict | None = None) -> None:
         self.model = model
         self.groups = {} if quantize == "none" else quantized_groups(model, quantize)
-        self.get = ModuleWeights(model).get
+        self.get = ModuleWeights(model).tensor  # as they are: `quantize_rows` reads them a chunk at a time
         self.own = Materializer(self.get, in_torch=True)
         self.shared = {} if shared is None else shared
 
