@@ -90,9 +90,7 @@ class Materializer:
 def _transposed(sources: tuple[str, ...], get: Callable[[str], np.ndarray]) -> np.ndarray:
     rows = [np.asarray(get(s), np.float32) for s in sources]
     stacked = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0))
-    with warnings.catch_warnings():  # a read-only mapped weight: torch only reads it here
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(stacked).T.contiguous().numpy()  # blocked and threaded: ~2.5x numpy's transpose
+    return as_float32(stacked).T.contiguous().numpy()  # blocked and threaded: ~2.5x numpy's transpose
 
 
 def quantized_shapes(k: int, n: int, bits: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
