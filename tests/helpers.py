@@ -10,8 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -26,6 +28,7 @@ from ifp_export.cli import main
 from ifp_export.errors import IFPError
 from ifp_export.fold import read_kept_indices, write_kept_indices
 from ifp_export.passes.manifest import sha256_file
+from ifp_export.targets.onnx.ops import BLOCK_SIZE, quantized_shapes
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -275,3 +278,17 @@ def wrong_kept_index(out: Path, name: str) -> None:
     indices[name][2] = row.sort().values
     write_kept_indices(out / "variants.safetensors", indices, {n: task for n, task, _ in kept})
     refresh(out, "variants.safetensors")
+
+
+def ort_quantize(matrix: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """ORT's own symmetric block quantizer (the C++ routines `MatMulNBitsQuantizer` calls) on a [K, N] MatMul weight:
+    (blocks, scales), the oracle `ops.quantize_rows` is held to."""
+    k, n = matrix.shape
+    block_shape, scale_shape = quantized_shapes(k, n, bits)
+    padded = block_shape[1] * BLOCK_SIZE
+    matrix = np.ascontiguousarray(np.pad(matrix, ((0, padded - k), (0, 0))), dtype=np.float32)
+    blocks, scales = np.zeros(block_shape, np.uint8), np.zeros(scale_shape, np.float32)
+    zero_points = np.zeros((n, -(-block_shape[1] // (8 // bits))), np.uint8)  # unused when symmetric
+    routine = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    routine(blocks, matrix, scales, zero_points, BLOCK_SIZE, n, k, True)
+    return blocks, scales

@@ -21,6 +21,7 @@ from helpers import (
     hf_greedy_logits,
     left_padded_batch,
     make_hf_model,
+    ort_quantize,
     ours_logits_for_tokens,
     positions_from_mask,
 )
@@ -32,10 +33,9 @@ from ifp_export.model.decoder import CausalLM
 from ifp_export.targets.onnx.build import bind_lazy, build_decoder
 from ifp_export.targets.onnx.ops import (
     Binding,
-    dequantize,
+    dequantized_rows,
     dequantized_sources,
     materialize,
-    quantize,
     quantize_rows,
 )
 from ifp_export.weights import ModuleWeights, ffn_slice, is_ffn
@@ -281,10 +281,10 @@ def test_genai_graph_is_wrong_on_left_padded_rows(tmp_path: Path) -> None:
 def test_quantizer_is_deterministic_and_dequantize_matches_matmulnbits(bits: int) -> None:
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(40, 24)).astype(np.float32)  # K = 40: the last block is padded
-    blocks, scales = quantize(weight, bits)
-    again = quantize(weight.copy(), bits)
+    blocks, scales = quantize_rows([weight.T], bits)
+    again = quantize_rows([weight.T.copy()], bits)
     assert blocks.tobytes() == again[0].tobytes() and scales.tobytes() == again[1].tobytes()
-    dequantized = dequantize(blocks, scales, bits, 40)
+    dequantized = dequantized_rows(blocks, scales, bits, 40).T
     assert np.abs(dequantized - weight).max() <= np.abs(weight).max() / (2 ** (bits - 1) - 1)
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, 40]))
     node = ir.node(
@@ -304,8 +304,8 @@ def test_quantizer_is_deterministic_and_dequantize_matches_matmulnbits(bits: int
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k", [96, 100])
-def test_the_references_torch_quantizer_is_orts_bit_for_bit(bits: int, k: int) -> None:
-    """`quantize_rows` (validation's reference, torch) against ORT's routine (the emitter's) on rows given as two
+def test_the_torch_quantizer_is_orts_bit_for_bit(bits: int, k: int) -> None:
+    """`quantize_rows` (the emitter's and validation reference's, torch) against ORT's own routine on rows given as two
     tensors (a packed projection), with the cases where rounding and the scale's sign decide: an all-zero block,
     exact halves, |min| == |max|, tiny and huge blocks. K = 100: the padding past K (nothing reads it) aside."""
     rng = np.random.default_rng(1)
@@ -318,10 +318,12 @@ def test_the_references_torch_quantizer_is_orts_bit_for_bit(bits: int, k: int) -
     first[4] *= 1e30
     second = rng.normal(size=(77, k)).astype(np.float32)
     second.setflags(write=False)  # a memory-mapped weight
-    blocks, scales = quantize(np.concatenate([first, second]).T, bits)
+    blocks, scales = ort_quantize(np.concatenate([first, second]).T, bits)
     got_blocks, got_scales = quantize_rows([first, second], bits)
     assert got_scales.tobytes() == scales.tobytes()
-    np.testing.assert_array_equal(dequantize(got_blocks, got_scales, bits, k), dequantize(blocks, scales, bits, k))
+    np.testing.assert_array_equal(
+        dequantized_rows(got_blocks, got_scales, bits, k), dequantized_rows(blocks, scales, bits, k)
+    )
     if k % 32 == 0:
         assert got_blocks.tobytes() == blocks.tobytes()
 
@@ -394,11 +396,11 @@ def test_genai_int4_graph_matches_dequantized_pytorch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_columns_gathered_equal_the_columns_quantized(bits: int) -> None:
-    """A variant's packed gate/up blocks and scales are rows of the dense model's (emitter.DenseRows): ORT's quantizer
-    works per output column, so the gather must equal quantizing the kept columns alone, bit for bit."""
-    matrix = np.random.default_rng(0).normal(0, 0.02, (80, 96)).astype(np.float32)  # [K, N], K not a multiple of 32
+    """A variant's packed gate/up blocks and scales are rows of the dense model's (emitter.DenseRows): the quantizer
+    works per output row, so the gather must equal quantizing the kept rows alone, bit for bit."""
+    matrix = np.random.default_rng(0).normal(0, 0.02, (96, 80)).astype(np.float32)  # [N, K], K not a multiple of 32
     columns = np.array([0, 3, 4, 50, 95])
-    blocks, scales = quantize(matrix, bits)
-    kept_blocks, kept_scales = quantize(matrix[:, columns], bits)
+    blocks, scales = quantize_rows([matrix], bits)
+    kept_blocks, kept_scales = quantize_rows([matrix[columns]], bits)
     np.testing.assert_array_equal(blocks[columns], kept_blocks)
     np.testing.assert_array_equal(scales[columns], kept_scales)

@@ -30,8 +30,7 @@ from ifp_export.runtime import Runtime
 from ifp_export.staging import NO_RENAMEAT2_ENV, PREVIOUS_SUFFIX, reclaim_debris, staged_directory
 from ifp_export.targets.coreml.quantize import quantize_weight
 from ifp_export.targets.coreml.validate import blob_difference
-from ifp_export.targets.onnx.ops import dequantize as onnx_dequantize
-from ifp_export.targets.onnx.ops import quantize as onnx_quantize
+from ifp_export.targets.onnx.ops import dequantized_rows, quantize_rows
 
 
 def sha256(data: bytes) -> str:
@@ -163,9 +162,9 @@ def test_int4_granularity_when_the_input_width_is_not_a_multiple_of_32(in_featur
     weight = np.random.default_rng(0).normal(0, 0.02, (16, in_features)).astype(np.float32)  # [out, in]
     assert quantize_weight(weight, "int4").scale.shape == (16, 1)
     assert quantize_weight(np.tile(weight[:, :32], (1, 2)), "int4").scale.shape == (16, 2)
-    blocks, scales = onnx_quantize(np.ascontiguousarray(weight.T), 4)
+    blocks, scales = quantize_rows([weight], 4)
     assert scales.shape == (16, -(-in_features // 32))
-    error = np.abs(onnx_dequantize(blocks, scales, 4, in_features) - weight.T)
+    error = np.abs(dequantized_rows(blocks, scales, 4, in_features) - weight)
     assert float(error.max()) <= float(scales.max()) / 2 * (1 + 1e-6)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "any weight whose input width is not a multiple of 32" in " ".join(readme.split())

@@ -2,9 +2,9 @@
 
 `Binding` names an initializer, the HF tensors it is made from and the layout; `materialize` (or a
 `Materializer`, for a stream of bindings) makes the array, one initializer at a time, so an emitter can stream a
-model tensor by tensor. Quantization is ORT's own
-block quantizer (`quantize_matmul_4bits` / `_8bits`, symmetric, block 32; the same C++ routines
-`MatMulNBitsQuantizer` calls), so the bytes are deterministic and exactly what `MatMulNBits` expects.
+model tensor by tensor. Quantization is `quantize_rows`: ORT's own block quantizer (`quantize_matmul_4bits` /
+`_8bits`, symmetric, block 32, the C++ routines `MatMulNBitsQuantizer` calls) reproduced bit for bit in torch
+(tests/test_onnx_graph.py holds it to ORT's), so the bytes are deterministic and exactly what `MatMulNBits` expects.
 
 Layouts (the vocabulary of `Binding.layout`):
 - "as_is": the source tensor unchanged (embeddings, norm weights).
@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
 BLOCK_SIZE = 32
 QUANT_BITS = {"none": 0, "int8": 8, "int4": 4}
@@ -56,9 +55,8 @@ class Materializer:
     """`materialize` over a stream of one model's bindings, quantizing each matrix once: a MatMulNBits' blocks and
     scales are two bindings over one quantization, bound one after the other, so the last one is kept."""
 
-    def __init__(self, get: Callable[[str], np.ndarray | torch.Tensor], in_torch: bool = False) -> None:
+    def __init__(self, get: Callable[[str], np.ndarray | torch.Tensor]) -> None:
         self.get = get
-        self.in_torch = in_torch  # `quantize_rows` (the validation reference's) instead of ORT's routine
         self._key: tuple | None = None
         self._quantized: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -76,10 +74,7 @@ class Materializer:
         bits = int(kind[3])
         if self._key != (binding.sources, bits):
             self._key, self._quantized = None, None  # drop the last matrix before making the next
-            if self.in_torch:
-                self._quantized = quantize_rows([get(s) for s in binding.sources], bits)
-            else:
-                self._quantized = quantize(_transposed(binding.sources, get), bits)
+            self._quantized = quantize_rows([get(s) for s in binding.sources], bits)
             self._key = (binding.sources, bits)
         blocks, scales = self._quantized
         if part == "scales":
@@ -99,23 +94,6 @@ def quantized_shapes(k: int, n: int, bits: int) -> tuple[tuple[int, int, int], t
     return (n, k_blocks, BLOCK_SIZE * bits // 8), (n, k_blocks)
 
 
-def quantize(matrix: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric block quantization of a [K, N] MatMul weight with ORT's routines: (blocks, scales)."""
-    k, n = matrix.shape
-    block_shape, scale_shape = quantized_shapes(k, n, bits)
-    padded = block_shape[1] * BLOCK_SIZE
-    if padded != k:
-        matrix = np.pad(matrix, ((0, padded - k), (0, 0)))
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-    blocks = np.zeros(block_shape, np.uint8)
-    scales = np.zeros(scale_shape, np.float32)
-    per_byte = 8 // bits
-    zero_points = np.zeros((n, -(-block_shape[1] // per_byte)), np.uint8)  # unused when symmetric
-    routine = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    routine(blocks, matrix, scales, zero_points, BLOCK_SIZE, n, k, True)
-    return blocks, scales
-
-
 QUANTIZE_ROWS_CHUNK = 64  # rows quantized at once: their temporaries stay in the cache (~2x faster than whole)
 
 
@@ -129,12 +107,12 @@ def as_float32(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(rows: list[np.ndarray | torch.Tensor], bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """`quantize` of the MatMul weight whose [out, in] rows are `rows` (concatenated), computed the way ORT's routine
-    does, bit for bit but for the block padding past K, which nothing reads (tests/test_onnx_graph.py holds it to
-    it), in torch on both cores and without the transpose: per block of 32 inputs the value of largest |.| (the
-    minimum on a tie) over -2**(bits-1) is the scale, and each weight is round-half-away(w * (1 / scale) +
-    2**(bits-1)) clamped to the range. The validation reference quantizes with it, independently of the emitter's
-    bytes; the emitter keeps ORT's routine."""
+    """Symmetric block quantization (blocks, scales) of the MatMul weight whose [out, in] rows are `rows`
+    (concatenated), computed the way ORT's routine does, bit for bit but for the block padding past K, which nothing
+    reads (zero-padded here), in torch on both cores and without the [K, N] transpose ORT's routine needs. Per block
+    of 32 inputs the value of largest |.| (the minimum on a tie) over -2**(bits-1) is the scale, and each weight is
+    round-half-away(w * (1 / scale) + 2**(bits-1)) clamped to the range. The emitter and the validation reference
+    both quantize with it; ORT's MatMulNBits, reading the emitted bytes, is what checks the layout."""
     mid = float(1 << (bits - 1))
     k = rows[0].shape[1]
     (n, k_blocks, width), _ = quantized_shapes(k, sum(r.shape[0] for r in rows), bits)
@@ -190,17 +168,10 @@ def dequantized_sources(
     return weights
 
 
-def dequantize(blocks: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """The float32 [K, N] weight MatMulNBits computes with (symmetric: zero point 2**(bits-1)).
-
-    The reference a quantized graph is validated against: PyTorch run with these weights.
-    """
-    return dequantized_rows(blocks, scales, bits, k).T
-
-
 def dequantized_rows(blocks: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """`dequantize`'s weight as [N, K] (the HF [out, in] layout), C-contiguous, computed with torch (threaded, one
-    pass per step: at 8B the reference dequantizes every weight of every model it checks)."""
+    """The float32 weight MatMulNBits computes with (symmetric: zero point 2**(bits-1)) as [N, K] (the HF [out, in]
+    layout), C-contiguous, computed with torch (threaded, one pass per step: at 8B the reference dequantizes every
+    weight of every model it checks)."""
     n, k_blocks, _ = blocks.shape
     packed = torch.from_numpy(blocks)
     if bits == 4:

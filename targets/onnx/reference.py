@@ -93,7 +93,7 @@ class LayerDequantizer:
         self.model = model
         self.groups = {} if quantize == "none" else quantized_groups(model, quantize)
         self.get = ModuleWeights(model).tensor  # as they are: `quantize_rows` reads them a chunk at a time
-        self.own = Materializer(self.get, in_torch=True)
+        self.own = Materializer(self.get)
         self.shared = {} if shared is None else shared
 
     def make(self, binding: Binding) -> np.ndarray:
