@@ -156,12 +156,14 @@ def lockstep_logits(
     streams: list[Stream],
     swapped: Callable[[str], AbstractContextManager[None]] = lambda owner: nullcontext(),
     release: Callable[[nn.Module], None] = lambda module: None,
+    head: bool = True,
 ) -> list[np.ndarray]:
     """The logits of one uncached forward over left-padded `ids` ([B, T], `mask` its 0/1 keys) for every stream,
     the streams advancing together a module at a time: each module's weights are read once for all of them, then
     `release(module)` may drop them. A stream marked True runs its module inside `swapped(owner)` (owner:
     `model.layers.N` or `lm_head`), e.g. with the dequantized weights a quantized graph computes with. A float64
-    stream upcasts the embedding rows and every later op follows its input's dtype (as `float64` does)."""
+    stream upcasts the embedding rows and every later op follows its input's dtype (as `float64` does).
+    `head=False`: the final-norm hidden states instead, for a caller that runs one lm_head over several models'."""
     inner = model.model
     positions = padded_positions(mask)
     rows = inner.embed_tokens(ids)
@@ -181,5 +183,6 @@ def lockstep_logits(
     for index, layer in enumerate(inner.layers):
         advance(f"model.layers.{index}", layer, lambda x, layer=layer: layer(x, *tables[x.dtype])[0])
     xs = [inner.norm(x) for x in xs]
-    advance("lm_head", model.lm_head, model.lm_head)
+    if head:
+        advance("lm_head", model.lm_head, model.lm_head)
     return [x.numpy() for x in xs]

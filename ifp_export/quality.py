@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ifp_export.masks import encode_prompts
-from ifp_export.model.decoder import CausalLM
+from ifp_export.model.decoder import CausalLM, cast
 from ifp_export.weights import WeightSource
 
 if TYPE_CHECKING:
@@ -178,8 +179,10 @@ def teacher_forced(
             probe.real = attention.bool()
         with weights.streaming(model):
             hidden, _ = model.model(ids, attention, ffn_masks=masks)
+            head = cast(model.lm_head.weight, hidden.dtype)  # upcast once per batch, not once per row
             for i, (position, row) in enumerate(zip(positions, batch, strict=True)):  # never [B, T, vocab] at once
-                stats[position] = position_stats(model.lm_head(hidden[i]), ids[i], len(row.ids))
+                stats[position] = position_stats(F.linear(hidden[i], head), ids[i], len(row.ids))
+            del head
         weights.release()
     return [stats[i] for i in range(len(rows))]
 
