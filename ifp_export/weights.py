@@ -51,6 +51,10 @@ class WeightSource(Protocol):
 
     def get(self, name: str) -> np.ndarray: ...
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor as stored (its dtype), without a copy: for reading part of it before any upcast."""
+        ...
+
     def release(self) -> None:
         """Drop whatever the source keeps resident (memory-mapped pages) between tensors; a no-op if nothing."""
         ...
@@ -63,12 +67,14 @@ class WeightSource(Protocol):
 def ffn_slice(source: WeightSource, layer: int, proj: str, kept: np.ndarray | None) -> np.ndarray:
     """One layer's FFN projection for a model keeping `kept` neurons (ascending; None: dense), float32, [out, in].
 
-    Neuron j is row j of gate_proj/up_proj and column j of down_proj.
+    Neuron j is row j of gate_proj/up_proj and column j of down_proj. A variant's neurons are gathered in the stored
+    dtype and only they are upcast (at 8B bf16 a variant keeps a quarter of each projection).
     """
-    weight = source.get(ffn_name(layer, proj))
+    name = ffn_name(layer, proj)
     if kept is None:
-        return weight
-    return np.ascontiguousarray(np.take(weight, kept, axis=1 if proj == "down_proj" else 0))
+        return source.get(name)
+    rows = source.tensor(name).index_select(1 if proj == "down_proj" else 0, torch.from_numpy(kept).long())
+    return rows.float().numpy()
 
 
 class ModuleWeights:

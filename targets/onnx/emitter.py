@@ -121,15 +121,15 @@ def shared_meta(value: ir.Value) -> tuple[np.dtype, tuple]:
     return value.dtype.numpy(), tuple(int(d) for d in value.shape)
 
 
-def model_getter(source: WeightSource, kept: np.ndarray | None) -> Callable[[str], np.ndarray]:
-    """`get(hf_name)` for one model: FFN projections gathered for `kept` (None: dense), the rest as stored."""
+def model_getter(source: WeightSource, kept: np.ndarray | None) -> Callable[[str], np.ndarray | torch.Tensor]:
+    """`get(hf_name)` for one model: a variant's FFN projections gathered for `kept` (float32), the rest as stored
+    (no copy: `quantize_rows` upcasts a few rows at a time)."""
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str) -> np.ndarray | torch.Tensor:
         parts = name.split(".")
-        if len(parts) == 6 and parts[3] == "mlp" and parts[4] in FFN_PARAMS:
-            layer = int(parts[2])
-            return ffn_slice(source, layer, parts[4], None if kept is None else kept[layer])
-        return source.get(name)
+        if kept is not None and len(parts) == 6 and parts[3] == "mlp" and parts[4] in FFN_PARAMS:
+            return ffn_slice(source, int(parts[2]), parts[4], kept[int(parts[2])])
+        return source.tensor(name)
 
     return get
 

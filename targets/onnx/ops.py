@@ -43,8 +43,9 @@ class Binding:
     ffn: bool
 
 
-def materialize(binding: Binding, get: Callable[[str], np.ndarray]) -> np.ndarray:
-    """The initializer's array from float32 source tensors (`get(hf_name)`; FFN sources already sliced).
+def materialize(binding: Binding, get: Callable[[str], np.ndarray | torch.Tensor]) -> np.ndarray:
+    """The initializer's float32 or quantized array from source tensors (`get(hf_name)`: numpy or torch, float32 or
+    as stored, e.g. bf16; FFN sources already sliced).
 
     Deterministic: the same source tensors give the same bytes.
     """
@@ -63,9 +64,9 @@ class Materializer:
     def __call__(self, binding: Binding) -> np.ndarray:
         layout, get = binding.layout, self.get
         if layout == "as_is":
-            return np.ascontiguousarray(get(binding.sources[0]), dtype=np.float32)
+            return np.ascontiguousarray(as_float32(get(binding.sources[0])).numpy())
         if layout == "concat":
-            return np.concatenate([np.asarray(get(s), np.float32) for s in binding.sources])
+            return np.concatenate([as_float32(get(s)).numpy() for s in binding.sources])
         if layout == "transposed":
             return _transposed(binding.sources, get)
         kind, _, part = layout.partition("_")
@@ -82,10 +83,10 @@ class Materializer:
         return nibble_plane(blocks, kind[4:]) if kind in ("int8hi", "int8lo") else blocks
 
 
-def _transposed(sources: tuple[str, ...], get: Callable[[str], np.ndarray]) -> np.ndarray:
-    rows = [np.asarray(get(s), np.float32) for s in sources]
-    stacked = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0))
-    return as_float32(stacked).T.contiguous().numpy()  # blocked and threaded: ~2.5x numpy's transpose
+def _transposed(sources: tuple[str, ...], get: Callable[[str], np.ndarray | torch.Tensor]) -> np.ndarray:
+    rows = [as_float32(get(s)) for s in sources]
+    stacked = rows[0] if len(rows) == 1 else torch.cat(rows)
+    return stacked.T.contiguous().numpy()  # blocked and threaded: ~2.5x numpy's transpose
 
 
 def quantized_shapes(k: int, n: int, bits: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
