@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -75,6 +76,15 @@ def ffn_slice(source: WeightSource, layer: int, proj: str, kept: np.ndarray | No
         return source.get(name)
     rows = source.tensor(name).index_select(1 if proj == "down_proj" else 0, torch.from_numpy(kept).long())
     return rows.float().numpy()
+
+
+def as_float32(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Rows of a weight as a float32 tensor to read (a view of float32 data, else an upcast copy)."""
+    if isinstance(rows, torch.Tensor):
+        return rows.float()
+    with warnings.catch_warnings():  # a read-only mapped weight: torch only reads it here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(rows, np.float32))
 
 
 class ModuleWeights:

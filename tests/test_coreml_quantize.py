@@ -200,13 +200,14 @@ def test_unknown_mode_is_refused(models, tmp_path: Path) -> None:
 def test_quantize_weight_gives_coremltools_bits(mode: str) -> None:
     """Our torch quantizer is coremltools' `compute_qparams_by_dtype` (what its `linear_quantize_weights` pass
     calls) bit for bit: data and fp16 scales, on normal weights, a row with an outlier, an all-zero row and block,
-    and a width that is not a multiple of the int4 block (one scale per row)."""
+    and a width that is not a multiple of the int4 block (one scale per row); 150 rows: chunks of rows, the last one
+    partial; and a bf16 torch weight as stored, upcast chunk by chunk."""
     from coremltools.optimize._utils import compute_qparams_by_dtype
 
     from ifp_export.targets.coreml.quantize import DTYPES, block_sizes, quantize_weight
 
     rng = np.random.default_rng(0)
-    for shape in [(48, 96), (16, 40)]:
+    for shape in [(48, 96), (16, 40), (150, 64)]:
         weight = rng.normal(0, 0.02, shape).astype(np.float32)
         weight[1, 3] = 7.5  # an outlier
         weight[2] = 0.0  # an all-zero row
@@ -218,3 +219,8 @@ def test_quantize_weight_gives_coremltools_bits(mode: str) -> None:
         assert got.data.dtype == expected_data.dtype and got.data.dtype.metadata == expected_data.dtype.metadata
         np.testing.assert_array_equal(got.data, expected_data)
         np.testing.assert_array_equal(got.scale, expected_scale.astype(np.float16))
+    stored = torch.from_numpy(weight).to(torch.bfloat16)
+    expected = quantize_weight(stored.float().numpy(), mode)
+    got = quantize_weight(stored, mode)
+    np.testing.assert_array_equal(got.data, expected.data)
+    np.testing.assert_array_equal(got.scale, expected.scale)

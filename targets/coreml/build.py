@@ -27,7 +27,7 @@ from ifp_export.model.config import DecoderConfig, rope_inverse_frequencies
 from ifp_export.quiet import quiet
 from ifp_export.targets.coreml.deferred import DeferredWeights
 from ifp_export.targets.coreml.quantize import QuantizedWeight, quantize_weight, quantized_layout, weight_const
-from ifp_export.weights import FFN_PROJECTIONS, WeightSource, ffn_slice, is_ffn
+from ifp_export.weights import FFN_PROJECTIONS, WeightSource, as_float32, ffn_slice, is_ffn
 
 with quiet():
     import coremltools as ct
@@ -57,11 +57,12 @@ def rope_tables(cfg: DecoderConfig, max_context: int) -> tuple[np.ndarray, np.nd
 Weight = np.ndarray | QuantizedWeight  # fp16, or quantized (2-D weights with --quantize)
 
 
-def program_weight(array: np.ndarray, quantize: str) -> Weight:
-    """A tensor as the program stores it: fp16, and quantized if it is a 2-D weight and `quantize` is not none."""
+def program_weight(array: np.ndarray | torch.Tensor, quantize: str) -> Weight:
+    """A tensor (float32 or as stored) as the program stores it: fp16, and quantized if it is a 2-D weight and
+    `quantize` is not none."""
     if quantize == "none" or array.ndim != 2:
-        return array.astype(np.float16)
-    return quantize_weight(np.asarray(array, np.float32), quantize)
+        return as_float32(array).numpy().astype(np.float16)
+    return quantize_weight(array, quantize)
 
 
 class ProgramWeights:
@@ -86,9 +87,9 @@ class ProgramWeights:
         if name not in self._shared:
             shape = self.source.shape(name)
             if len(shape) == 2:
-                self._shared[name] = self._deferred(shape, lambda: self.source.get(name))
+                self._shared[name] = self._deferred(shape, lambda: self.source.tensor(name))
             else:
-                self._shared[name] = program_weight(self.source.get(name), self.quantize)
+                self._shared[name] = program_weight(self.source.tensor(name), self.quantize)
                 self.source.release()
         return self._shared[name]
 
@@ -104,7 +105,7 @@ class ProgramWeights:
 
         return weight
 
-    def _deferred(self, shape: tuple[int, ...], read: Callable[[], np.ndarray]) -> Weight:
+    def _deferred(self, shape: tuple[int, ...], read: Callable[[], np.ndarray | torch.Tensor]) -> Weight:
         def produced() -> Weight:
             value = program_weight(read(), self.quantize)
             self.source.release()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ifp_export.quiet import quiet
+from ifp_export.weights import as_float32
 
 with quiet():
     from coremltools.converters.mil import Builder as mb
@@ -28,6 +29,7 @@ INT4_BLOCK_SIZE = 32  # input channels per int4 scale (as ONNX MatMulNBits)
 QUANTIZED_SUFFIX = "_quantized"  # the constexpr op replacing const `w` is `w_quantized` (coremltools' naming)
 DTYPES = {"int8": types.int8, "int4": types.int4}
 QUANT_RANGE = {"int8": (-127, 127), "int4": (-7, 7)}  # signed, symmetric: coremltools' `get_quant_range`
+QUANTIZE_CHUNK_ROWS = 64  # output channels quantized at once
 
 
 @dataclass(frozen=True)
@@ -54,22 +56,29 @@ def quantized_layout(mode: str, shape: tuple[int, ...]) -> tuple[np.dtype, tuple
     return np.dtype(types.nptype_from_builtin(DTYPES[mode])), (out, in_features // block)
 
 
-def quantize_weight(weight: np.ndarray, mode: str) -> QuantizedWeight:
-    """Quantize one float32 [out, in] weight (symmetric, `mode` int8 or int4); fp16 scales.
+def quantize_weight(weight: np.ndarray | torch.Tensor, mode: str) -> QuantizedWeight:
+    """Quantize one [out, in] weight (numpy or torch, float32 or as stored, e.g. bf16; symmetric, `mode` int8 or
+    int4); fp16 scales.
 
     coremltools' arithmetic (`compute_qparams_by_dtype`, LINEAR_SYMMETRIC: max |w| per block, scale = 2 max / (q_max -
     q_min), data = clip(round(w / scale))), step for step in float32 with torch instead of numpy: threaded, and the
-    same bits (tests/test_coreml_quantize.py holds it to coremltools' function); an all-zero block gets data 0."""
+    same bits (tests/test_coreml_quantize.py holds it to coremltools' function); an all-zero block gets data 0. Rows
+    are independent, so they are quantized `QUANTIZE_CHUNK_ROWS` at a time, upcast chunk by chunk: the temporaries
+    stay in the cache and no float32 copy of a bf16 weight is made."""
     if mode not in DTYPES:
         raise ValueError(f"quantize mode must be one of {sorted(DTYPES)}, got {mode!r}")
     dtype, scale_shape = quantized_layout(mode, weight.shape)
     q_min, q_max = QUANT_RANGE[mode]
-    blocks = torch.from_numpy(np.ascontiguousarray(weight, np.float32)).view(*scale_shape, -1)
-    max_abs = torch.maximum(blocks.amin(-1, keepdim=True).abs(), blocks.amax(-1, keepdim=True).abs())
-    scale = (max_abs - (-max_abs)) / (q_max - q_min)
-    data = torch.nan_to_num(torch.round(blocks / scale), nan=0.0).clamp_(q_min, q_max)
-    data = data.to(torch.int8).view(weight.shape).numpy().view(dtype)
-    return QuantizedWeight(data, scale.view(scale_shape).numpy().astype(np.float16))
+    data, scales = np.empty(weight.shape, np.int8), np.empty(scale_shape, np.float16)
+    for start in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS):
+        blocks = as_float32(weight[start : start + QUANTIZE_CHUNK_ROWS])
+        blocks = blocks.reshape(len(blocks), scale_shape[1], -1)
+        max_abs = torch.maximum(blocks.amin(-1, keepdim=True).abs(), blocks.amax(-1, keepdim=True).abs())
+        scale = (max_abs - (-max_abs)) / (q_max - q_min)
+        chunk = torch.nan_to_num(torch.round(blocks / scale), nan=0.0).clamp_(q_min, q_max)
+        data[start : start + len(blocks)] = chunk.to(torch.int8).view(len(blocks), -1).numpy()
+        scales[start : start + len(blocks)] = scale.view(len(blocks), -1).numpy().astype(np.float16)
+    return QuantizedWeight(data.view(dtype), scales)
 
 
 def weight_const(value: np.ndarray | QuantizedWeight, name: str) -> Any:

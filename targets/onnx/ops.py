@@ -22,12 +22,13 @@ Layouts (the vocabulary of `Binding.layout`):
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ifp_export.weights import as_float32
 
 BLOCK_SIZE = 32
 QUANT_BITS = {"none": 0, "int8": 8, "int4": 4}
@@ -96,15 +97,6 @@ def quantized_shapes(k: int, n: int, bits: int) -> tuple[tuple[int, int, int], t
 
 
 QUANTIZE_ROWS_CHUNK = 64  # rows quantized at once: their temporaries stay in the cache (~2x faster than whole)
-
-
-def as_float32(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Rows of a weight as a float32 tensor to read (a view of float32 data, else an upcast copy)."""
-    if isinstance(rows, torch.Tensor):
-        return rows.float()
-    with warnings.catch_warnings():  # a read-only mapped weight: torch only reads it here
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(rows, np.float32))
 
 
 def quantize_rows(rows: list[np.ndarray | torch.Tensor], bits: int) -> tuple[np.ndarray, np.ndarray]:
