@@ -1,9 +1,10 @@
 """How good a pruned variant is, measured without training code, and which FFN neurons it must not drop.
 
-Teacher-forced figures: the full model runs over prompts with a per-row FFN mask (`None` = dense), in batches of
-rows, each batch one streamed forward pass. Per prompt and model, at every position but the last: the top-1 token
-and the NLL of the prompt's own next token. A variant's figures against dense are the share of positions where its
-top-1 equals dense's (top-1 agreement) and its mean NLL minus dense's (NLL difference), over the same tokens.
+Teacher-forced figures: the full model runs over prompts with a per-row FFN mask (`None` = dense; a masked row's FFN
+runs at its kept width), in batches of rows, each batch one streamed forward pass. Per prompt and model, at every
+position but the last: the top-1 token and the NLL of the prompt's own next token. A variant's figures against dense are
+the share of positions where its top-1 equals dense's (top-1 agreement) and its mean NLL minus dense's (NLL difference),
+over the same tokens.
 
 Massive activations (Sun et al., "Massive Activations in Large Language Models", 2024): trained LMs carry a few
 residual-stream entries, usually at the first position, thousands of times larger than the rest, written by a
@@ -157,15 +158,18 @@ def position_stats(logits: torch.Tensor, ids: torch.Tensor, length: int) -> Toke
 def teacher_forced(
     model: CausalLM, weights: WeightSource, rows: list[Row], batch_size: int, probe: MassiveProbe | None = None
 ) -> list[TokenStats]:
-    """Per row, its TokenStats: `batch_size` rows per streamed forward pass of the full model with per-row masks
-    (dense rows: all ones). Rows are right-padded, so every real token sees exactly its unpadded positions, and
-    batched by length, so little is padding."""
-    cfg = model.config
-    ones = torch.ones(cfg.num_hidden_layers, cfg.intermediate_size)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    """Per row, its TokenStats: `batch_size` rows per streamed forward pass of the full model, dense rows and masked
+    rows in batches of their own: a masked row's FFN runs at its kept width (bool masks, `MLP.kept_width`), and the
+    probe sees the dense rows' FFN activations. Rows are right-padded, so every real token sees exactly its unpadded
+    positions, and batched by length, so little is padding."""
+    by_length = lambda group: sorted(group, key=lambda i: len(rows[i].ids))  # noqa: E731
+    dense = by_length(i for i, row in enumerate(rows) if row.mask is None)
+    masked = by_length(i for i, row in enumerate(rows) if row.mask is not None)
+    batches = [
+        group[start : start + batch_size] for group in (dense, masked) for start in range(0, len(group), batch_size)
+    ]
     stats: dict[int, TokenStats] = {}
-    for start in range(0, len(rows), batch_size):
-        positions = order[start : start + batch_size]
+    for positions in batches:
         batch = [rows[i] for i in positions]
         width = max(len(r.ids) for r in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -173,7 +177,7 @@ def teacher_forced(
         for i, row in enumerate(batch):
             ids[i, : len(row.ids)] = torch.tensor(row.ids)
             attention[i, : len(row.ids)] = 1
-        masks = torch.stack([ones if r.mask is None else r.mask for r in batch])
+        masks = None if batch[0].mask is None else torch.stack([r.mask for r in batch]).bool()
         if probe is not None:
             probe.rows = torch.tensor([r.probe for r in batch])
             probe.real = attention.bool()

@@ -1,6 +1,6 @@
 """quality: how close each variant stays to the dense model, and whether it drops a massive-activation neuron.
 
-One streamed, batched forward pass of the full model (per-row FFN masks, as the fold check runs it) over the
+One streamed, batched forward pass of the full model (per-row FFN masks, each masked row at its kept width) over the
 calibration prompts, and the held-out prompts if given: each prompt once dense, once with its own variant's mask,
 and once with the variant routing picks for it when that is another one. Figures (ifp_export/quality.py): per variant
 on its own prompts, per set; the routed setting over all prompts; dense's own NLL. The dense calibration rows are

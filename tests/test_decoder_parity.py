@@ -152,6 +152,34 @@ def test_per_row_ffn_masks_match_separate_runs(tmp_path: Path) -> None:
     assert not torch.allclose(only_first[-1][0], only_second[-1][0], atol=1e-3)
 
 
+def test_bool_ffn_masks_run_at_the_kept_width_and_match_float_masks(tmp_path: Path) -> None:
+    """A bool mask skips the dropped neurons (`MLP.kept_width`, what the quality pass runs) instead of multiplying them
+    by 0: the same logits up to summation order, per row (two masks, one mask for both rows, a dense row) and for an
+    [L, d_ff] mask; the FFN's down_proj module is never called on that path."""
+    _, ours = hf_and_ours("llama", tmp_path)
+    first, second = zeroed_neurons(ours.config, seed=1), zeroed_neurons(ours.config, seed=2)
+    ids, mask, _ = left_padded_batch(LENGTHS, ours.config.vocab_size)
+    tokens = torch.randint(3, ours.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(3))
+    calls = []
+    handles = [layer.mlp.down_proj.register_forward_hook(lambda *args: calls.append(1)) for layer in ours.model.layers]
+    for masks in (
+        torch.stack((first, second)),
+        torch.stack((first, first)),
+        torch.stack((torch.ones_like(first), second)),
+        first,
+    ):
+        calls.clear()
+        floats = ours_logits_for_tokens(ours, ids, mask, tokens, ffn_masks=masks)
+        assert calls
+        calls.clear()
+        kept = ours_logits_for_tokens(ours, ids, mask, tokens, ffn_masks=masks.bool())
+        assert not calls
+        for a, b in zip(kept, floats, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    for handle in handles:
+        handle.remove()
+
+
 @pytest.mark.parametrize("case", ["llama", "qwen2-tied", "qwen2-sliding-all-layers", "mistral-sliding-window"])
 def test_save_decoder_reloads_in_transformers(case: str, tmp_path: Path) -> None:
     hf, ours = hf_and_ours(case, tmp_path / "original")

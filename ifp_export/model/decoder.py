@@ -176,7 +176,8 @@ def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    """SwiGLU FFN. `neuron_mask` ([d_ff] or [B, 1, d_ff], 0/1) switches intermediate neurons off."""
+    """SwiGLU FFN. `neuron_mask` ([d_ff] or [B, 1, d_ff]) switches intermediate neurons off: a float 0/1 mask
+    multiplies them by 0 (differentiable), a bool mask skips them (`kept_width`)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -185,10 +186,27 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, neuron_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if neuron_mask is not None and neuron_mask.dtype == torch.bool:
+            return self.kept_width(x, neuron_mask)
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         if neuron_mask is not None:
             h = h * neuron_mask.to(h.dtype)
         return self.down_proj(h)
+
+    def kept_width(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The rows of each distinct mask of `kept` ([d_ff] or [B, 1, d_ff] bool) through only its kept neurons: what
+        the masked FFN computes without its zeros (the same products, summed in another order), at k / d_ff of the
+        FLOPs and weight reads. The projections' modules are not called (no forward hooks run)."""
+        kept = kept.reshape(-1, kept.shape[-1]).expand(x.shape[0], -1)
+        out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
+        masks, groups = torch.unique(kept, dim=0, return_inverse=True)
+        for group, mask in enumerate(masks):
+            rows, idx = (groups == group).nonzero().flatten(), mask.nonzero().flatten()
+            gate, up = (cast(p.weight[idx], x.dtype) for p in (self.gate_proj, self.up_proj))
+            down = cast(self.down_proj.weight[:, idx], x.dtype)
+            xs = x[rows]
+            out[rows] = F.linear(F.silu(F.linear(xs, gate)) * F.linear(xs, up), down)
+        return out
 
 
 class DecoderLayer(nn.Module):
