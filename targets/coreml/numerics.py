@@ -95,19 +95,21 @@ def check_numerics(spec: Any, function: str, weights: Weights, cfg: DecoderConfi
 
 
 @torch.no_grad()
-def residual_peak(model: CausalLM, prompt: list[int]) -> float:
-    """The largest |value| of the residual stream (every RMSNorm's input) over `prompt`, in fp32: how close the
-    function's fp16 activations come to FP16_MAX (trained models carry a few "massive activations" in the thousands).
+def residual_peaks(model: CausalLM, prompt: list[int], masks: torch.Tensor) -> list[float]:
+    """Per FFN mask of `masks` ([F, L, d_ff] bool; all True: dense), the largest |value| of the residual stream (every
+    RMSNorm's input) over `prompt`, in fp32: how close that function's fp16 activations come to FP16_MAX (trained
+    models carry a few "massive activations" in the thousands). One forward of the full model with a row per mask,
+    each row's FFN at its kept width (the folded function's products): every weight is read once for all functions.
     """
-    peaks = [0.0]
+    peaks = torch.zeros(len(masks))
 
     def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        peaks.append(float(args[0].abs().max()))
+        torch.maximum(peaks, args[0].abs().amax(dim=(1, 2)), out=peaks)
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, RMSNorm)]
     try:
-        model(torch.tensor([prompt]))
+        model.model(torch.tensor([prompt] * len(masks)), ffn_masks=masks)
     finally:
         for handle in handles:
             handle.remove()
-    return max(peaks)
+    return peaks.tolist()

@@ -37,7 +37,7 @@ from ifp_export.targets.coreml.blobs import (
 )
 from ifp_export.targets.coreml.build import DECODER_STATES, const_name
 from ifp_export.targets.coreml.emit import CoreMLArtifacts, Progress, no_progress, variant_kept
-from ifp_export.targets.coreml.numerics import FP16_MAX, check_numerics, residual_peak
+from ifp_export.targets.coreml.numerics import FP16_MAX, check_numerics, residual_peaks
 from ifp_export.targets.coreml.package import (
     DECODER_PACKAGE,
     PREDICTOR_PACKAGE,
@@ -258,7 +258,7 @@ def check_decoder_package(
     reference: Callable[[str], CausalLM],
     progress: Progress = no_progress,
     release: Callable[[], None] = lambda: None,
-    peak: Callable[[CausalLM], float] | None = None,
+    peaks: dict[str, float] | None = None,
 ) -> list[FunctionCheck]:
     """Per function: IO/states/dtypes from the spec, the norm/RoPE structure, and every weight read back from
     weight.bin by the blob offsets in the spec, against the function's PyTorch reference (built, checked and
@@ -286,7 +286,7 @@ def check_decoder_package(
 
             model = reference(name)
             rows.append(check_function(spec, weights, described[name], name, model, artifacts, dropped, compared))
-            rows[-1].residual_peak = None if peak is None else peak(model)
+            rows[-1].residual_peak = None if peaks is None else peaks[name]
             advance(1)
     return rows
 
@@ -459,12 +459,15 @@ def validate_export(ctx: ExportContext) -> None:
     release = ckpt.weights.release
     reference = reference_models(ckpt.backbone, {v.name: v.kept.numpy() for v in ctx.variants}, lambda _: release())
     first_prompt = ckpt.tokenizer.encode(ckpt.tasks[ctx.variants[0].prompt_indices[0]].prompt).ids
-
-    def peak(model: CausalLM) -> float:
-        with ckpt.weights.streaming(model):
-            return residual_peak(model, first_prompt)
-
-    rows = check_decoder_package(artifacts, reference, ctx.progress, release, peak)
+    function_masks = {v.name: v.mask.bool() for v in ctx.variants} | {DENSE_NAME: torch.ones_like(masks[0]).bool()}
+    with ckpt.weights.streaming(ckpt.backbone):
+        found = residual_peaks(
+            ckpt.backbone, first_prompt, torch.stack([function_masks[f] for f in artifacts.functions])
+        )
+    release()
+    rows = check_decoder_package(
+        artifacts, reference, ctx.progress, release, dict(zip(artifacts.functions, found, strict=True))
+    )
     predictor = check_predictor_package(artifacts, ckpt.predictor, masks)
     ctx.console.print(validation_table(rows, predictor, artifacts))
     ctx.report["coreml_validation"] = {
