@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -234,7 +233,6 @@ def emit(
     cfg = source.config
     mlmodel.short_description = f"IFPruning decoder ({cfg.num_hidden_layers} layers, d_ff {cfg.intermediate_size})"
     save_model(mlmodel, decoder)
-    shutil.rmtree(mlmodel.package_path)  # coremltools' temp copy (in TMPDIR): it removes it only at exit
     del mlmodel  # it holds the program
     release_freed_memory()  # the functions' arrays, before the predictor is converted
     predictor_path = directory / PREDICTOR_PACKAGE
