@@ -147,11 +147,27 @@ class MassiveProbe:
         return [self.found[key] for key in sorted(self.found)]
 
 
-def position_stats(logits: torch.Tensor, ids: torch.Tensor, length: int) -> TokenStats:
-    """Top-1 and next-token NLL of one right-padded row's first `length` positions (logits [T, V], ids [T])."""
-    logits = logits[: length - 1]
-    nll = torch.logsumexp(logits, -1) - logits.gather(-1, ids[1:length, None]).squeeze(-1)
-    return TokenStats(logits.argmax(-1), nll.double())
+HEAD_POSITIONS = 512  # positions per lm_head matmul: a [512, V] fp32 block (256 MB at a 128k vocabulary)
+
+
+def position_stats(hidden: torch.Tensor, ids: torch.Tensor, lengths: list[int], head: torch.Tensor) -> list[TokenStats]:
+    """TokenStats of each right-padded row of `hidden` [B, T, H] (ids [B, T], `lengths` real tokens per row): the
+    positions that predict a next token of every row go through the lm_head `head` together, `HEAD_POSITIONS` at a
+    time (one wide matmul instead of one per row; never [B, T, vocab] at once)."""
+    scored = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, length in enumerate(lengths):
+        scored[i, : length - 1] = True
+    targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[scored]  # the next token of each scored position
+    top1, nll = [], []
+    for block, target in zip(hidden[scored].split(HEAD_POSITIONS), targets.split(HEAD_POSITIONS), strict=True):
+        logits = F.linear(block, head)
+        top1.append(logits.argmax(-1))
+        nll.append(torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None]).squeeze(-1))
+    counts = [max(length - 1, 0) for length in lengths]
+    return [
+        TokenStats(t, n.double())
+        for t, n in zip(torch.cat(top1).split(counts), torch.cat(nll).split(counts), strict=True)
+    ]
 
 
 @torch.no_grad()
@@ -183,9 +199,9 @@ def teacher_forced(
             probe.real = attention.bool()
         with weights.streaming(model):
             hidden, _ = model.model(ids, attention, ffn_masks=masks)
-            head = cast(model.lm_head.weight, hidden.dtype)  # upcast once per batch, not once per row
-            for i, (position, row) in enumerate(zip(positions, batch, strict=True)):  # never [B, T, vocab] at once
-                stats[position] = position_stats(F.linear(hidden[i], head), ids[i], len(row.ids))
+            head = cast(model.lm_head.weight, hidden.dtype)  # upcast once per batch
+            found = position_stats(hidden, ids, [len(r.ids) for r in batch], head)
+            stats.update(zip(positions, found, strict=True))
             del head
         weights.release()
     return [stats[i] for i in range(len(rows))]
