@@ -22,7 +22,7 @@ Layouts (the vocabulary of `Binding.layout`):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,27 +106,48 @@ def quantize_rows(rows: list[np.ndarray | torch.Tensor], bits: int) -> tuple[np.
     of 32 inputs the value of largest |.| (the minimum on a tie) over -2**(bits-1) is the scale, and each weight is
     round-half-away(w * (1 / scale) + 2**(bits-1)) clamped to the range. The emitter and the validation reference
     both quantize with it; ORT's MatMulNBits, reading the emitted bytes, is what checks the layout."""
-    mid = float(1 << (bits - 1))
     k = rows[0].shape[1]
     (n, k_blocks, width), _ = quantized_shapes(k, sum(r.shape[0] for r in rows), bits)
     blocks, scales = np.empty((n, k_blocks, width), np.uint8), np.empty((n, k_blocks), np.float32)
-    chunks = [(r, start) for r in rows for start in range(0, r.shape[0], QUANTIZE_ROWS_CHUNK)]
     done = 0
-    for source, start in chunks:
-        part = as_float32(source[start : start + QUANTIZE_ROWS_CHUNK])  # only read
-        part = torch.nn.functional.pad(part, (0, k_blocks * BLOCK_SIZE - k)).view(len(part), k_blocks, BLOCK_SIZE)
-        high, low = part.amax(-1), part.amin(-1)
-        scale = torch.where(high.abs() > low.abs(), high, low) / -mid
-        reciprocal = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
-        shifted = part * reciprocal[..., None] + mid
-        q = shifted.trunc()
-        q = q.add_(shifted.sub_(q) >= 0.5).clamp_(0, 2 * mid - 1).to(torch.uint8)
+    for q, scale in quantized_chunks(rows, bits):
         if bits == 4:
             q = q[..., 0::2] | (q[..., 1::2] << 4)
-        blocks[done : done + len(part)] = q.numpy()
-        scales[done : done + len(part)] = scale.numpy()
-        done += len(part)
+        blocks[done : done + len(q)] = q.numpy()
+        scales[done : done + len(q)] = scale.numpy()
+        done += len(q)
     return blocks, scales
+
+
+def fake_quantized_rows(rows: list[np.ndarray | torch.Tensor], bits: int) -> np.ndarray:
+    """`dequantized_rows(*quantize_rows(rows, bits), bits, K)`, bit for bit, without packing and unpacking the
+    blocks: the [N, K] float32 weight MatMulNBits computes with, for a reference that never needs the bytes."""
+    k = rows[0].shape[1]
+    weight = np.empty((sum(r.shape[0] for r in rows), k), np.float32)
+    done = 0
+    for q, scale in quantized_chunks(rows, bits):
+        values = q.to(torch.float32).sub_(float(1 << (bits - 1))).mul_(scale[:, :, None])
+        weight[done : done + len(q)] = values.view(len(q), -1)[:, :k].numpy()
+        done += len(q)
+    return weight
+
+
+def quantized_chunks(rows: list[np.ndarray | torch.Tensor], bits: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`quantize_rows`' arithmetic, `QUANTIZE_ROWS_CHUNK` rows at a time (their temporaries stay in the cache): per
+    chunk the quantized values [n, K / 32, 32] uint8 (unpacked, K zero-padded to whole blocks) and the scales."""
+    mid = float(1 << (bits - 1))
+    k = rows[0].shape[1]
+    k_blocks = -(-k // BLOCK_SIZE)
+    for source in rows:
+        for start in range(0, source.shape[0], QUANTIZE_ROWS_CHUNK):
+            part = as_float32(source[start : start + QUANTIZE_ROWS_CHUNK])  # only read
+            part = torch.nn.functional.pad(part, (0, k_blocks * BLOCK_SIZE - k)).view(len(part), k_blocks, BLOCK_SIZE)
+            high, low = part.amax(-1), part.amin(-1)
+            scale = torch.where(high.abs() > low.abs(), high, low) / -mid
+            reciprocal = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+            shifted = part * reciprocal[..., None] + mid
+            q = shifted.trunc()
+            yield q.add_(shifted.sub_(q) >= 0.5).clamp_(0, 2 * mid - 1).to(torch.uint8), scale
 
 
 def nibble_plane(blocks: np.ndarray, plane: str) -> np.ndarray:
@@ -138,15 +159,14 @@ def nibble_plane(blocks: np.ndarray, plane: str) -> np.ndarray:
 def dequantized_sources(
     bindings: list[Binding],
     get: Callable[[str], np.ndarray | torch.Tensor],
-    make: Callable[[Binding], np.ndarray] | None = None,
+    packed: Callable[[Binding], tuple[np.ndarray, np.ndarray] | None] = lambda binding: None,
 ) -> dict[str, np.ndarray]:
     """HF name -> the float32 [out, in] weight a quantized graph really uses, for every quantized source.
 
     Load these into the PyTorch decoder (in place of the originals) to get the reference a quantized export
-    must match; unquantized tensors (embeddings, norms, biases) are not listed. `make` materializes the blocks and
-    scales (default: a `Materializer` over `get`).
+    must match; unquantized tensors (embeddings, norms, biases) are not listed. `packed(binding)` may return the
+    (blocks, scales) a caller keeps for the weight (e.g. across models); else it is quantized from `get`.
     """
-    scales = {b.sources: b for b in bindings if b.layout.endswith("_scales")}
     weights: dict[str, np.ndarray] = {}
     for binding in bindings:
         if not binding.layout.endswith("_blocks") or binding.layout == "int8lo_blocks":
@@ -154,10 +174,12 @@ def dequantized_sources(
         bits = int(binding.layout[3])
         binding = dataclasses.replace(binding, layout=f"int{bits}_blocks")  # int8hi: the whole int8 blocks
         rows = [get(s).shape[0] for s in binding.sources]
-        k = get(binding.sources[0]).shape[1]
-        made = make or Materializer(get)
-        matrix = dequantized_rows(made(binding), made(scales[binding.sources]), bits, k)  # [N, K]: sources' rows
-        weights.update(zip(binding.sources, np.split(matrix, np.cumsum(rows)[:-1], axis=0), strict=True))
+        kept = packed(binding)
+        if kept is None:
+            matrix = fake_quantized_rows([get(s) for s in binding.sources], bits)
+        else:
+            matrix = dequantized_rows(*kept, bits, get(binding.sources[0]).shape[1])
+        weights.update(zip(binding.sources, np.split(matrix, np.cumsum(rows)[:-1], axis=0), strict=True))  # [N, K]
     return weights
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from ifp_export.bounds import lockstep_logits
 from ifp_export.model.decoder import CausalLM
 from ifp_export.targets.onnx.build import build_decoder
-from ifp_export.targets.onnx.ops import Binding, Materializer, dequantized_sources
+from ifp_export.targets.onnx.ops import Binding, dequantized_sources, quantize_rows
 from ifp_export.weights import ModuleWeights, is_ffn
 
 
@@ -50,12 +50,12 @@ def swap_in(
     model: CausalLM,
     bindings: list[Binding],
     get: Callable[[str], np.ndarray | torch.Tensor],
-    make: Callable[[Binding], np.ndarray] | None = None,
+    packed: Callable[[Binding], tuple[np.ndarray, np.ndarray] | None] = lambda binding: None,
 ) -> dict[str, nn.Parameter]:
     """Set the dequantized weights of `bindings` on `model` (a tied embedding's on lm_head, untying it); returns
-    the parameters they replaced, by module attribute name (`make` as in `dequantized_sources`)."""
+    the parameters they replaced, by module attribute name (`packed` as in `dequantized_sources`)."""
     replaced = {}
-    for name, weight in dequantized_sources(bindings, get, make).items():
+    for name, weight in dequantized_sources(bindings, get, packed).items():
         if model.config.tie_word_embeddings and name == "model.embed_tokens.weight":
             name = "lm_head.weight"
         module_name, _, attribute = name.rpartition(".")
@@ -92,22 +92,21 @@ class LayerDequantizer:
     def __init__(self, model: CausalLM, quantize: str, shared: dict | None = None) -> None:
         self.model = model
         self.groups = {} if quantize == "none" else quantized_groups(model, quantize)
-        self.get = ModuleWeights(model).tensor  # as they are: `quantize_rows` reads them a chunk at a time
-        self.own = Materializer(self.get)
+        self.get = ModuleWeights(model).tensor  # as they are: the quantizer reads them a chunk at a time
         self.shared = {} if shared is None else shared
 
-    def make(self, binding: Binding) -> np.ndarray:
+    def packed(self, binding: Binding) -> tuple[np.ndarray, np.ndarray] | None:
+        """A shared weight's blocks and scales, quantized on first use; None for an FFN weight (quantized anew)."""
         if any(is_ffn(source) for source in binding.sources):
-            return self.own(binding)
-        key = (binding.sources, binding.layout)
-        if key not in self.shared:
-            self.shared[key] = self.own(binding)
-        return self.shared[key]
+            return None
+        if binding.sources not in self.shared:
+            self.shared[binding.sources] = quantize_rows([self.get(s) for s in binding.sources], int(binding.layout[3]))
+        return self.shared[binding.sources]
 
     @contextmanager
     def swapped(self, owner: str) -> Iterator[None]:
         bindings = self.groups.get(owner)
-        replaced = {} if bindings is None else swap_in(self.model, bindings, self.get, self.make)
+        replaced = {} if bindings is None else swap_in(self.model, bindings, self.get, self.packed)
         try:
             yield
         finally:
