@@ -201,7 +201,8 @@ class MLP(nn.Module):
         out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
         masks, groups = torch.unique(kept, dim=0, return_inverse=True)
         for group, mask in enumerate(masks):
-            rows, idx = (groups == group).nonzero().flatten(), mask.nonzero().flatten()
+            rows = (groups == group).nonzero().flatten()
+            idx = slice(None) if bool(mask.all()) else mask.nonzero().flatten()  # a dense row: no copy of the weights
             gate, up = (cast(p.weight[idx], x.dtype) for p in (self.gate_proj, self.up_proj))
             down = cast(self.down_proj.weight[:, idx], x.dtype)
             xs = x[rows]
