@@ -126,8 +126,7 @@ def fake_quantized_rows(rows: list[np.ndarray | torch.Tensor], bits: int) -> np.
     weight = np.empty((sum(r.shape[0] for r in rows), k), np.float32)
     done = 0
     for q, scale in quantized_chunks(rows, bits):
-        values = q.to(torch.float32).sub_(float(1 << (bits - 1))).mul_(scale[:, :, None])
-        weight[done : done + len(q)] = values.view(len(q), -1)[:, :k].numpy()
+        weight[done : done + len(q)] = dequantized_values(q, scale, bits).view(len(q), -1)[:, :k].numpy()
         done += len(q)
     return weight
 
@@ -193,5 +192,11 @@ def dequantized_rows(blocks: np.ndarray, scales: np.ndarray, bits: int, k: int) 
         values = torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(n, k_blocks, BLOCK_SIZE)
     else:
         values = packed.view(n, k_blocks, BLOCK_SIZE)
-    weight = values.to(torch.float32).sub_(float(1 << (bits - 1))).mul_(torch.from_numpy(scales)[:, :, None])
+    weight = dequantized_values(values, torch.from_numpy(scales), bits)
     return weight.view(n, k_blocks * BLOCK_SIZE)[:, :k].contiguous().numpy()
+
+
+def dequantized_values(q: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpacked quantized values [N, K / 32, 32] (uint8) times their block's scale [N, K / 32], after the symmetric
+    zero point 2**(bits-1): what MatMulNBits computes with, float32."""
+    return q.to(torch.float32).sub_(float(1 << (bits - 1))).mul_(scales[:, :, None])
