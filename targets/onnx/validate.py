@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,13 +261,11 @@ def check_predictor(
     ]
 
 
-def references(
-    backbone: CausalLM, weights: WeightSource, kept: dict[str, torch.Tensor | None]
-) -> Iterator[tuple[str, CausalLM]]:
-    """Each model's PyTorch reference, built when asked for and dropped by the caller before the next; the mapped
-    pages a fold's gather read are dropped layer by layer (else every FFN matrix stays resident)."""
-    for name, idx in kept.items():
-        yield name, (backbone if idx is None else fold_decoder(backbone, idx, lambda _: weights.release()))
+def reference_of(backbone: CausalLM, weights: WeightSource, idx: torch.Tensor | None) -> CausalLM:
+    """A model's PyTorch reference, built after its ORT sessions are gone (a variant's fold holds its FFN slices in
+    memory); the mapped pages a fold's gather read are dropped layer by layer (else every FFN matrix stays
+    resident)."""
+    return backbone if idx is None else fold_decoder(backbone, idx, lambda _: weights.release())
 
 
 def validate(
@@ -298,7 +295,7 @@ def validate(
     in_full = full_models(kept, checks)
     shared_quantized: dict = {}  # the shared weights' blocks and scales, quantized once for every model
     cache_checked: dict[tuple[bytes, bytes], str] = {}  # graph skeletons -> the model whose cache paths ran on them
-    for name, reference in references(backbone, weights, kept):
+    for name, idx in kept.items():
         path, genai, same_as = artifacts.models[name], artifacts.genai_models.get(name), None
         if name in in_full:
             shape = (graph_skeleton(path, SHARED_DATA), b"" if genai is None else graph_skeleton(genai, SHARED_DATA))
@@ -312,12 +309,18 @@ def validate(
         ids, mask = torch.from_numpy(run.ids), torch.from_numpy(run.mask)
         release = lambda module: weights.release()  # noqa: E731
         expected = reference_run(
-            reference, ids, mask, artifacts.quantize, release, name == DENSE_NAME, shared_quantized
+            reference_of(backbone, weights, idx),
+            ids,
+            mask,
+            artifacts.quantize,
+            release,
+            name == DENSE_NAME,
+            shared_quantized,
         )
-        del reference
         weights.release()
         rows.append(compare_run(path.name, run, expected, layers, artifacts.quantize, tokens))
         rows[-1].same_graph_as = same_as
+        del run, expected  # the logits: not beside the next model's sessions
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
 
