@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ifp_export.checkpoint import Checkpoint, TaskPrompt
+from ifp_export.digests import Digests
 from ifp_export.errors import IFPError
 from ifp_export.memory import release_freed_memory
 
@@ -92,6 +93,7 @@ class ExportContext:
     timings: list[tuple[str, float]] = field(default_factory=list)
     peak_rss: dict[str, int] = field(default_factory=dict)  # pass name -> process peak RSS (bytes) at its end
     made: dict[str, list[str]] = field(default_factory=dict)  # pass name -> files it added under workdir
+    digests: Digests = field(default_factory=Digests)  # output files' sha256 taken as they were written
 
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:

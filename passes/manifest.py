@@ -7,7 +7,6 @@ No absolute paths and no timestamps, so the same inputs give the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shutil
@@ -19,6 +18,7 @@ from typing import Any
 from ifp_export.artifacts import MANIFEST_FILE, SCHEMA_VERSION, check_manifest
 from ifp_export.chat import PREDICTOR_READS, manifest_fields
 from ifp_export.checkpoint import TOKENIZER_FILE
+from ifp_export.digests import Digests
 from ifp_export.fsutil import write_json
 from ifp_export.masks import TRUNCATION
 from ifp_export.passes.fold import KEPT_INDICES_FILE
@@ -42,20 +42,13 @@ VERSIONED_PACKAGES = (
 )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_entries(root: Path) -> list[dict[str, Any]]:
-    """Every file under `root` but the manifest, sorted, with its size and SHA-256: hashed a file per core (hashlib
-    and file reads release the GIL; at 8B the artifacts are ~40 GB)."""
+def file_entries(root: Path, known: Digests | None = None) -> list[dict[str, Any]]:
+    """Every file under `root` but the manifest, sorted, with its size and SHA-256: from `known` where a pass took
+    it as it wrote the file (unchanged since), else hashed here a file per core (hashlib and file reads release the
+    GIL)."""
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        digests = list(pool.map(sha256_file, files))
+        digests = list(pool.map((known or Digests()).sha256, files))
     return [
         {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": digest}
         for p, digest in zip(files, digests, strict=True)
@@ -145,7 +138,7 @@ def build_manifest(ctx: ExportContext) -> dict[str, Any]:
         "dense": {"files": per_model.get(onnx.DENSE_NAME, {}), **dense_quality(ctx.report)},
         **massive_activations(ctx.report),
         **({"dynamic": per_model[onnx.DYNAMIC_NAME]["onnx"]} if onnx.DYNAMIC_NAME in per_model else {}),
-        "files": file_entries(root),
+        "files": file_entries(root, ctx.digests),
         "report": REPORT_FILE,
         "versions": tool_versions(),
     }

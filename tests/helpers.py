@@ -25,9 +25,9 @@ from transformers import (
 )
 
 from ifp_export.cli import main
+from ifp_export.digests import sha256_file
 from ifp_export.errors import IFPError
 from ifp_export.fold import read_kept_indices, write_kept_indices
-from ifp_export.passes.manifest import sha256_file
 from ifp_export.targets.onnx.ops import BLOCK_SIZE, quantized_shapes
 
 ARCHITECTURES = {

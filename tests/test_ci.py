@@ -104,7 +104,7 @@ def test_validate_failure_exits_3_with_figures_in_json_and_junit(
     data[: len(data) // 2] *= 1.5
     data.tofile(out / relative)
     manifest = json.loads((out / "manifest.json").read_text())
-    from ifp_export.passes.manifest import sha256_file
+    from ifp_export.digests import sha256_file
 
     for entry in manifest["files"]:
         if entry["path"] == relative:

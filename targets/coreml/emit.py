@@ -269,6 +269,7 @@ class EmitCoreMLPass:
             ctx.options.quantize,
             ctx.progress,
         )
+        ctx.digests.hash_soon(package_weights_path(artifacts.decoder))  # just written: its pages are cached
         ctx.emitted[self.name] = artifacts
         weights = "fp16" if artifacts.quantize == "none" else f"{artifacts.quantize} weights"
         ctx.console.log(

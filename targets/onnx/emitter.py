@@ -13,16 +13,19 @@ Two graph files per model when the GenAI flavour can be built (head_dim a multip
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
 
+from ifp_export.digests import Digests, identity
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import write_json
 from ifp_export.model.config import GENERATION_CONFIG_FILE, DecoderConfig, generation_config
@@ -59,15 +62,25 @@ class DataWriter:
     sizes: dict[str, int] = field(default_factory=dict)
     shared: dict[tuple, tuple[str, int, int]] = field(default_factory=dict)  # (sources, layout) -> location
     ffn_bytes: int = 0  # bytes of every model's own tensors (the ideal counts them all)
+    hashes: dict[str, Any] = field(default_factory=dict)  # file name -> sha256 of what was appended, its identity
 
     def write(self, file_name: str, array: np.ndarray) -> tuple[str, int, int]:
         data = np.ascontiguousarray(array).tobytes()
         offset = self.sizes.get(file_name, 0)
         padding = -offset % ALIGNMENT
+        chunk = b"\0" * padding + data
         with open(self.root / file_name, "ab") as f:
-            f.write(b"\0" * padding + data)
+            f.write(chunk)
+        digest, _ = self.hashes.get(file_name, (hashlib.sha256(), None))
+        digest.update(chunk)
+        self.hashes[file_name] = digest, identity(self.root / file_name)
         self.sizes[file_name] = offset + padding + len(data)
         return file_name, offset + padding, len(data)
+
+    def record(self, digests: Digests) -> None:
+        """Every data file's digest, from the bytes written (the manifest need not read them back)."""
+        for file_name, (digest, seen) in self.hashes.items():
+            digests.record(self.root / file_name, seen, digest.hexdigest())
 
     @property
     def ideal_bytes(self) -> int:
@@ -248,11 +261,12 @@ def emit(
     progress: Callable[[str, int], AbstractContextManager[Progress]] | None = None,
     generation: dict | None = None,
     min_onnxruntime: str = DEFAULT_FLOOR,
+    digests: Digests | None = None,
 ) -> OnnxArtifacts:
     """Write every variant (`kept`: name -> [L, k] kept indices), the dense model and the predictor under
     `directory` (created, must be new). `generation`: the checkpoint's generation_config.json (its EOS ids join
     config.json's in what Optimum and og read). `min_onnxruntime`: the oldest onnxruntime release every graph must
-    run on (it picks the decoder's ops: floor.py)."""
+    run on (it picks the decoder's ops: floor.py). `digests` gets the data files' sha256, taken as they are written."""
     if dynamic and quantize != "none":
         raise IFPError("--mode dynamic gathers fp32 FFN rows at run time", None, "drop --quantize or --mode dynamic")
     cfg = source.config
@@ -301,6 +315,8 @@ def emit(
             value.const_value = external(name, array.dtype, array.shape, location, directory)
     predictor_path = directory / f"{PREDICTOR_NAME}.onnx"
     ir.save(predictor_graph, predictor_path)
+    for data in (writer, predictor_writer) if digests is not None else ():
+        data.record(digests)
 
     write_json(directory / "config.json", hf_config(cfg.replace(intermediate_size=next(iter(kept.values())).shape[1])))
     token_ids = generation_config(cfg, generation or {})

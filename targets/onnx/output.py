@@ -43,6 +43,7 @@ class EmitOnnxPass:
             ctx.progress,
             ckpt.generation,
             ctx.options.min_onnxruntime,
+            ctx.digests,
         )
         ctx.emitted[self.name] = artifacts
         cfg = ckpt.backbone.config
