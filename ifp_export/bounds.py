@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ifp_export.fold import fold_layer
 from ifp_export.generate import padded_positions
 from ifp_export.model.decoder import CausalLM, Embedding
 
@@ -146,43 +147,71 @@ def reference_pair(model: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor
 
 
 Stream = tuple[torch.dtype, bool]  # (compute dtype, inside `swapped`: e.g. with a quantized graph's weights)
+Swapped = Callable[[str, nn.Module], AbstractContextManager[None]]
+
+
+@dataclass
+class Member:
+    """One model of a multi-model lockstep (`lockstep_hidden`): the dense model keeping `kept[l]` FFN neurons in
+    layer l (None: all of them), run over left-padded `ids` ([B, T], `mask` its 0/1 keys) in every stream."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    streams: list[Stream]
+    kept: torch.Tensor | None = None
+
+
+def no_swap(owner: str, module: nn.Module) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
+def run_streams(
+    member: Member, xs: list[torch.Tensor], owner: str, module: nn.Module, run: Callable, swapped: Swapped
+) -> None:
+    """Advance `xs` (the member's streams) through `module`, the streams marked True inside `swapped(owner, module)`."""
+    for inside in (False, True):
+        chosen = [i for i, (_, swap) in enumerate(member.streams) if swap == inside]
+        if chosen:
+            with swapped(owner, module) if inside else nullcontext():
+                for i in chosen:
+                    xs[i] = run(xs[i])
 
 
 @torch.no_grad()
-def lockstep_logits(
+def lockstep_hidden(
     model: CausalLM,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    streams: list[Stream],
-    swapped: Callable[[str], AbstractContextManager[None]] = lambda owner: nullcontext(),
+    members: list[Member],
+    swapped: Swapped = no_swap,
     release: Callable[[nn.Module], None] = lambda module: None,
-    head: bool = True,
-) -> list[np.ndarray]:
-    """The logits of one uncached forward over left-padded `ids` ([B, T], `mask` its 0/1 keys) for every stream,
-    the streams advancing together a module at a time: each module's weights are read once for all of them, then
-    `release(module)` may drop them. A stream marked True runs its module inside `swapped(owner)` (owner:
-    `model.layers.N` or `lm_head`), e.g. with the dequantized weights a quantized graph computes with. A float64
-    stream upcasts the embedding rows and every later op follows its input's dtype (as `float64` does).
-    `head=False`: the final-norm hidden states instead, for a caller that runs one lm_head over several models'."""
+) -> list[list[torch.Tensor]]:
+    """The final-norm hidden states of one uncached forward per member and stream, every member and stream advancing
+    together a layer at a time: each layer's weights are read once for all of them (a variant's FFN slices are
+    gathered from the dense layer as it runs, `fold_layer`), then `release(module)` may drop them. A stream marked
+    True runs a module inside `swapped(owner, module)` (owner: `model.layers.N` or `lm_head`; module: the member's
+    own), e.g. with the dequantized weights a quantized graph computes with. A float64 stream upcasts the embedding
+    rows and every later op follows its input's dtype (as `float64` does)."""
     inner = model.model
-    positions = padded_positions(mask)
-    rows = inner.embed_tokens(ids)
+    states = []
+    for member in members:
+        rows = inner.embed_tokens(member.ids)
+        positions = padded_positions(member.mask)
+        dtypes = {dtype for dtype, _ in member.streams}
+        tables = {dtype: inner.positional(member.mask, positions, dtype) for dtype in dtypes}
+        states.append(([rows.to(dtype) for dtype, _ in member.streams], tables))
     release(inner.embed_tokens)
-    xs = [rows.to(dtype) for dtype, _ in streams]
-    tables = {dtype: inner.positional(mask, positions, dtype) for dtype in {dtype for dtype, _ in streams}}
-
-    def advance(owner: str, module: nn.Module, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for inside in (False, True):
-            chosen = [i for i, (_, swap) in enumerate(streams) if swap == inside]
-            if chosen:
-                with swapped(owner) if inside else nullcontext():
-                    for i in chosen:
-                        xs[i] = run(xs[i])
-        release(module)
-
     for index, layer in enumerate(inner.layers):
-        advance(f"model.layers.{index}", layer, lambda x, layer=layer: layer(x, *tables[x.dtype])[0])
-    xs = [inner.norm(x) for x in xs]
-    if head:
-        advance("lm_head", model.lm_head, model.lm_head)
+        for member, (xs, tables) in zip(members, states, strict=True):
+            own = layer if member.kept is None else fold_layer(layer, model.config, member.kept[index])
+            run = lambda x, own=own, tables=tables: own(x, *tables[x.dtype])[0]  # noqa: E731
+            run_streams(member, xs, f"model.layers.{index}", own, run, swapped)
+        release(layer)
+    return [[inner.norm(x) for x in xs] for xs, _ in states]
+
+
+@torch.no_grad()
+def head_logits(model: CausalLM, member: Member, hidden: list[torch.Tensor], swapped: Swapped = no_swap) -> list:
+    """One member's logits from its `lockstep_hidden` states, per stream (numpy): lm_head is every member's."""
+    xs = list(hidden)
+    run_streams(member, xs, "lm_head", model, model.lm_head, swapped)
     return [x.numpy() for x in xs]
+

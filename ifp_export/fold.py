@@ -18,8 +18,9 @@ from safetensors import safe_open
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import TensorEntry, read_safetensors, stream_safetensors, write_json, write_safetensors
 from ifp_export.generate import padded_positions
-from ifp_export.model.decoder import CausalLM, decoder_from_state
-from ifp_export.weights import SafetensorsWeights, is_ffn
+from ifp_export.model.config import DecoderConfig
+from ifp_export.model.decoder import CausalLM, DecoderLayer, decoder_from_state
+from ifp_export.weights import FFN_PROJECTIONS, SafetensorsWeights, is_ffn
 
 
 def fold_decoder(
@@ -31,12 +32,30 @@ def fold_decoder(
     so the gather does not leave every FFN matrix resident)."""
     state = dict(model.state_dict())
     for layer, idx in enumerate(kept):
-        names = [f"model.layers.{layer}.mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
-        sources = [state[name] for name in names]
-        for name, source in zip(names, sources, strict=True):
-            state[name] = source.index_select(1 if name.endswith("down_proj.weight") else 0, idx)
+        prefix = f"model.layers.{layer}."
+        sources = [state[f"{prefix}mlp.{proj}.weight"] for proj in FFN_PROJECTIONS]
+        state |= kept_ffn(state, prefix, idx)
         gathered(sources)
     return decoder_from_state(model.config.replace(intermediate_size=int(kept.shape[1])), state)
+
+
+def fold_layer(layer: DecoderLayer, config: DecoderConfig, kept: torch.Tensor) -> DecoderLayer:
+    """One decoder layer keeping the FFN neurons `kept` (ascending, [k]); shares every other weight with `layer`: a
+    caller running several variants through one layer at a time (the multi-model lockstep of `ifp_export.bounds`)
+    gathers a layer's slices only while that layer runs."""
+    state = dict(layer.state_dict())
+    state |= kept_ffn(state, "", kept)
+    with torch.device("meta"):
+        folded = DecoderLayer(config.replace(intermediate_size=int(kept.shape[0])))
+    folded.load_state_dict(state, assign=True)
+    return folded.eval().requires_grad_(False)
+
+
+def kept_ffn(state: dict[str, torch.Tensor], prefix: str, kept: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The FFN matrices of `state` under `prefix` keeping neurons `kept`: row j of gate_proj/up_proj and column j of
+    down_proj go with neuron j."""
+    names = [f"{prefix}mlp.{proj}.weight" for proj in FFN_PROJECTIONS]
+    return {name: state[name].index_select(1 if name.endswith("down_proj.weight") else 0, kept) for name in names}
 
 
 def write_variant_checkpoint(weights: SafetensorsWeights, kept: torch.Tensor, directory: Path) -> None:

@@ -6,10 +6,11 @@ computes the same numbers: its dropped neurons add exact zeros), its own float32
 multiple of, and the masked model (one batched fp32 forward pass of the full model, each prompt row with its
 variant's mask: every weight read once for all variants) is what is checked, so a wrong fold (a neuron, an axis)
 moves it far outside the bound. The float64 run is the k-wide folded model, in lockstep with its float32 run (every
-weight read once), not the d_ff-wide masked one. Each folded model is built (an index_select of the FFN over the
-mapped weights), run to its final hidden states and dropped; the lm_head, which every folded model shares, then
-runs once over all of them (at 8B its float64 run per variant was a quarter of the pass), and each is compared: a
-variant stays its kept indices until a target writes it. The
+weight read once), not the d_ff-wide masked one. All the folded models run together a layer at a time
+(`ifp_export.bounds.lockstep_hidden`: each layer's FFN slices gathered as it runs, the mapped layer read once for all
+variants), to their final hidden states; the lm_head, which every folded model shares, then runs once over all of
+them (at 8B its float64 run per variant was a quarter of the pass), and each is compared: a variant stays its kept
+indices until a target writes it. The
 difference is only in the order the same fp32 products are summed (a k-wide matmul instead of a d_ff-wide one with
 zeros), which on a trained model reaches ~1.6e-5 of the largest logit: of the order of the reference's own fp32
 noise, not of a constant tuned on toys. A failed check is `ValidationFailed` (exit 3).
@@ -21,17 +22,15 @@ which any tool can rebuild or check a variant.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
-from ifp_export.bounds import compare, lockstep_logits
+from ifp_export.bounds import Member, compare, lockstep_hidden
 from ifp_export.checkpoint import Checkpoint
 from ifp_export.errors import ValidationFailed
-from ifp_export.fold import fold_decoder, masked_logits, write_kept_indices, write_variant_checkpoint
+from ifp_export.fold import masked_logits, write_kept_indices, write_variant_checkpoint
 from ifp_export.generate import left_pad
-from ifp_export.pipeline import ExportContext, Variant
+from ifp_export.pipeline import ExportContext
 
 KEPT_INDICES_FILE = "variants.safetensors"
 VARIANTS_DIR = "variants"
@@ -56,10 +55,12 @@ class FoldPass:
         ckpt.weights.release()
         layers = ckpt.backbone.config.num_hidden_layers
         checks = ctx.report.setdefault("fold_validation", {"variants": []})["variants"]
-        with ctx.progress("fold: variants folded and run", len(variants)) as advance:
-            hidden = [folded_hidden(ckpt, v, rows, mask, advance) for v, rows, mask in zip(
-                variants, ids.split(sizes), attention.split(sizes), strict=True
-            )]  # fmt: skip
+        streams = [(torch.float32, False), (torch.float64, False)]
+        members = [Member(rows, mask, streams, v.kept) for v, rows, mask in zip(
+            variants, ids.split(sizes), attention.split(sizes), strict=True
+        )]  # fmt: skip
+        release = lambda module: ckpt.weights.release()  # noqa: E731
+        hidden = [[h.numpy() for h in states] for states in lockstep_hidden(ckpt.backbone, members, release=release)]
         references = [
             [r.numpy() for r in lm_head(ckpt, np.concatenate(h)).split(sizes)] for h in zip(*hidden, strict=True)
         ]
@@ -85,19 +86,6 @@ class FoldPass:
             f"(bounds {min(c['bound'] for c in checks):.1e}..{max(c['bound'] for c in checks):.1e})"
         )
         return ctx
-
-
-def folded_hidden(
-    ckpt: Checkpoint, variant: Variant, ids: torch.Tensor, mask: torch.Tensor, advance: Callable[[int], None]
-) -> list[np.ndarray]:
-    """The variant's folded model's final-norm hidden states on `ids`, in float32 and float64 (in lockstep)."""
-    folded = fold_decoder(ckpt.backbone, variant.kept, ckpt.weights.release_tensors)
-    streams = [(torch.float32, False), (torch.float64, False)]
-    release = lambda module: ckpt.weights.release()  # noqa: E731
-    hidden = lockstep_logits(folded, ids, mask, streams, release=release, head=False)
-    ckpt.weights.release()
-    advance(1)
-    return hidden
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from ifp_export.targets.onnx import (
     validation_inputs,
 )
 from ifp_export.targets.onnx.genai import GENAI_CONFIG, genai_overlay, write_genai_config
-from ifp_export.targets.onnx.reference import dequantized, reference_run
+from ifp_export.targets.onnx.reference import dequantized, reference_member, reference_runs
 
 
 @pytest.fixture(params=["sample_export", "qwen2_export"])
@@ -188,7 +188,7 @@ def test_layer_dequantizer_equals_the_dequantized_copy_and_gives_the_model_back(
     with torch.no_grad():
         expected = dequantized(fold_decoder(backbone, kept), "int4")(ids)[0].numpy()
         fp32 = folded(ids)[0].numpy()
-    run = reference_run(folded, ids, torch.ones_like(ids), "int4")
+    (run,) = reference_runs(folded, [reference_member(ids, torch.ones_like(ids), "int4", fp32_figure=True)], "int4")
     np.testing.assert_array_equal(run.ref32, expected)
     np.testing.assert_array_equal(run.fp32, fp32)
     assert not np.array_equal(run.ref32, fp32)
@@ -196,6 +196,24 @@ def test_layer_dequantizer_equals_the_dequantized_copy_and_gives_the_model_back(
     after = dict(folded.named_parameters(remove_duplicate=False))
     assert after.keys() == before.keys() and all(after[n] is p for n, p in before.items())
     assert folded.lm_head.weight is folded.model.embed_tokens.weight
+
+
+def test_multi_model_references_equal_each_model_run_alone(qwen2_export: ExportContext) -> None:
+    """Validation runs every model's reference together a layer at a time (each variant's FFN slices gathered from the
+    dense layer as it runs; attention and lm_head dequantized once for all): each model's logits must equal, bit for
+    bit, its own fold run alone, on its own tokens and padding, in every stream (int4, float64, the fp32 figure)."""
+    backbone, variants = qwen2_export.checkpoint.backbone, qwen2_export.variants[:2]
+    ids = [torch.tensor([[0, 0, 5, 6, 7], [1, 5, 6, 7, 3]]), torch.tensor([[2, 9, 4]]), torch.tensor([[8, 8, 1, 3]])]
+    kept = [None, variants[0].kept, variants[1].kept]
+    masks = [(i != 0).long() for i in ids]
+    members = [reference_member(i, m, "int4", k, fp32_figure=True) for i, m, k in zip(ids, masks, kept, strict=True)]
+    together = list(reference_runs(backbone, members, "int4"))
+    for i, m, k, run in zip(ids, masks, kept, together, strict=True):
+        model = backbone if k is None else fold_decoder(backbone, k)
+        (alone,) = reference_runs(model, [reference_member(i, m, "int4", fp32_figure=True)], "int4")
+        for got, expected in zip((run.ref32, run.ref64, run.fp32), (alone.ref32, alone.ref64, alone.fp32)):
+            np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(together[1].ref32[0, :3], together[2].ref32[0, :3])  # the variants' own FFNs differ
 
 
 def test_runtime_generates_on_an_int4_export(tmp_path: Path) -> None:

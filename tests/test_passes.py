@@ -11,7 +11,7 @@ from tiny import TASK_PROMPTS, console_text, make_checkpoint, run_export, write_
 from transformers import AutoModelForCausalLM
 
 from ifp_export.errors import IFPError, ValidationFailed
-from ifp_export.fold import fold_decoder
+from ifp_export.fold import fold_decoder, fold_layer
 from ifp_export.masks import mask_iou
 from ifp_export.model.hf_io import load_decoder, save_decoder
 from ifp_export.pipeline import ExportContext
@@ -103,21 +103,18 @@ def test_keep_one_neuron_folds_within_tolerance(checkpoint: Path, tmp_path: Path
 def test_a_wrong_fold_fails_the_fold_check(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pass compares every folded variant with the batched masked reference: folding the last variant with one
     neuron of its last layer swapped for a dropped one must stop the export."""
-    import ifp_export.passes.fold as fold_pass
+    import ifp_export.bounds as bounds
 
-    calls = []
-
-    def wrong_fold(model, kept, gathered):
-        calls.append(kept)
-        if len(calls) == len(ctx_variants):
-            kept = kept.clone()
-            dropped = next(j for j in range(48) if j not in kept[-1])
-            kept[-1, 0] = dropped
-            kept[-1] = kept[-1].sort().values
-        return fold_decoder(model, kept, gathered)
+    def wrong_fold(layer, config, kept):
+        if torch.equal(kept, last_layer_kept):
+            dropped = next(j for j in range(48) if j not in kept)
+            kept = torch.cat((kept[1:], torch.tensor([dropped]))).sort().values
+        return fold_layer(layer, config, kept)
 
     ctx_variants = run_export(checkpoint, tmp_path / "ok", until="group").variants
-    monkeypatch.setattr(fold_pass, "fold_decoder", wrong_fold)
+    last_layer_kept = ctx_variants[-1].kept[-1]
+    assert not any(torch.equal(v.kept[-1], last_layer_kept) for v in ctx_variants[:-1])  # only the last one is hit
+    monkeypatch.setattr(bounds, "fold_layer", wrong_fold)
     with pytest.raises(ValidationFailed, match=f"fold: variant '{ctx_variants[-1].name}' folded_vs_masked: max"):
         run_export(checkpoint, tmp_path / "bad", until="fold")
 

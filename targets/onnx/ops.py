@@ -21,7 +21,6 @@ Layouts (the vocabulary of `Binding.layout`):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -156,28 +155,20 @@ def nibble_plane(blocks: np.ndarray, plane: str) -> np.ndarray:
 
 
 def dequantized_sources(
-    bindings: list[Binding],
-    get: Callable[[str], np.ndarray | torch.Tensor],
-    packed: Callable[[Binding], tuple[np.ndarray, np.ndarray] | None] = lambda binding: None,
+    bindings: list[Binding], get: Callable[[str], np.ndarray | torch.Tensor]
 ) -> dict[str, np.ndarray]:
     """HF name -> the float32 [out, in] weight a quantized graph really uses, for every quantized source.
 
     Load these into the PyTorch decoder (in place of the originals) to get the reference a quantized export
-    must match; unquantized tensors (embeddings, norms, biases) are not listed. `packed(binding)` may return the
-    (blocks, scales) a caller keeps for the weight (e.g. across models); else it is quantized from `get`.
+    must match; unquantized tensors (embeddings, norms, biases) are not listed.
     """
     weights: dict[str, np.ndarray] = {}
     for binding in bindings:
         if not binding.layout.endswith("_blocks") or binding.layout == "int8lo_blocks":
             continue
-        bits = int(binding.layout[3])
-        binding = dataclasses.replace(binding, layout=f"int{bits}_blocks")  # int8hi: the whole int8 blocks
+        bits = int(binding.layout[3])  # int8hi: the whole int8 blocks
         rows = [get(s).shape[0] for s in binding.sources]
-        kept = packed(binding)
-        if kept is None:
-            matrix = fake_quantized_rows([get(s) for s in binding.sources], bits)
-        else:
-            matrix = dequantized_rows(*kept, bits, get(binding.sources[0]).shape[1])
+        matrix = fake_quantized_rows([get(s) for s in binding.sources], bits)
         weights.update(zip(binding.sources, np.split(matrix, np.cumsum(rows)[:-1], axis=0), strict=True))  # [N, K]
     return weights
 

@@ -1,12 +1,13 @@
-"""The PyTorch reference an ONNX decoder is validated against, run after its ORT sessions and kept small.
+"""The PyTorch reference the ONNX decoders are validated against, run after their ORT sessions and kept small.
 
-A model's reference reads the memory-mapped checkpoint a module at a time and keeps only its logits (`ReferenceRun`),
-so its pages and the ORT session's (the whole model) are never resident together. It is teacher-forced: one forward
-over the prompts and the continuation ORT generated, in float32 and in float64 (the pair `ifp_export.bounds` derives
-the bound from), instead of one forward per generated token; the two run in lockstep (`lockstep_logits`), so every
-weight is read once per model. For a quantized export it computes with the weights the graph's MatMulNBits use
-(`LayerDequantizer`: a module's own weights swapped for the dequantized ones while it runs, then back), so memory is
-bounded by one layer at any model size.
+Every model's reference is one teacher-forced forward over the prompts and the continuation ORT generated, in float32
+and in float64 (the pair `ifp_export.bounds` derives the bound from), instead of one forward per generated token. All
+the models of an export run together a layer at a time (`reference_runs`, over `ifp_export.bounds.lockstep_hidden`):
+each layer of the memory-mapped checkpoint is read once for every model (a variant's FFN slices gathered as it runs),
+not once per model, and only logits are kept (`ReferenceRun`), one model's at a time. For a quantized export it
+computes with the weights the graph's MatMulNBits use (`LayerDequantizer`: a module's own weights swapped for the
+dequantized ones while it runs, then back; the weights every model shares dequantized once), so memory is bounded by
+one layer at any model size.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ifp_export.bounds import lockstep_logits
+from ifp_export.bounds import Member, head_logits, lockstep_hidden
 from ifp_export.model.decoder import CausalLM
 from ifp_export.targets.onnx.build import build_decoder
-from ifp_export.targets.onnx.ops import Binding, dequantized_sources, quantize_rows
+from ifp_export.targets.onnx.ops import Binding, dequantized_sources
 from ifp_export.weights import ModuleWeights, is_ffn
 
 
@@ -47,28 +48,28 @@ def quantized_groups(model: CausalLM, quantize: str) -> dict[str, list[Binding]]
 
 
 def swap_in(
-    model: CausalLM,
-    bindings: list[Binding],
-    get: Callable[[str], np.ndarray | torch.Tensor],
-    packed: Callable[[Binding], tuple[np.ndarray, np.ndarray] | None] = lambda binding: None,
+    model: CausalLM, weights: dict[str, np.ndarray], module: nn.Module | None = None, prefix: str = ""
 ) -> dict[str, nn.Parameter]:
-    """Set the dequantized weights of `bindings` on `model` (a tied embedding's on lm_head, untying it); returns
-    the parameters they replaced, by module attribute name (`packed` as in `dequantized_sources`)."""
+    """Set `weights` (HF name -> the dequantized [out, in] weight) on `module` (default: `model`), which holds the
+    names under `prefix` (a decoder layer: `model.layers.N.`); a tied embedding's go on lm_head, untying it. Returns
+    the parameters they replaced, by attribute name relative to `module`."""
+    module = model if module is None else module
     replaced = {}
-    for name, weight in dequantized_sources(bindings, get, packed).items():
+    for name, weight in weights.items():
         if model.config.tie_word_embeddings and name == "model.embed_tokens.weight":
             name = "lm_head.weight"
-        module_name, _, attribute = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        replaced[name] = getattr(module, attribute)
-        setattr(module, attribute, nn.Parameter(torch.from_numpy(weight), False))
+        name = name.removeprefix(prefix)
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        replaced[name] = getattr(owner, attribute)
+        setattr(owner, attribute, nn.Parameter(torch.from_numpy(weight), False))
     return replaced
 
 
-def restore(model: CausalLM, replaced: dict[str, nn.Parameter]) -> None:
+def restore(module: nn.Module, replaced: dict[str, nn.Parameter]) -> None:
     for name, parameter in replaced.items():
-        module_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attribute, parameter)
+        owner_name, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(owner_name), attribute, parameter)
 
 
 def dequantized(model: CausalLM, quantize: str) -> CausalLM:
@@ -77,40 +78,41 @@ def dequantized(model: CausalLM, quantize: str) -> CausalLM:
     `LayerDequantizer` to (validation uses `LayerDequantizer`, which never makes this copy)."""
     get = ModuleWeights(model).get
     for bindings in quantized_groups(model, quantize).values():
-        swap_in(model, bindings, get)
+        swap_in(model, dequantized_sources(bindings, get))
     return model
 
 
 class LayerDequantizer:
     """The weights the quantized graph's MatMulNBits use, one module (a decoder layer, lm_head) at a time: `swapped`
-    sets a module's dequantized weights on the model for a block and puts its own back after, so a reference never
-    holds more than one module's dequantized weights (a whole 8B model's would be 32 GB), and each weight is
-    quantized once per reference, however many streams run through the module. `shared` (a dict kept across the
-    models of one export) holds the blocks and scales of the weights no FFN slice enters (attention, lm_head: the
-    same tensors in every model), ~0.6 byte per int4 weight, so they are quantized once per export."""
+    sets a module's dequantized weights on it for a block and puts its own back after, so a reference never holds
+    more than one module's dequantized weights (a whole 8B model's would be 32 GB). The models of a multi-model
+    lockstep share every weight but their FFN slices, so the shared ones (attention, lm_head) are quantized once per
+    module for all of them and kept until the lockstep moves on to the next module; a member's FFN slices are
+    quantized from its own (sliced) weights."""
 
-    def __init__(self, model: CausalLM, quantize: str, shared: dict | None = None) -> None:
+    def __init__(self, model: CausalLM, quantize: str) -> None:
         self.model = model
         self.groups = {} if quantize == "none" else quantized_groups(model, quantize)
-        self.get = ModuleWeights(model).tensor  # as they are: the quantizer reads them a chunk at a time
-        self.shared = {} if shared is None else shared
-
-    def packed(self, binding: Binding) -> tuple[np.ndarray, np.ndarray] | None:
-        """A shared weight's blocks and scales, quantized on first use; None for an FFN weight (quantized anew)."""
-        if any(is_ffn(source) for source in binding.sources):
-            return None
-        if binding.sources not in self.shared:
-            self.shared[binding.sources] = quantize_rows([self.get(s) for s in binding.sources], int(binding.layout[3]))
-        return self.shared[binding.sources]
+        self._owner: str | None = None
+        self._shared: dict[str, np.ndarray] = {}  # the current owner's shared weights, dequantized
 
     @contextmanager
-    def swapped(self, owner: str) -> Iterator[None]:
-        bindings = self.groups.get(owner)
-        replaced = {} if bindings is None else swap_in(self.model, bindings, self.get, self.packed)
+    def swapped(self, owner: str, module: nn.Module) -> Iterator[None]:
+        """`module` (what `owner` names in the member being run: its decoder layer, or the CausalLM for lm_head) with
+        its quantized weights dequantized."""
+        if owner != self._owner:
+            self._owner, self._shared = owner, {}
+        prefix = "" if owner == "lm_head" else owner + "."
+        get = lambda source: module.get_parameter(source.removeprefix(prefix)).detach()  # noqa: E731
+        bindings = self.groups.get(owner, [])
+        own = [b for b in bindings if any(is_ffn(source) for source in b.sources)]
+        if not self._shared:
+            self._shared = dequantized_sources([b for b in bindings if b not in own], get)
+        replaced = swap_in(self.model, self._shared | dequantized_sources(own, get), module, prefix)
         try:
             yield
         finally:
-            restore(self.model, replaced)
+            restore(module, replaced)
 
 
 @dataclass
@@ -123,22 +125,30 @@ class ReferenceRun:
     fp32: np.ndarray | None = None  # quantized, dense model: the fp32 model's logits on the same tokens (quality)
 
 
-def reference_run(
-    reference: CausalLM,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    quantize: str = "none",
-    release: Callable[[nn.Module], None] = lambda module: None,
-    fp32_figure: bool = True,
-    shared_quantized: dict | None = None,
-) -> ReferenceRun:
-    """`reference` teacher-forced over `ids` (left-padded prompts + continuation, [B, T]) in float32 and float64, for
-    a quantized export on the dequantized weights (and, with `fp32_figure`, once more on its own fp32 weights: the
-    quantization's quality figure): one pass over the weights, whatever the continuation's length.
-    `shared_quantized` as `LayerDequantizer.shared`."""
+def reference_member(
+    ids: torch.Tensor, mask: torch.Tensor, quantize: str, kept: torch.Tensor | None = None, fp32_figure: bool = False
+) -> Member:
+    """A model's reference streams over `ids` (left-padded prompts + continuation, [B, T]): float32 and float64, for
+    a quantized export on the dequantized weights, and with `fp32_figure` once more on the fp32 weights (the
+    quantization's quality figure); `kept` as `Member.kept`."""
     quantized = quantize != "none"
     streams = [(torch.float32, quantized), (torch.float64, quantized)]
     streams += [(torch.float32, False)] if quantized and fp32_figure else []
-    dequantizer = LayerDequantizer(reference, quantize, shared_quantized)
-    logits = lockstep_logits(reference, ids, mask, streams, dequantizer.swapped, release)
-    return ReferenceRun(logits[0], logits[1], logits[2] if len(logits) > 2 else None)
+    return Member(ids, mask, streams, kept)
+
+
+def reference_runs(
+    backbone: CausalLM,
+    members: list[Member],
+    quantize: str = "none",
+    release: Callable[[nn.Module], None] = lambda module: None,
+) -> Iterator[ReferenceRun]:
+    """Every member's `ReferenceRun`, in order: the layers run once for all of them (`lockstep_hidden`: the
+    checkpoint is read once, the shared weights are dequantized once per module), then lm_head one member at a time,
+    each run yielded before the next member's logits are made (one model's logits alive at a time)."""
+    dequantizer = LayerDequantizer(backbone, quantize)
+    hidden = lockstep_hidden(backbone, members, dequantizer.swapped, release)
+    for member in members:
+        logits = head_logits(backbone, member, hidden.pop(0), dequantizer.swapped)
+        yield ReferenceRun(logits[0], logits[1], logits[2] if len(logits) > 2 else None)
+    release(backbone.lm_head)

@@ -36,7 +36,6 @@ from tokenizers import Tokenizer
 
 from ifp_export.bounds import RULE, Exactness, compare, float64, relative_noise
 from ifp_export.errors import ValidationFailed
-from ifp_export.fold import fold_decoder
 from ifp_export.generate import left_pad
 from ifp_export.masks import encode_prompts
 from ifp_export.memory import release_freed_memory
@@ -48,7 +47,7 @@ from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME, check_dynamic
 from ifp_export.targets.onnx.emitter import DENSE_NAME, PREDICTOR_NAME, SHARED_DATA, OnnxArtifacts
 from ifp_export.targets.onnx.floor import validate_floor
 from ifp_export.targets.onnx.predictor import PredictorRouter
-from ifp_export.targets.onnx.reference import ReferenceRun, reference_run
+from ifp_export.targets.onnx.reference import ReferenceRun, reference_member, reference_runs
 from ifp_export.weights import WeightSource
 
 VALIDATION_PROMPTS = 2
@@ -261,13 +260,6 @@ def check_predictor(
     ]
 
 
-def reference_of(backbone: CausalLM, weights: WeightSource, idx: torch.Tensor | None) -> CausalLM:
-    """A model's PyTorch reference, built after its ORT sessions are gone (a variant's fold holds its FFN slices in
-    memory); the mapped pages a fold's gather read are dropped layer by layer (else every FFN matrix stays
-    resident)."""
-    return backbone if idx is None else fold_decoder(backbone, idx, lambda _: weights.release())
-
-
 def validate(
     artifacts: OnnxArtifacts,
     backbone: CausalLM,
@@ -280,47 +272,50 @@ def validate(
     routing_prompts: list[str],
     checks: str = "full",
 ) -> tuple[list[ValidationRow], list[Exactness]]:
-    """Check every decoder model: its ORT sessions generate first (cached and uncached logits kept), then its PyTorch
-    reference (one alive at a time, streaming the mapped checkpoint a layer at a time) runs teacher-forced over the
-    same tokens in float32 and float64; then the predictor graph's scores and routing. `checks="quick"`: the dense
-    model and the first variant in full, every other variant by one forward over its first prompt (its weights, graph
-    and binding; no generation, no GenAI graph). A model checked in full whose graphs equal an earlier one's but for
-    its own tensors (`graph_skeleton`: the variants after the first) skips what only tests the graph, the GenAI graph
-    and a quantized graph's cached replay; its generated tokens are still checked uncached (and, fp32, cached), which
-    tests every own tensor. A quantized export's figure against the fp32 model is the dense model's (one more
-    reference stream)."""
-    rows = []
+    """Check every decoder model: each one's ORT sessions generate in turn (cached and uncached logits kept, one
+    session alive at a time), then the PyTorch references of all of them run teacher-forced over the same tokens in
+    float32 and float64, together a layer at a time (`reference_runs`: the mapped checkpoint is read once, not once per
+    model); then the predictor graph's scores and routing. `checks="quick"`: the dense model and the first variant in
+    full, every other variant by one forward over its first prompt (its weights, graph and binding; no generation, no
+    GenAI graph). A model checked in full whose graphs equal an earlier one's but for its own tensors
+    (`graph_skeleton`: the variants after the first) skips what only tests the graph, the GenAI graph and a quantized
+    graph's cached replay; its generated tokens are still checked uncached (and, fp32, cached), which tests every own
+    tensor. A quantized export's figure against the fp32 model is the dense model's (one more reference stream)."""
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     layers = backbone.config.num_hidden_layers
     in_full = full_models(kept, checks)
-    shared_quantized: dict = {}  # the shared weights' blocks and scales, quantized once for every model
     cache_checked: dict[tuple[bytes, bytes], str] = {}  # graph skeletons -> the model whose cache paths ran on them
-    for name, idx in kept.items():
+    runs, same_graph_as, tokens = {}, {}, {}
+    for name in sorted(kept, key=lambda name: name != DENSE_NAME):  # the largest first: no other's logits beside it
         path, genai, same_as = artifacts.models[name], artifacts.genai_models.get(name), None
         if name in in_full:
             shape = (graph_skeleton(path, SHARED_DATA), b"" if genai is None else graph_skeleton(genai, SHARED_DATA))
             first = cache_checked.setdefault(shape, name)
             same_as = None if first == name else first
-            tokens, chosen = GREEDY_TOKENS, prompts[name]
+            tokens[name], chosen = GREEDY_TOKENS, prompts[name]
         else:
-            tokens, chosen, genai = 0, prompts[name][:1], None
-        run = run_onnx(path, chosen, artifacts.quantize, resident, None if same_as else genai, tokens, not same_as)
+            tokens[name], chosen, genai = 0, prompts[name][:1], None
+        genai = None if same_as else genai
+        runs[name] = run_onnx(path, chosen, artifacts.quantize, resident, genai, tokens[name], not same_as)
+        same_graph_as[name] = same_as
         release_freed_memory()
-        ids, mask = torch.from_numpy(run.ids), torch.from_numpy(run.mask)
-        release = lambda module: weights.release()  # noqa: E731
-        expected = reference_run(
-            reference_of(backbone, weights, idx),
-            ids,
-            mask,
-            artifacts.quantize,
-            release,
-            name == DENSE_NAME,
-            shared_quantized,
+    del resident  # the sessions' shared weights: not beside the reference's
+    release_freed_memory()
+    members = [
+        reference_member(
+            torch.from_numpy(runs[name].ids), torch.from_numpy(runs[name].mask), artifacts.quantize, idx,
+            fp32_figure=name == DENSE_NAME,
         )
-        weights.release()
-        rows.append(compare_run(path.name, run, expected, layers, artifacts.quantize, tokens))
-        rows[-1].same_graph_as = same_as
-        del run, expected  # the logits: not beside the next model's sessions
+        for name, idx in kept.items()
+    ]  # fmt: skip
+    rows = []
+    release = lambda module: weights.release()  # noqa: E731  (each layer's mapped pages, once every model ran it)
+    for name, expected in zip(kept, reference_runs(backbone, members, artifacts.quantize, release), strict=True):
+        run = runs.pop(name)
+        rows.append(compare_run(artifacts.models[name].name, run, expected, layers, artifacts.quantize, tokens[name]))
+        rows[-1].same_graph_as = same_graph_as[name]
+        del run, expected  # this model's logits: not beside the next one's
+    weights.release()
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
 
