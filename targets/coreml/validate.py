@@ -52,7 +52,7 @@ from ifp_export.targets.coreml.predictor import PREDICTOR_INPUTS, CoreMLPredicto
 from ifp_export.targets.coreml.quantize import INT4_BLOCK_SIZE, QUANTIZED_SUFFIX
 from ifp_export.targets.onnx import DENSE_NAME, FFN_PARAMS
 
-COMPARE_CHUNK = 1 << 22  # elements of a weight compared at once (16 MB in fp32)
+COMPARE_CHUNK = 1 << 20  # elements of a weight compared at once (4 MB in fp32: in cache, ~3x faster than 16 MB)
 
 
 def feature_signature(feature: Any) -> tuple[str, str, str]:
@@ -110,9 +110,9 @@ class FunctionCheck:
 
 
 def quantization_bound(expected: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Allowed |dequantized - fp32| per element: half a quantization step (round to nearest), plus the fp16
+    """Allowed |dequantized - fp32| per element (float32): half a quantization step (round to nearest), plus the fp16
     rounding of the weight before quantization and of the stored scale (2^-11 relative each, doubled)."""
-    return 0.5 * scales + 2.0**-10 * (expected.abs() + scales) + 2.0**-24
+    return expected.abs().to(torch.float32).add_(scales).mul_(2.0**-10).add_(0.5 * scales).add_(2.0**-24)
 
 
 def tolerance_text(quantize: str) -> str:
@@ -201,24 +201,25 @@ def blob_difference(stored: np.ndarray, tensor: torch.Tensor) -> tuple[float, bo
     flat_stored, flat = stored.reshape(-1), tensor.detach().reshape(-1)
     worst, exact = 0.0, True
     for start in range(0, flat.numel(), COMPARE_CHUNK):
-        part = flat_stored[start : start + COMPARE_CHUNK]
-        expected = flat[start : start + COMPARE_CHUNK].float().numpy()
-        worst = max(worst, float(np.abs(part.astype(np.float32) - expected).max(initial=0.0)))
-        exact &= bool(np.isfinite(part).all()) and bool(np.array_equal(part, expected.astype(part.dtype)))
+        part = torch.from_numpy(np.array(flat_stored[start : start + COMPARE_CHUNK]))  # as stored (torch: both cores)
+        expected = flat[start : start + COMPARE_CHUNK]
+        exact &= bool(torch.isfinite(part).all()) and torch.equal(part, expected.to(part.dtype))
+        worst = max(worst, float(part.to(torch.float32).sub_(expected).abs_().max()))
     return worst, exact
 
 
 def fp32(array: np.ndarray) -> torch.Tensor:
-    """A float32 copy of a (read-only, blob-backed) array as a tensor."""
-    return torch.from_numpy(np.array(array, np.float32))
+    """A float32 copy of a (read-only, blob-backed) array as a tensor (a writable copy as stored, converted by torch:
+    both cores)."""
+    return torch.from_numpy(np.array(array)).to(torch.float32)
 
 
 def quantized_difference(
     data: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, tensor: torch.Tensor
 ) -> tuple[float, float]:
     """(max |dequantized - tensor|, max of that / its `quantization_bound`) of a weight stored as `quantized_parts`,
-    in torch (both cores) a block of rows at a time: each block's scale broadcast over it (a view, never repeated
-    to the weight's size), so temporaries stay a chunk's (see blob_difference)."""
+    in torch (both cores) a block of rows at a time, in place: each block's scale broadcast over it (a view, never
+    repeated to the weight's size), so temporaries stay a chunk's (see blob_difference)."""
     tiles = [full // part for full, part in zip(data.shape, scale.shape, strict=True)]
     step = tiles[0] * max(1, COMPARE_CHUNK // (data[0].size * tiles[0]))  # whole blocks of rows
     worst = ratio = 0.0
@@ -228,14 +229,14 @@ def quantized_difference(
         blocks = slice(start // tiles[0], (start + step) // tiles[0])
         view = [v for part, tile in zip(scale[blocks].shape, tiles, strict=True) for v in (part, tile)]
         step_scale = [v for part in scale[blocks].shape for v in (part, 1)]
-        stored = fp32(data[rows]).reshape(view)
+        error = fp32(data[rows]).reshape(view)
         if offset is not None:
-            stored -= fp32(offset[blocks]).reshape(step_scale)
+            error -= fp32(offset[blocks]).reshape(step_scale)
         scales = fp32(scale[blocks]).reshape(step_scale)
-        expected = weight[rows].float().reshape(view)
-        error = (stored * scales - expected).abs_()
+        expected = weight[rows].reshape(view)
+        error.mul_(scales).sub_(expected).abs_()  # |dequantized - fp32|
         worst = max(worst, float(error.max()))
-        ratio = max(ratio, float((error / quantization_bound(expected, scales)).max()))
+        ratio = max(ratio, float(error.div_(quantization_bound(expected, scales)).max()))
     return worst, ratio
 
 
