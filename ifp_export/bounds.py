@@ -147,7 +147,7 @@ def reference_pair(model: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor
 
 
 Stream = tuple[torch.dtype, bool]  # (compute dtype, inside `swapped`: e.g. with a quantized graph's weights)
-Swapped = Callable[[str, nn.Module], AbstractContextManager[None]]
+Swapped = Callable[[str, nn.Module, torch.Tensor | None], AbstractContextManager[None]]
 
 
 @dataclass
@@ -161,18 +161,25 @@ class Member:
     kept: torch.Tensor | None = None
 
 
-def no_swap(owner: str, module: nn.Module) -> AbstractContextManager[None]:
+def no_swap(owner: str, module: nn.Module, kept: torch.Tensor | None) -> AbstractContextManager[None]:
     return nullcontext()
 
 
 def run_streams(
-    member: Member, xs: list[torch.Tensor], owner: str, module: nn.Module, run: Callable, swapped: Swapped
+    member: Member,
+    xs: list[torch.Tensor],
+    owner: str,
+    module: nn.Module,
+    run: Callable,
+    swapped: Swapped,
+    kept: torch.Tensor | None = None,
 ) -> None:
-    """Advance `xs` (the member's streams) through `module`, the streams marked True inside `swapped(owner, module)`."""
+    """Advance `xs` (the member's streams) through `module`, the streams marked True inside
+    `swapped(owner, module, kept)`."""
     for inside in (False, True):
         chosen = [i for i, (_, swap) in enumerate(member.streams) if swap == inside]
         if chosen:
-            with swapped(owner, module) if inside else nullcontext():
+            with swapped(owner, module, kept) if inside else nullcontext():
                 for i in chosen:
                     xs[i] = run(xs[i])
 
@@ -187,9 +194,10 @@ def lockstep_hidden(
     """The final-norm hidden states of one uncached forward per member and stream, every member and stream advancing
     together a layer at a time: each layer's weights are read once for all of them (a variant's FFN slices are
     gathered from the dense layer as it runs, `fold_layer`), then `release(module)` may drop them. A stream marked
-    True runs a module inside `swapped(owner, module)` (owner: `model.layers.N` or `lm_head`; module: the member's
-    own), e.g. with the dequantized weights a quantized graph computes with. A float64 stream upcasts the embedding
-    rows and every later op follows its input's dtype (as `float64` does)."""
+    True runs a module inside `swapped(owner, module, kept)` (owner: `model.layers.N` or `lm_head`; module: the
+    member's own; kept: its layer's kept neurons, None if all), e.g. with the dequantized weights a quantized graph
+    computes with. A float64 stream upcasts the embedding rows and every later op follows its input's dtype (as
+    `float64` does)."""
     inner = model.model
     states = []
     for member in members:
@@ -201,9 +209,10 @@ def lockstep_hidden(
     release(inner.embed_tokens)
     for index, layer in enumerate(inner.layers):
         for member, (xs, tables) in zip(members, states, strict=True):
-            own = layer if member.kept is None else fold_layer(layer, model.config, member.kept[index])
+            kept = None if member.kept is None else member.kept[index]
+            own = layer if kept is None else fold_layer(layer, model.config, kept)
             run = lambda x, own=own, tables=tables: own(x, *tables[x.dtype])[0]  # noqa: E731
-            run_streams(member, xs, f"model.layers.{index}", own, run, swapped)
+            run_streams(member, xs, f"model.layers.{index}", own, run, swapped, kept)
         release(layer)
     return [[inner.norm(x) for x in xs] for xs, _ in states]
 
@@ -214,4 +223,3 @@ def head_logits(model: CausalLM, member: Member, hidden: list[torch.Tensor], swa
     xs = list(hidden)
     run_streams(member, xs, "lm_head", model, model.lm_head, swapped)
     return [x.numpy() for x in xs]
-

@@ -211,7 +211,7 @@ def test_multi_model_references_equal_each_model_run_alone(qwen2_export: ExportC
     for i, m, k, run in zip(ids, masks, kept, together, strict=True):
         model = backbone if k is None else fold_decoder(backbone, k)
         (alone,) = reference_runs(model, [reference_member(i, m, "int4", fp32_figure=True)], "int4")
-        for got, expected in zip((run.ref32, run.ref64, run.fp32), (alone.ref32, alone.ref64, alone.fp32)):
+        for got, expected in zip((run.ref32, run.ref64, run.fp32), (alone.ref32, alone.ref64, alone.fp32), strict=True):
             np.testing.assert_array_equal(got, expected)
     assert not np.array_equal(together[1].ref32[0, :3], together[2].ref32[0, :3])  # the variants' own FFNs differ
 

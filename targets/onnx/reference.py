@@ -87,28 +87,29 @@ class LayerDequantizer:
     sets a module's dequantized weights on it for a block and puts its own back after, so a reference never holds
     more than one module's dequantized weights (a whole 8B model's would be 32 GB). The models of a multi-model
     lockstep share every weight but their FFN slices, so the shared ones (attention, lm_head) are quantized once per
-    module for all of them and kept until the lockstep moves on to the next module; a member's FFN slices are
-    quantized from its own (sliced) weights."""
+    module for all of them and kept until the lockstep moves on to the next module. So are the dense gate/up
+    projections: their blocks run along a neuron's inputs, so a variant's are the dense ones' rows of its kept
+    neurons, bit for bit; down_proj's blocks run across neurons, so each member's is quantized from its own slice."""
 
     def __init__(self, model: CausalLM, quantize: str) -> None:
         self.model = model
         self.groups = {} if quantize == "none" else quantized_groups(model, quantize)
         self._owner: str | None = None
-        self._shared: dict[str, np.ndarray] = {}  # the current owner's shared weights, dequantized
+        self._kept: dict[str, np.ndarray] = {}  # the current owner's shared weights and dense gate/up, dequantized
 
     @contextmanager
-    def swapped(self, owner: str, module: nn.Module) -> Iterator[None]:
-        """`module` (what `owner` names in the member being run: its decoder layer, or the CausalLM for lm_head) with
-        its quantized weights dequantized."""
+    def swapped(self, owner: str, module: nn.Module, kept: torch.Tensor | None = None) -> Iterator[None]:
+        """`module` (what `owner` names in the member being run: its decoder layer, keeping FFN neurons `kept` (None:
+        all), or the CausalLM for lm_head) with its quantized weights dequantized."""
+        bindings = self.groups.get(owner, [])
+        sliced = [b for b in bindings if any(s.endswith("down_proj.weight") for s in b.sources)]
         if owner != self._owner:
-            self._owner, self._shared = owner, {}
+            dense = lambda source: self.model.get_parameter(source).detach()  # noqa: E731
+            self._owner, self._kept = owner, dequantized_sources([b for b in bindings if b not in sliced], dense)
         prefix = "" if owner == "lm_head" else owner + "."
         get = lambda source: module.get_parameter(source.removeprefix(prefix)).detach()  # noqa: E731
-        bindings = self.groups.get(owner, [])
-        own = [b for b in bindings if any(is_ffn(source) for source in b.sources)]
-        if not self._shared:
-            self._shared = dequantized_sources([b for b in bindings if b not in own], get)
-        replaced = swap_in(self.model, self._shared | dequantized_sources(own, get), module, prefix)
+        weights = {n: w if kept is None or not is_ffn(n) else w[kept.numpy()] for n, w in self._kept.items()}
+        replaced = swap_in(self.model, weights | dequantized_sources(sliced, get), module, prefix)
         try:
             yield
         finally:
