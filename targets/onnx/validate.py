@@ -1,13 +1,14 @@
-"""Validation sized to the model: every ONNX decoder against its PyTorch reference, built on demand one at a time.
+"""Validation sized to the model: every ONNX decoder against its PyTorch reference, all references in one pass.
 
-Per model, ORT runs first: it generates a greedy continuation of a left-padded batch through its KV cache (Optimum's
-layout, as clients run it), runs the same tokens again in one uncached forward, and the GenAI-flavour graph on the
-first prompt unpadded (prefill, one decode step, the rest at once); only the logits are kept. Then the PyTorch
-reference, reading the mapped checkpoint a layer at a time, runs teacher-forced over those tokens: one forward in
-float32 and one in float64, in lockstep (`reference.ReferenceRun`), not one per generated token. Every position of
-every row is compared with the float64 logits under the bound its own fp32 noise gives (`ifp_export.bounds`); the
-cached logits' top-1 is the greedy check, and a KV-cache bug shows as cached logits that differ where the uncached
-ones agree. At most one model's weights are resident at a time. The variants' graphs are one graph fed their own
+ORT runs first, one model's sessions at a time (dense first): each generates a greedy continuation of a left-padded
+batch through its KV cache (Optimum's layout, as clients run it), runs the same tokens again in one uncached forward,
+and the GenAI-flavour graph on the first prompt unpadded (prefill, one decode step, the rest at once); only the logits
+are kept. Then the PyTorch references of every model, reading the mapped checkpoint a layer at a time for all of them
+(`reference.reference_runs`), run teacher-forced over those tokens: one forward in float32 and one in float64 per
+model, not one per generated token. Every position of every row is compared with the float64 logits under the bound
+its own fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check, and a KV-cache bug shows
+as cached logits that differ where the uncached ones agree. At most one model's ORT session, and one layer of the
+references' weights, are resident at a time. The variants' graphs are one graph fed their own
 tensors (`ifp_export.ort.graph_skeleton`), so the paths only that graph decides (the GenAI graph, a quantized graph's
 cached replay) run on the first model of each graph, and every model's own tensors are checked on its own tokens.
 
