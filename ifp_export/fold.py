@@ -32,10 +32,9 @@ def fold_decoder(
     so the gather does not leave every FFN matrix resident)."""
     state = dict(model.state_dict())
     for layer, idx in enumerate(kept):
-        prefix = f"model.layers.{layer}."
-        sources = [state[f"{prefix}mlp.{proj}.weight"] for proj in FFN_PROJECTIONS]
-        state |= kept_ffn(state, prefix, idx)
-        gathered(sources)
+        sliced = kept_ffn(state, f"model.layers.{layer}.", idx)
+        gathered([state[name] for name in sliced])  # the sources, before they are replaced by their slices
+        state |= sliced
     return decoder_from_state(model.config.replace(intermediate_size=int(kept.shape[1])), state)
 
 

@@ -95,7 +95,7 @@ class LayerDequantizer:
         self.model = model
         self.groups = {} if quantize == "none" else quantized_groups(model, quantize)
         self._owner: str | None = None
-        self._kept: dict[str, np.ndarray] = {}  # the current owner's shared weights and dense gate/up, dequantized
+        self._dequantized: dict[str, np.ndarray] = {}  # the current owner's shared weights, dense gate/up
 
     @contextmanager
     def swapped(self, owner: str, module: nn.Module, kept: torch.Tensor | None = None) -> Iterator[None]:
@@ -105,10 +105,10 @@ class LayerDequantizer:
         sliced = [b for b in bindings if any(s.endswith("down_proj.weight") for s in b.sources)]
         if owner != self._owner:
             dense = lambda source: self.model.get_parameter(source).detach()  # noqa: E731
-            self._owner, self._kept = owner, dequantized_sources([b for b in bindings if b not in sliced], dense)
+            self._owner, self._dequantized = owner, dequantized_sources([b for b in bindings if b not in sliced], dense)
         prefix = "" if owner == "lm_head" else owner + "."
         get = lambda source: module.get_parameter(source.removeprefix(prefix)).detach()  # noqa: E731
-        weights = {n: w if kept is None or not is_ffn(n) else w[kept.numpy()] for n, w in self._kept.items()}
+        weights = {n: w if kept is None or not is_ffn(n) else w[kept.numpy()] for n, w in self._dequantized.items()}
         replaced = swap_in(self.model, weights | dequantized_sources(sliced, get), module, prefix)
         try:
             yield

@@ -316,7 +316,6 @@ def validate(
         rows.append(compare_run(artifacts.models[name].name, run, expected, layers, artifacts.quantize, tokens[name]))
         rows[-1].same_graph_as = same_graph_as[name]
         del run, expected  # this model's logits: not beside the next one's
-    weights.release()
     routing = check_predictor(artifacts.predictor, predictor, variant_masks, tokenizer, routing_prompts)
     return rows, routing
 
