@@ -279,9 +279,9 @@ def validate(
     model); then the predictor graph's scores and routing. `checks="quick"`: the dense model and the first variant in
     full, every other variant by one forward over its first prompt (its weights, graph and binding; no generation, no
     GenAI graph). A model checked in full whose graphs equal an earlier one's but for its own tensors
-    (`graph_skeleton`: the variants after the first) skips what only tests the graph, the GenAI graph and a quantized
-    graph's cached replay; its generated tokens are still checked uncached (and, fp32, cached), which tests every own
-    tensor. A quantized export's figure against the fp32 model is the dense model's (one more reference stream)."""
+    (`graph_skeleton`: the variants after the first) skips what only tests the graph, the padded batch (it runs its
+    first prompt alone), the GenAI graph and a quantized graph's cached replay; its generated tokens are still checked
+    uncached (and, fp32, cached), which tests every own tensor. A quantized export's figure against the fp32 model is the dense model's (one more reference stream)."""
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     layers = backbone.config.num_hidden_layers
     in_full = full_models(kept, checks)
@@ -293,7 +293,8 @@ def validate(
             shape = (graph_skeleton(path, SHARED_DATA), b"" if genai is None else graph_skeleton(genai, SHARED_DATA))
             first = cache_checked.setdefault(shape, name)
             same_as = None if first == name else first
-            tokens[name], chosen = GREEDY_TOKENS, prompts[name]
+            # a graph already run on the padded batch needs only its own tensors checked: one prompt does that
+            tokens[name], chosen = GREEDY_TOKENS, prompts[name][: 1 if same_as else None]
         else:
             tokens[name], chosen, genai = 0, prompts[name][:1], None
         genai = None if same_as else genai
