@@ -281,7 +281,8 @@ def validate(
     GenAI graph). A model checked in full whose graphs equal an earlier one's but for its own tensors
     (`graph_skeleton`: the variants after the first) skips what only tests the graph, the padded batch (it runs its
     first prompt alone), the GenAI graph and a quantized graph's cached replay; its generated tokens are still checked
-    uncached (and, fp32, cached), which tests every own tensor. A quantized export's figure against the fp32 model is the dense model's (one more reference stream)."""
+    uncached (and, fp32, cached), which tests every own tensor. A quantized export's figure against the fp32 model is
+    the dense model's (one more reference stream)."""
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     layers = backbone.config.num_hidden_layers
     in_full = full_models(kept, checks)
