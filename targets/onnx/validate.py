@@ -9,8 +9,9 @@ model, not one per generated token. Every position of every row is compared with
 its own fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check, and a KV-cache bug shows
 as cached logits that differ where the uncached ones agree. At most one model's ORT session, and one layer of the
 references' weights, are resident at a time. The variants' graphs are one graph fed their own
-tensors (`ifp_export.ort.graph_skeleton`), so the paths only that graph decides (the GenAI graph, a quantized graph's
-cached replay) run on the first model of each graph, and every model's own tensors are checked on its own tokens.
+tensors (`ifp_export.ort.graph_skeleton`), so the paths only that graph decides (the padded batch, the GenAI graph, a
+quantized graph's cached replay) run on the first model of each graph, and every later model's own tensors are checked
+on its first prompt and its own tokens.
 
 fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
 the *same dequantized weights* (that is what catches graph and binding bugs): the shipped graph's MatMulNBits
