@@ -1,7 +1,7 @@
 """Folding: a variant's FFN mask becomes a smaller dense decoder (intermediate_size = k).
 
 Row j of gate_proj/up_proj and column j of down_proj go with neuron j, so keeping neurons `idx` is
-`index_select` on those; every other tensor is shared (not copied) with the full model.
+`kept_neurons` on those; every other tensor is shared (not copied) with the full model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ifp_export.fsutil import TensorEntry, read_safetensors, stream_safetensors,
 from ifp_export.generate import padded_positions
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM, DecoderLayer, decoder_from_state
-from ifp_export.weights import FFN_PROJECTIONS, SafetensorsWeights, is_ffn
+from ifp_export.weights import FFN_PROJECTIONS, SafetensorsWeights, is_ffn, kept_neurons, neuron_axis
 
 
 def fold_decoder(
@@ -54,7 +54,7 @@ def kept_ffn(state: dict[str, torch.Tensor], prefix: str, kept: torch.Tensor) ->
     """The FFN matrices of `state` under `prefix` keeping neurons `kept`: row j of gate_proj/up_proj and column j of
     down_proj go with neuron j."""
     names = [f"{prefix}mlp.{proj}.weight" for proj in FFN_PROJECTIONS]
-    return {name: state[name].index_select(1 if name.endswith("down_proj.weight") else 0, kept) for name in names}
+    return {name: kept_neurons(state[name], kept, neuron_axis(name)) for name in names}
 
 
 def write_variant_checkpoint(weights: SafetensorsWeights, kept: torch.Tensor, directory: Path) -> None:
@@ -66,7 +66,7 @@ def write_variant_checkpoint(weights: SafetensorsWeights, kept: torch.Tensor, di
         info = weights.info(name)
         shape, data = info.shape, partial(weights.raw, name)
         if is_ffn(name):
-            layer, axis = int(name.split(".")[2]), 1 if name.endswith("down_proj.weight") else 0
+            layer, axis = int(name.split(".")[2]), neuron_axis(name)
             shape = tuple(cfg.intermediate_size if i == axis else d for i, d in enumerate(info.shape))
             data = partial(gather, weights.raw, name, kept[layer].numpy(), axis)
         entries[name] = TensorEntry(info.dtype, shape, info.itemsize * int(np.prod(shape)), data)

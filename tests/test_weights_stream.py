@@ -93,7 +93,9 @@ def test_fold_keeps_the_stored_dtype_and_shares_the_rest(low_precision: tuple[st
     folded = fold_decoder(model, kept)
     assert folded.model.layers[1].mlp.down_proj.weight.dtype == DTYPES[name]
     assert folded.model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    assert torch.equal(folded.model.layers[1].mlp.gate_proj.weight, model.model.layers[1].mlp.gate_proj.weight[kept[1]])
+    dense, own = model.model.layers[1].mlp, folded.model.layers[1].mlp
+    assert torch.equal(own.gate_proj.weight, dense.gate_proj.weight[kept[1]])  # neuron j: row j of gate/up
+    assert torch.equal(own.down_proj.weight, dense.down_proj.weight[:, kept[1]])  # and column j of down
 
 
 def test_ffn_slice_from_the_source_equals_the_folded_reference(low_precision: tuple[str, Path]) -> None:
