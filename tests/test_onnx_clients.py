@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from helpers import og_greedy, zero_hf_neurons
-from tiny import make_checkpoint, run_export
+from tiny import make_checkpoint, onnx_passes, run_export
 from transformers import AutoModelForCausalLM
 
 from ifp_export.fold import fold_decoder
@@ -219,7 +219,7 @@ def test_multi_model_references_equal_each_model_run_alone(qwen2_export: ExportC
 def test_runtime_generates_on_an_int4_export(tmp_path: Path) -> None:
     """The reference runtime (shared uint8 blocks memory-mapped and resident) on an int4 export equals PyTorch on
     the same dequantized weights, for every variant."""
-    ctx = run_export(make_checkpoint(tmp_path), tmp_path / "out", quantize="int4")
+    ctx = run_export(make_checkpoint(tmp_path), tmp_path / "out", passes=onnx_passes(), quantize="int4")
     runtime = Runtime(ctx.workdir, threads=1)
     ckpt = ctx.checkpoint
     for variant in ctx.variants:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -19,8 +18,17 @@ from ifp_export.cli import bundled_sample
 from ifp_export.model.config import DecoderConfig
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import save_decoder
-from ifp_export.passes import EmitOnnxPass, FoldPass, GroupPass, LoadPass, ManifestPass, PredictPass, default_passes
-from ifp_export.pipeline import ExportContext, ExportOptions, Pipeline
+from ifp_export.passes import (
+    EmitOnnxPass,
+    FoldPass,
+    GroupPass,
+    LoadPass,
+    ManifestPass,
+    PredictPass,
+    ValidatePass,
+    default_passes,
+)
+from ifp_export.pipeline import ExportContext, ExportOptions, Pass, Pipeline
 
 ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789 +=()-:")
 TASK_PROMPTS = {
@@ -79,19 +87,28 @@ def make_checkpoint(root: Path, keep: float = 0.25, seed: int = 0, **backbone_ov
     return out
 
 
-def run_export(checkpoint: Path, workdir: Path, until: str | None = None, **options: object) -> ExportContext:
-    """Run the export pipeline in-process into `workdir`, with the console captured in a string."""
+def run_export(
+    checkpoint: Path, workdir: Path, until: str | None = None, passes: list[Pass] | None = None, **options: object
+) -> ExportContext:
+    """Run the export pipeline (every pass, or `passes`) in-process into `workdir`, with the console captured in a
+    string."""
     workdir.mkdir(parents=True, exist_ok=True)
     opts = ExportOptions(checkpoint=checkpoint, output=workdir, until=until, **options)
     ctx = ExportContext(options=opts, workdir=workdir, console=Console(file=io.StringIO(), width=200))
-    return Pipeline(default_passes()).run(ctx, until=until)
+    return Pipeline(default_passes() if passes is None else passes).run(ctx, until=until)
+
+
+def onnx_passes(validate: bool = False) -> list[Pass]:
+    """The passes an ONNX app needs (no quality, Core ML or report: seconds less per export), with the ONNX
+    validation if `validate`."""
+    passes = [LoadPass(), PredictPass(), GroupPass(), FoldPass(), EmitOnnxPass()]
+    return [*passes, ValidatePass(), ManifestPass()] if validate else [*passes, ManifestPass()]
 
 
 def onnx_only_export(root: Path, **options: object) -> Path:
-    """The bundled sample through the passes an ONNX app needs (no Core ML, no validation: seconds less)."""
-    opts = ExportOptions(checkpoint=bundled_sample(), output=root, heldout=bundled_sample().parent / "heldout.jsonl")
-    ctx = ExportContext(options=dataclasses.replace(opts, **options), workdir=root, console=Console(file=io.StringIO()))
-    Pipeline([LoadPass(), PredictPass(), GroupPass(), FoldPass(), EmitOnnxPass(), ManifestPass()]).run(ctx)
+    """The bundled sample through `onnx_passes()`."""
+    sample = bundled_sample()
+    run_export(sample, root, passes=onnx_passes(), heldout=sample.parent / "heldout.jsonl", **options)
     return root
 
 
