@@ -82,21 +82,18 @@ def neuron_axis(name: str) -> int:
     return 1 if name.removesuffix(".weight").endswith("down_proj") else 0
 
 
+RAW_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> an integer dtype numpy can hold
+
+
 def kept_neurons(weight: torch.Tensor, kept: np.ndarray | torch.Tensor, axis: int) -> torch.Tensor:
     """`weight.index_select(axis, kept)` in its own dtype. Columns (axis 1, down_proj) are gathered by `np.take` on
     the raw bits: torch's index_select along dim 1 is ~5x slower (bf16 [4096, 14336], torch 2.13 CPU), which at 8B
-    was a minute of every pass that folds variants."""
+    cost tens of seconds in each pass that folds variants."""
     index = np.asarray(kept, dtype=np.int64)
     if axis == 0:
         return weight.index_select(0, torch.from_numpy(index))
-    bits = weight.detach().view(RAW_BITS[weight.element_size()])  # bf16 has no numpy dtype
-    with warnings.catch_warnings():  # a read-only mapped weight: numpy only reads it here
-        warnings.simplefilter("ignore", UserWarning)
-        gathered = np.take(bits.numpy(), index, axis=1)
-    return torch.from_numpy(gathered).view(weight.dtype)
-
-
-RAW_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> an integer dtype numpy can hold
+    bits = weight.detach().view(RAW_BITS[weight.element_size()]).numpy()  # bf16 has no numpy dtype
+    return torch.from_numpy(np.take(bits, index, axis=1)).view(weight.dtype)
 
 
 def as_float32(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
