@@ -266,6 +266,7 @@ def validate(output: Path, checkpoint: Path | None, checks: str, as_json: bool, 
     """Re-run the validation of an export in OUTPUT against its checkpoint (ONNX Runtime vs PyTorch)."""
     import time
 
+    from ifp_export.memory import survivors_frozen
     from ifp_export.passes.validate import ValidatePass
     from ifp_export.pipeline import peak_rss_bytes
     from ifp_export.validation import validation_context
@@ -275,7 +276,8 @@ def validate(output: Path, checkpoint: Path | None, checks: str, as_json: bool, 
         ctx = validation_context(output, checkpoint or bundled_sample(), checks)
         start = time.perf_counter()
         try:
-            ValidatePass().run(ctx)
+            with survivors_frozen():
+                ValidatePass().run(ctx)
         finally:
             ctx.timings.append(("validate", time.perf_counter() - start))
             ctx.peak_rss["validate"] = peak_rss_bytes()

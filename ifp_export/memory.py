@@ -4,6 +4,30 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_scopes = [0]  # how many `survivors_frozen` blocks are open
+
+
+@contextmanager
+def survivors_frozen() -> Iterator[None]:
+    """Within this block each `release_freed_memory` freezes what survived it (`gc.freeze`), so the next full
+    collection walks only the objects made since; at the end all are unfrozen again.
+
+    Why: the imported modules (torch, onnxscript, coremltools) are ~340k-630k objects that live as long as the
+    process, and walking them made each collection 0.2-0.5 s: ~6 s of a 22-s tiny export, at ~18 collections.
+    What this costs: an object alive at one release that dies in a reference cycle before the block ends is
+    collected only at its end. What a pass drops is garbage by the release that follows it, so that is collected.
+    """
+    gc.freeze()
+    _scopes[0] += 1
+    try:
+        yield
+    finally:
+        _scopes[0] -= 1
+        if not _scopes[0]:
+            gc.unfreeze()
 
 
 def release_freed_memory() -> None:
@@ -16,6 +40,8 @@ def release_freed_memory() -> None:
     peak. A no-op trim where there is no `malloc_trim` (not glibc).
     """
     gc.collect()
+    if _scopes[0]:
+        gc.freeze()
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ifp_export.checkpoint import Checkpoint, TaskPrompt
 from ifp_export.digests import Digests
 from ifp_export.errors import IFPError
-from ifp_export.memory import release_freed_memory
+from ifp_export.memory import release_freed_memory, survivors_frozen
 
 
 @dataclass(frozen=True)
@@ -154,16 +154,17 @@ class Pipeline:
         """Run passes in order (stopping after `until`), recording each one's wall time."""
         self.check_until(until)
         seen = files_under(ctx.workdir)
-        for p in self.passes:
-            start = time.perf_counter()
-            ctx = p.run(ctx)
-            release_freed_memory()
-            seconds = time.perf_counter() - start
-            ctx.timings.append((p.name, seconds))
-            ctx.peak_rss[p.name] = peak_rss_bytes()
-            now = files_under(ctx.workdir)
-            ctx.made[p.name], seen = sorted(now - seen), now
-            ctx.console.log(f"pass [bold]{p.name}[/bold] done in {seconds:.2f}s")
-            if p.name == until:
-                break
+        with survivors_frozen():
+            for p in self.passes:
+                start = time.perf_counter()
+                ctx = p.run(ctx)
+                release_freed_memory()
+                seconds = time.perf_counter() - start
+                ctx.timings.append((p.name, seconds))
+                ctx.peak_rss[p.name] = peak_rss_bytes()
+                now = files_under(ctx.workdir)
+                ctx.made[p.name], seen = sorted(now - seen), now
+                ctx.console.log(f"pass [bold]{p.name}[/bold] done in {seconds:.2f}s")
+                if p.name == until:
+                    break
         return ctx
