@@ -90,7 +90,7 @@ def test_our_pass_runner_gives_the_program_coremltools_pipelines_give(model_type
 
     from ifp_export.targets.coreml.build import ProgramWeights, decoder_function
     from ifp_export.targets.coreml.deferred import DeferredWeights
-    from ifp_export.targets.coreml.passes import NOT_RUN, RUN, pipelines, run_passes
+    from ifp_export.targets.coreml.passes import RUN, pipelines, run_passes
 
     source = ModuleWeights(model(model_type))
     weights = ProgramWeights(source, CONTEXT, quantize, DeferredWeights())
@@ -101,9 +101,9 @@ def test_our_pass_runner_gives_the_program_coremltools_pipelines_give(model_type
     ours = run_passes(built())
     theirs = mil.Program()
     theirs.add_function("main", built())
-    for pipeline in pipelines(skip=NOT_RUN):
+    for pipeline in pipelines():
         PassPipelineManager.apply_pipeline(theirs, pipeline)
-    all_passes = {name for pipeline in pipelines(skip=NOT_RUN) for name in pipeline.passes}
+    all_passes = {name for pipeline in pipelines() for name in pipeline.passes}
     assert all_passes > RUN and len(all_passes - RUN) >= 50
     symbols = re.compile(r"\b(is|block)\d+\b")  # symbolic dims and blocks are numbered process-wide
     assert symbols.sub(r"\1", str(ours)) == symbols.sub(r"\1", str(theirs.functions["main"]))

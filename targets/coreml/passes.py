@@ -50,12 +50,12 @@ ENSURE_VALID_FOR_THE_BACKEND = {
 RUN = CHANGES_OUR_PROGRAMS | ENSURE_VALID_FOR_THE_BACKEND
 
 
-def pipelines(skip: set[str] = NOT_RUN) -> list[Any]:
-    """coremltools' main and `backend_mlprogram` pipelines for a MIL program, without the passes in `skip`."""
+def pipelines() -> list[Any]:
+    """coremltools' main and `backend_mlprogram` pipelines for a MIL program, without the passes in `NOT_RUN`."""
     main = PassPipeline()
-    main.remove_passes(skip)
+    main.remove_passes(NOT_RUN)
     _, backend = _construct_other_pipelines(main, "milinternal", "mlprogram")
-    backend.remove_passes(skip)
+    backend.remove_passes(NOT_RUN)
     return [main, backend]
 
 
