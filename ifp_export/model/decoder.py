@@ -32,19 +32,23 @@ class Linear(nn.Linear):
     """`nn.Linear` whose weight may be stored in a lower precision than its input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float64 and self.weight.numel() > FLOAT64_CHUNK:
-            return chunked_linear(x, self.weight, self.bias)
+        if x.dtype == torch.float64 and self.weight.dtype != torch.float64:
+            return upcast_linear(x, self.weight, self.bias)
         return F.linear(x, cast(self.weight, x.dtype), cast(self.bias, x.dtype))
 
 
-FLOAT64_CHUNK = 1 << 22  # weight elements a float64 forward (ifp_export.bounds' noise reference) upcasts at once
+FLOAT64_CHUNK = 1 << 20  # weight elements a float64 forward (ifp_export.bounds' noise reference) upcasts at once
 
 
-def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias in x's dtype, upcasting a block of output rows at a time: a float64 lm_head of a
-    128k-token vocabulary would otherwise be a 4 GB copy."""
-    rows = max(1, FLOAT64_CHUNK // weight.shape[1])
-    out = torch.cat([F.linear(x, block.to(x.dtype)) for block in weight.split(rows)], dim=-1)
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias in x's dtype (float64), upcasting a block of output rows at a time into one buffer: a
+    float64 lm_head of a 128k-token vocabulary would otherwise be a 4 GB copy, and a fresh copy per block costs
+    more than its product (its new pages: a 14336 x 4096 weight upcast whole takes 0.18 s fresh, 0.02 s into a used
+    buffer; the float64 linears of an 8B layer's five weight shapes at 40 tokens: 0.48 s fresh, 0.16 s reused)."""
+    rows = min(weight.shape[0], max(1, FLOAT64_CHUNK // weight.shape[1]))
+    buffer = weight.new_empty((rows, weight.shape[1]), dtype=x.dtype)
+    out = [F.linear(x, buffer[: len(block)].copy_(block)) for block in weight.split(rows)]
+    out = torch.cat(out, dim=-1) if len(out) > 1 else out[0]
     return out if bias is None else out + bias.to(x.dtype)
 
 
