@@ -69,6 +69,7 @@ class Variant:
     quality: dict[str, Any] = field(default_factory=dict)  # set name -> figures against dense (quality pass)
     massive_dropped: list[Any] = field(default_factory=list)  # the MassiveNeurons its mask drops
     quality_with_massive_kept: dict[str, Any] | None = None  # its figures with those neurons forced in
+    residual_peak: float | None = None  # its largest fp32 |residual stream| on the quality pass's rows run with it
 
     @property
     def kept(self) -> torch.Tensor:
@@ -88,6 +89,7 @@ class ExportContext:
     heldout: Predictions | None = None
     variants: list[Variant] = field(default_factory=list)
     massive_neurons: list[Any] | None = None  # the dense model's massive-activation neurons, once detected
+    dense_residual_peak: float | None = None  # the dense model's, on its quality pass rows (Variant.residual_peak)
     emitted: dict[str, Any] = field(default_factory=dict)  # target name -> what its emit pass wrote
     report: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ifp_export.masks import encode_prompts
-from ifp_export.model.decoder import CausalLM, cast
+from ifp_export.model.decoder import CausalLM, RMSNorm, cast
 from ifp_export.weights import WeightSource
 
 if TYPE_CHECKING:
@@ -67,10 +67,13 @@ class MassiveNeuron:
 
 @dataclass(frozen=True)
 class TokenStats:
-    """One prompt under one model: top-1 token and NLL of the true next token at each position but the last."""
+    """One prompt under one model: top-1 token and NLL of the true next token at each position but the last, and
+    the largest |value| its residual stream reached (every RMSNorm's input, fp32: the headroom a function's fp16
+    activations on a Core ML device have to fp16's 65504)."""
 
     top1: torch.Tensor  # [n - 1] int64
     nll: torch.Tensor  # [n - 1] float64 (computed in float32)
+    residual_peak: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,12 @@ class MassiveProbe:
 HEAD_POSITIONS = 512  # positions per lm_head matmul: a [512, V] fp32 block (256 MB at a 128k vocabulary)
 
 
-def position_stats(hidden: torch.Tensor, ids: torch.Tensor, lengths: list[int], head: torch.Tensor) -> list[TokenStats]:
-    """TokenStats of each right-padded row of `hidden` [B, T, H] (ids [B, T], `lengths` real tokens per row): the
-    positions that predict a next token of every row go through the lm_head `head` together, `HEAD_POSITIONS` at a
-    time (one wide matmul instead of one per row; never [B, T, vocab] at once)."""
+def position_stats(
+    hidden: torch.Tensor, ids: torch.Tensor, lengths: list[int], head: torch.Tensor, peaks: torch.Tensor
+) -> list[TokenStats]:
+    """TokenStats of each right-padded row of `hidden` [B, T, H] (ids [B, T], `lengths` real tokens per row, `peaks`
+    [B] its residual peak): the positions that predict a next token of every row go through the lm_head `head`
+    together, `HEAD_POSITIONS` at a time (one wide matmul instead of one per row; never [B, T, vocab] at once)."""
     scored = torch.zeros(ids.shape, dtype=torch.bool)
     for i, length in enumerate(lengths):
         scored[i, : length - 1] = True
@@ -164,10 +169,25 @@ def position_stats(hidden: torch.Tensor, ids: torch.Tensor, lengths: list[int], 
         top1.append(logits.argmax(-1))
         nll.append(torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None]).squeeze(-1))
     counts = [max(length - 1, 0) for length in lengths]
-    return [
-        TokenStats(t, n.double())
-        for t, n in zip(torch.cat(top1).split(counts), torch.cat(nll).split(counts), strict=True)
-    ]
+    pieces = zip(torch.cat(top1).split(counts), torch.cat(nll).split(counts), peaks.tolist(), strict=True)
+    return [TokenStats(t, n.double(), peak) for t, n, peak in pieces]
+
+
+@contextmanager
+def residual_peaks(model: CausalLM, peaks: torch.Tensor, real: torch.Tensor) -> Iterator[None]:
+    """Within this block every RMSNorm of `model` raises `peaks` [B] to its input's largest |value| per row over the
+    `real` [B, T] positions (padding excluded)."""
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        magnitude = args[0].detach().abs().masked_fill_(~real[..., None], 0.0)
+        torch.maximum(peaks, magnitude.amax(dim=(1, 2)).to(peaks.dtype), out=peaks)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, RMSNorm)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -197,10 +217,11 @@ def teacher_forced(
         if probe is not None:
             probe.rows = torch.tensor([r.probe for r in batch])
             probe.real = attention.bool()
-        with weights.streaming(model):
+        peaks = torch.zeros(len(batch))
+        with weights.streaming(model), residual_peaks(model, peaks, attention.bool()):
             hidden, _ = model.model(ids, attention, ffn_masks=masks)
             head = cast(model.lm_head.weight, hidden.dtype)  # upcast once per batch
-            found = position_stats(hidden, ids, [len(r.ids) for r in batch], head)
+            found = position_stats(hidden, ids, [len(r.ids) for r in batch], head, peaks)
             stats.update(zip(positions, found, strict=True))
             del head
         weights.release()

@@ -4,7 +4,9 @@ One streamed, batched forward pass of the full model (per-row FFN masks, each ma
 calibration prompts, and the held-out prompts if given: each prompt once dense, once with its own variant's mask,
 and once with the variant routing picks for it when that is another one. Figures (ifp_export/quality.py): per variant
 on its own prompts, per set; the routed setting over all prompts; dense's own NLL. The dense calibration rows are
-also where massive activations are detected (unless the group pass already did, for `--keep-massive-neurons`).
+also where massive activations are detected (unless the group pass already did, for `--keep-massive-neurons`), and
+every row records its residual stream's peak: each variant's and dense's largest, which the Core ML validation
+reports as that function's headroom to fp16.
 
 A variant that drops massive-activation neurons is run once more with them forced in (what `--keep-massive-neurons`
 would export), so the warning says what dropping them costs.
@@ -143,6 +145,8 @@ class QualityPass:
         for v, variant in enumerate(variants):
             variant.quality = {name: judged(stats, name, own[name][v], v) for name in sets}
             variant.massive_dropped = dropped_neurons(variant.mask, ctx.massive_neurons)
+            variant.residual_peak = residual_peak(stats, v)
+        ctx.dense_residual_peak = residual_peak(stats, None)
         self.judge_with_massive_kept(ctx, variants, sets, own, ids, stats)
         ctx.report["quality"] = {
             "prompts_per_variant": PROMPTS_PER_GROUP,
@@ -179,6 +183,12 @@ class QualityPass:
         stats = {**stats, **run_rows(ctx, rows, ids, MassiveProbe(ctx.checkpoint.backbone))}  # dense rows: reused
         for v in flagged:
             variants[v].quality_with_massive_kept = {name: judged(stats, name, own[name][v], v) for name in sets}
+
+
+def residual_peak(stats: dict[Key, TokenStats], variant: int | None) -> float | None:
+    """The largest residual-stream |value| of the rows run with `variant` (None: dense), in any set: how close that
+    Core ML function's fp16 activations come to fp16's 65504 (the Core ML validation reports it)."""
+    return max((s.residual_peak for (_, _, v), s in stats.items() if v == variant), default=None)
 
 
 def dense_figures(stats: dict[Key, TokenStats], name: str, prompts: list[int]) -> dict[str, Any] | None:

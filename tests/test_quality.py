@@ -90,6 +90,51 @@ def test_dense_against_itself_agrees_fully_with_zero_nll_difference(planted: Pla
     assert abs(result["nll_diff"]) < 1e-6
 
 
+def test_residual_peaks_match_transformers_and_skip_padding(planted: Planted) -> None:
+    """Each row's residual peak (the largest |input| of any RMSNorm, the Core ML validation's headroom figure) equals
+    transformers' on the unpadded prompt, dense and pruned; padding, here made huge, never counts."""
+    ckpt = load_checkpoint(planted.checkpoint)
+    embedding = ckpt.backbone.model.embed_tokens
+    embedding.weight = torch.nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+    embedding.weight[0] = 1e6  # the pad token's row: every padded position's residual starts there
+    ids = encode(ckpt.tokenizer, [p.prompt for p in ckpt.tasks], 128)
+    assert len({len(i) for i in ids}) > 1 and all(0 not in i for i in ids)  # padding, and only there
+    mask = planted.default.variants[0].mask
+    stats = teacher_forced(ckpt.backbone, ckpt.weights, [Row(i, None) for i in ids] + [Row(i, mask) for i in ids], 4)
+    dense = AutoModelForCausalLM.from_pretrained(planted.checkpoint / "backbone").eval()
+    pruned = AutoModelForCausalLM.from_pretrained(planted.checkpoint / "backbone").eval()
+    zero_hf_neurons(pruned, mask)
+    expected = []
+    for model in (dense, pruned):
+        norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+        for row in ids:
+            seen: list[torch.Tensor] = []
+            record = lambda _, args, seen=seen: seen.append(args[0].abs().max())  # noqa: E731
+            handles = [m.register_forward_pre_hook(record) for m in norms]
+            with torch.no_grad():
+                model(torch.tensor([row]))
+            for handle in handles:
+                handle.remove()
+            expected.append(float(max(seen)))
+    ours = [s.residual_peak for s in stats]
+    print(f"residual peaks, ours vs transformers: {list(zip(ours, expected, strict=True))}")
+    assert ours == pytest.approx(expected, rel=1e-5)
+    assert max(ours) < 1e5  # the padded positions' 1e6 never counted
+
+
+def test_the_quality_pass_records_each_functions_residual_peak(planted: Planted) -> None:
+    """Each function's peak comes from its own rows: the planted neuron writes thousands into the dense residual
+    stream; the default variants all drop it (peaks of ~20, the "=" embedding), the --keep-massive-neurons ones keep
+    it (the dense peak again)."""
+    default, kept = planted.default, planted.kept
+    dropped = [v.residual_peak for v in default.variants]
+    keeping = [v.residual_peak for v in kept.variants]
+    print(f"dense {default.dense_residual_peak:.1f}; default variants {dropped}; kept variants {keeping}")
+    assert default.dense_residual_peak > 1000
+    assert all(peak is not None and 0 < peak < 100 for peak in dropped)
+    assert keeping == pytest.approx([kept.dense_residual_peak] * len(keeping), rel=1e-3)
+
+
 def reference_figures(checkpoint: Path, prompts: list[str], mask: torch.Tensor) -> tuple[float, float, float]:
     """(top-1 agreement, mean NLL, dense mean NLL) from `transformers`, each prompt unpadded, the variant's other
     neurons zeroed."""

@@ -10,10 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from ifp_export.model.config import DecoderConfig
-from ifp_export.model.decoder import CausalLM, RMSNorm
 from ifp_export.targets.coreml.blobs import Weights, function_blobs, read_blob
 from ifp_export.targets.coreml.build import NORM_FLOOR, ROPE_TABLES, rope_tables
 
@@ -92,24 +90,3 @@ def check_numerics(spec: Any, function: str, weights: Weights, cfg: DecoderConfi
         if stored is None or stored.dtype != F16 or not np.array_equal(stored, table.astype(F16)):
             problems.append(f"{name} missing or not the fp32 RoPE table rounded to fp16")
     return problems
-
-
-@torch.no_grad()
-def residual_peaks(model: CausalLM, prompt: list[int], masks: torch.Tensor) -> list[float]:
-    """Per FFN mask of `masks` ([F, L, d_ff] bool; all True: dense), the largest |value| of the residual stream (every
-    RMSNorm's input) over `prompt`, in fp32: how close that function's fp16 activations come to FP16_MAX (trained
-    models carry a few "massive activations" in the thousands). One forward of the full model with a row per mask,
-    each row's FFN at its kept width (the folded function's products): every weight is read once for all functions.
-    """
-    peaks = torch.zeros(len(masks))
-
-    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        torch.maximum(peaks, args[0].abs().amax(dim=(1, 2)), out=peaks)
-
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, RMSNorm)]
-    try:
-        model.model(torch.tensor([prompt] * len(masks)), ffn_masks=masks)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return peaks.tolist()

@@ -37,7 +37,7 @@ from ifp_export.targets.coreml.blobs import (
 )
 from ifp_export.targets.coreml.build import DECODER_STATES, const_name
 from ifp_export.targets.coreml.emit import CoreMLArtifacts, Progress, no_progress, variant_kept
-from ifp_export.targets.coreml.numerics import FP16_MAX, check_numerics, residual_peaks
+from ifp_export.targets.coreml.numerics import FP16_MAX, check_numerics
 from ifp_export.targets.coreml.package import (
     DECODER_PACKAGE,
     PREDICTOR_PACKAGE,
@@ -100,7 +100,7 @@ class FunctionCheck:
     quantize: str = "none"
     quantized_tensors: int = 0  # tensors read back through a constexpr_blockwise_shift_scale op
     bound_ratio: float = 0.0  # max over quantized elements of |dequantized - fp32| / its bound (ok <= 1)
-    residual_peak: float | None = None  # fp32 max |residual stream| on a calibration prompt: headroom to FP16_MAX
+    residual_peak: float | None = None  # fp32 max |residual stream| on its quality pass rows: headroom to FP16_MAX
 
     @property
     def ok(self) -> bool:
@@ -407,8 +407,8 @@ def validation_table(rows: list[FunctionCheck], predictor: FunctionCheck, artifa
     table.caption = (
         f"{DECODER_PACKAGE}: {artifacts.disk_bytes:,} bytes on disk / {artifacts.ideal_bytes:,} {ideal} "
         f"= dedup ratio {artifacts.dedup_ratio:.4f}; weight.bin {artifacts.weights_bytes:,} bytes; "
-        f"KV cache {artifacts.max_context} tokens; peak|x|: the residual stream's largest |value| on a calibration "
-        "prompt in fp32 (% of fp16's 65504)"
+        f"KV cache {artifacts.max_context} tokens; peak|x|: the residual stream's largest |value| in fp32 on the "
+        "quality pass's prompts run with that function (% of fp16's 65504)"
     )
     return table
 
@@ -459,16 +459,9 @@ def validate_export(ctx: ExportContext) -> None:
     masks = torch.stack([v.mask for v in ctx.variants])
     release = ckpt.weights.release
     reference = reference_models(ckpt.backbone, {v.name: v.kept.numpy() for v in ctx.variants}, lambda _: release())
-    first_prompt = ckpt.tokenizer.encode(ckpt.tasks[ctx.variants[0].prompt_indices[0]].prompt).ids
-    function_masks = {v.name: v.mask.bool() for v in ctx.variants} | {DENSE_NAME: torch.ones_like(masks[0]).bool()}
-    with ckpt.weights.streaming(ckpt.backbone):
-        found = residual_peaks(
-            ckpt.backbone, first_prompt, torch.stack([function_masks[f] for f in artifacts.functions])
-        )
-    release()
-    rows = check_decoder_package(
-        artifacts, reference, ctx.progress, release, dict(zip(artifacts.functions, found, strict=True))
-    )
+    recorded = {v.name: v.residual_peak for v in ctx.variants} | {DENSE_NAME: ctx.dense_residual_peak}
+    peaks = None if None in recorded.values() else recorded  # `ifp-export validate` runs no quality pass
+    rows = check_decoder_package(artifacts, reference, ctx.progress, release, peaks)
     predictor = check_predictor_package(artifacts, ckpt.predictor, masks)
     ctx.console.print(validation_table(rows, predictor, artifacts))
     ctx.report["coreml_validation"] = {
