@@ -73,7 +73,7 @@ class TokenStats:
 
     top1: torch.Tensor  # [n - 1] int64
     nll: torch.Tensor  # [n - 1] float64 (computed in float32)
-    residual_peak: float = 0.0
+    residual_peak: float
 
 
 @dataclass(frozen=True)
