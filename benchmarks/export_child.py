@@ -1,13 +1,10 @@
 """One export in its own process, instrumented for the benchmarks (P1 timings, P2 dedup ratios, P7 peak RSS).
 
     python -m benchmarks.export_child CKPT OUT RESULT.json [--until PASS] [--skip PASS] [--quantize int4]
-        [--save-variants DIR]
 
 Runs the default pipeline like `ifp-export export` (without the staging rename) and writes to RESULT.json:
 per-pass seconds, peak RSS after each pass (VmHWM), the ONNX emit broken down into the first variant (trace +
-bind + save) and each further variant (re-bind + save), and the ONNX / Core ML bytes-on-disk ratios. With
---save-variants, the folded variants are then saved as HF checkpoints with the same `write_variant_checkpoint` writer
-`--until fold` makes (same bytes), after the measurements, so they do not count.
+bind + save) and each further variant (re-bind + save), and the ONNX / Core ML bytes-on-disk ratios.
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ def main() -> None:
     parser.add_argument("--until")
     parser.add_argument("--skip", action="append", default=[], help="leave this pass out (e.g. coreml)")
     parser.add_argument("--quantize", default="none", help="as `ifp-export export --quantize`")
-    parser.add_argument("--save-variants", type=Path, help="after the export, save each folded variant here (untimed)")
     args = parser.parse_args()
 
     import onnx_ir
@@ -127,11 +123,6 @@ def main() -> None:
             "dedup_ratio": art.dedup_ratio,
         }
     args.result.write_text(json.dumps(result, indent=2))
-    if args.save_variants:  # what `ifp-export export --until fold` writes to OUT/variants/<name>/, same writer
-        from ifp_export.fold import write_variant_checkpoint
-
-        for variant in ctx.variants:
-            write_variant_checkpoint(ctx.checkpoint.weights, variant.kept, args.save_variants / variant.name)
 
 
 if __name__ == "__main__":
