@@ -5,6 +5,7 @@ A pass has a `name` and `run(ctx) -> ctx`. `Pipeline.run(ctx, until=NAME)` stops
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -22,6 +23,17 @@ from ifp_export.checkpoint import Checkpoint, TaskPrompt
 from ifp_export.digests import Digests
 from ifp_export.errors import IFPError
 from ifp_export.memory import release_freed_memory, survivors_frozen
+
+LOG_WIDTH = 200  # columns of a log that is not a terminal: the validation tables' 13 columns need ~170
+
+
+def log_console() -> Console:
+    """The export's log on stderr. Rich draws for 80 columns when stderr is not a terminal (a CI log, a file), which
+    cuts every cell of the validation tables to a letter or two; there it is `LOG_WIDTH` wide unless COLUMNS says."""
+    console = Console(stderr=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH
+    return console
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,7 @@ class Variant:
 class ExportContext:
     options: ExportOptions
     workdir: Path
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    console: Console = field(default_factory=log_console)
     checkpoint: Checkpoint | None = None
     k_per_layer: list[int] = field(default_factory=list)
     predictions: Predictions | None = None

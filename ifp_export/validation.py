@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
 from ifp_export.artifacts import open_output
 from ifp_export.checkpoint import load_checkpoint
 from ifp_export.errors import IFPError
@@ -14,7 +12,7 @@ from ifp_export.fold import mask_from_indices, read_kept_indices
 from ifp_export.model.config import DecoderConfig
 from ifp_export.passes.fold import KEPT_INDICES_FILE
 from ifp_export.passes.validate import ValidatePass
-from ifp_export.pipeline import ExportContext, ExportOptions, Variant
+from ifp_export.pipeline import ExportContext, ExportOptions, Variant, log_console
 from ifp_export.targets import coreml, onnx
 
 
@@ -65,7 +63,7 @@ def validation_context(output: Path, checkpoint: Path, checks: str = "full") -> 
                 "pass the --checkpoint this output was exported from",
             )
     options = ExportOptions(checkpoint=checkpoint, output=output, checks=checks)
-    ctx = ExportContext(options, workdir=output, console=Console(stderr=True))
+    ctx = ExportContext(options, workdir=output, console=log_console())
     # k is the output's (an export made with --keep differs from the checkpoint's ifp.json)
     ctx.checkpoint, ctx.k_per_layer = ckpt, [int(manifest["model"]["k"])] * ckpt.backbone.config.num_hidden_layers
     for name, task, idx in kept:

@@ -82,6 +82,14 @@ def test_export_json_is_one_schema_valid_object(cli_export: dict, tiny_export: E
     assert "wrote" in cli_export["stderr"] and "pass load done" in cli_export["stderr"]  # logs on stderr only
 
 
+def test_the_log_of_a_ci_run_shows_the_validation_tables_whole(cli_export: dict) -> None:
+    """stderr is a pipe, as in CI: the tables are drawn wide enough for their columns, not cut to rich's 80."""
+    header = next(line for line in cli_export["stderr"].splitlines() if "┃" in line and "fp32 noise" in line)
+    for column in ("model", "load s", "fp32 noise", "bound", "uncached |Δ|", "cached |Δ|", "top-1 differs", "ok"):
+        assert column in header
+    assert "…" not in cli_export["stderr"]
+
+
 def test_export_junit_parses_with_one_case_per_model_and_check(cli_export: dict) -> None:
     summary = json.loads(cli_export["stdout"])
     xml = JUnitXml.fromfile(str(cli_export["junit"]))

@@ -128,5 +128,6 @@ def export_process(
     with the options and the single intra-op thread of the in-process `tiny_export` fixture (conftest.py)."""
     argv = [sys.executable, "-m", "ifp_export", "export", str(checkpoint), "-o", str(out)]
     argv += ["--heldout", str(checkpoint / "tasks.jsonl"), *args]
-    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # the log's width as in CI: no terminal
+    env |= {"PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr, text=True)
