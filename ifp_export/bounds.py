@@ -31,7 +31,7 @@ from torch import nn
 
 from ifp_export.fold import fold_layer
 from ifp_export.generate import padded_positions
-from ifp_export.model.decoder import CausalLM, Embedding
+from ifp_export.model.decoder import CausalLM, Embedding, reused_casts
 
 FP32_EPS = float(np.finfo(np.float32).eps)
 FP16_EPS = float(np.finfo(np.float16).eps)  # Core ML's compute precision: the noise scales by FP16_EPS / FP32_EPS
@@ -207,13 +207,14 @@ def lockstep_hidden(
         tables = {dtype: inner.positional(member.mask, positions, dtype) for dtype in dtypes}
         states.append(([rows.to(dtype) for dtype, _ in member.streams], tables))
     release(inner.embed_tokens)
-    for index, layer in enumerate(inner.layers):
-        for member, (xs, tables) in zip(members, states, strict=True):
-            kept = None if member.kept is None else member.kept[index]
-            own = layer if kept is None else fold_layer(layer, model.config, kept)
-            run = lambda x, own=own, tables=tables: own(x, *tables[x.dtype])[0]  # noqa: E731
-            run_streams(member, xs, f"model.layers.{index}", own, run, swapped, kept)
-        release(layer)
+    with reused_casts():  # a layer's weights cast once per member and stream: into the same buffers every time
+        for index, layer in enumerate(inner.layers):
+            for member, (xs, tables) in zip(members, states, strict=True):
+                kept = None if member.kept is None else member.kept[index]
+                own = layer if kept is None else fold_layer(layer, model.config, kept)
+                run = lambda x, own=own, tables=tables: own(x, *tables[x.dtype])[0]  # noqa: E731
+                run_streams(member, xs, f"model.layers.{index}", own, run, swapped, kept)
+            release(layer)
     return [[inner.norm(x) for x in xs] for xs, _ in states]
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ifp_export.masks import encode_prompts
-from ifp_export.model.decoder import CausalLM, RMSNorm, cast
+from ifp_export.model.decoder import CausalLM, RMSNorm, cast, reused_casts
 from ifp_export.weights import WeightSource
 
 if TYPE_CHECKING:
@@ -219,7 +219,8 @@ def teacher_forced(
             probe.real = attention.bool()
         peaks = torch.zeros(len(batch))
         with weights.streaming(model), residual_peaks(model, peaks, attention.bool()):
-            hidden, _ = model.model(ids, attention, ffn_masks=masks)
+            with reused_casts():
+                hidden, _ = model.model(ids, attention, ffn_masks=masks)
             head = cast(model.lm_head.weight, hidden.dtype)  # upcast once per batch
             found = position_stats(hidden, ids, [len(r.ids) for r in batch], head, peaks)
             stats.update(zip(positions, found, strict=True))

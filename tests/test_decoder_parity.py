@@ -14,6 +14,7 @@ from helpers import (
     left_padded_batch,
     make_hf_model,
     ours_logits_for_tokens,
+    positions_from_mask,
     save_hf_model,
     zero_hf_neurons,
 )
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from ifp_export.generate import greedy_generate, left_pad
 from ifp_export.model.config import DecoderConfig, rope_inverse_frequencies
+from ifp_export.model.decoder import CAST_BUFFERS, reused_casts
 from ifp_export.model.hf_io import load_decoder, save_decoder
 
 ATOL = 1e-4
@@ -178,6 +180,29 @@ def test_bool_ffn_masks_run_at_the_kept_width_and_match_float_masks(tmp_path: Pa
             assert torch.allclose(a, b, atol=1e-5, rtol=0)
     for handle in handles:
         handle.remove()
+
+
+def test_reused_cast_buffers_give_the_logits_of_fresh_casts(tmp_path: Path) -> None:
+    """bf16 weights, float32 activations: inside `reused_casts` every Linear casts its weight into one buffer that all
+    layers reuse (`MLP.kept_width` its three into one each); the logits equal those of fresh casts bit for bit, dense,
+    float-masked and bool-masked (kept width), and a forward that records gradients never uses the buffers."""
+    _, ours = hf_and_ours("llama", tmp_path)
+    for parameter in ours.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)
+    ids, mask, _ = left_padded_batch(LENGTHS, ours.config.vocab_size)
+    tokens = torch.randint(3, ours.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(3))
+    masks = zeroed_neurons(ours.config)
+    for ffn_masks, roles in ((None, {"linear"}), (masks, {"linear"}), (masks.bool(), {"linear", "gate", "up", "down"})):
+        with torch.no_grad():
+            fresh = ours_logits_for_tokens(ours, ids, mask, tokens, ffn_masks)
+            with reused_casts():
+                reused = ours_logits_for_tokens(ours, ids, mask, tokens, ffn_masks)
+                assert set(CAST_BUFFERS.get()) == {(role, torch.float32) for role in roles}
+        assert all(torch.equal(a, b) for a, b in zip(fresh, reused, strict=True))
+    with reused_casts():
+        ours(ids, mask, positions_from_mask(mask), None)  # grad mode on, as in training
+        assert CAST_BUFFERS.get() == {}
+    assert CAST_BUFFERS.get() is None
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen2-tied", "qwen2-sliding-all-layers", "mistral-sliding-window"])
