@@ -23,7 +23,7 @@ class ValidatePass:
             raise ValidationFailed(
                 f"dense: our decoder differs from transformers' {hf.model_type}: {hf.exactness.text()}"
             )
-        for target in reversed(ctx.emitted):  # the last written first: its files are the likeliest still cached
+        for target in ctx.emitted:
             release_freed_memory()
             VALIDATORS[target](ctx)
         return ctx
