@@ -219,7 +219,7 @@ def teacher_forced(
             probe.real = attention.bool()
         peaks = torch.zeros(len(batch))
         with weights.streaming(model), residual_peaks(model, peaks, attention.bool()):
-            with reused_casts():
+            with reused_casts():  # its buffers go before lm_head's upcast
                 hidden, _ = model.model(ids, attention, ffn_masks=masks)
             head = cast(model.lm_head.weight, hidden.dtype)  # upcast once per batch
             found = position_stats(hidden, ids, [len(r.ids) for r in batch], head, peaks)
