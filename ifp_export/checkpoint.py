@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from ifp_export.chat import TEXT_FILES, TokenizerText, copy_tokenizer_text, read_tokenizer_text
 from ifp_export.errors import IFPError
 from ifp_export.fsutil import check_no_symlink_below, read_json, write_json
+from ifp_export.memory import drop_clean_file_pages
 from ifp_export.model.config import eos_token_ids, read_generation_config
 from ifp_export.model.decoder import CausalLM
 from ifp_export.model.hf_io import check_weight_map, load_decoder, open_decoder
@@ -90,6 +91,12 @@ class Checkpoint:
     def temperature(self) -> float:
         return float(self.spec["softtopk"]["temperature"])
 
+    def drop_resident_weights(self) -> None:
+        """Drop the resident pages of the backbone's and the predictor's mapped weights: the next pass that reads
+        them re-reads them from the page cache, and a pass's peak does not carry what the passes before it read."""
+        self.weights.release()
+        drop_clean_file_pages(self.predictor.parameters())
+
 
 def schema(name: str) -> dict[str, Any]:
     return json.loads(resources.files("ifp_export").joinpath("schemas", name).read_text())
@@ -115,17 +122,25 @@ def read_spec(root: Path) -> dict[str, Any]:
 
 def read_predictor(directory: Path, format_version: int) -> Predictor:
     """The encoder (`ifp-sparsity-predictor`) or, from format_version 2, the LM predictor (`ifp-lm-predictor`)."""
-    path = directory / "config.json"
-    raw = read_json(path, "predictor config")
-    if not (isinstance(raw, dict) and raw.get("format") == LM_PREDICTOR_FORMAT):
-        return load_predictor(directory)
-    if format_version < 2:
+    raw = read_json(directory / "config.json", "predictor config")
+    if format_version < 2 and is_lm_predictor(raw):
         raise IFPError(
             f"an {LM_PREDICTOR_FORMAT!r} predictor needs ifp.json format_version 2, not {format_version}",
             directory.parent / SPEC_FILE,
             'set "format_version": 2 in ifp.json',
         )
-    return load_lm_predictor(directory, raw)
+    return predictor_from_dir(directory)
+
+
+def predictor_from_dir(directory: Path) -> Predictor:
+    """The predictor in `directory`, of the kind its config.json names (a checkpoint's was checked by
+    `read_predictor`)."""
+    raw = read_json(directory / "config.json", "predictor config")
+    return load_lm_predictor(directory, raw) if is_lm_predictor(raw) else load_predictor(directory)
+
+
+def is_lm_predictor(raw: Any) -> bool:
+    return isinstance(raw, dict) and raw.get("format") == LM_PREDICTOR_FORMAT
 
 
 def read_tasks(path: Path) -> list[TaskPrompt]:

@@ -172,6 +172,8 @@ class Pipeline:
             for p in self.passes:
                 start = time.perf_counter()
                 ctx = p.run(ctx)
+                if ctx.checkpoint is not None:
+                    ctx.checkpoint.drop_resident_weights()
                 release_freed_memory()
                 seconds = time.perf_counter() - start
                 ctx.timings.append((p.name, seconds))

@@ -19,6 +19,7 @@ from junitparser import Failure, JUnitXml
 from tiny import make_checkpoint, run_export
 
 from ifp_export.bounds import FLOOR_ULPS, FP32_EPS, NOISE_MULTIPLE, compare, float64, reference_pair
+from ifp_export.checkpoint import PREDICTOR_DIR
 from ifp_export.cli import bundled_sample
 from ifp_export.fsutil import read_safetensors
 from ifp_export.generate import left_pad
@@ -330,9 +331,8 @@ def test_a_kv_cache_bug_fails_the_cached_check_only(
         monkeypatch.setattr(emitter, "EXTERNAL_THRESHOLD", 64)  # that differ, each then checked in full)
         masks = torch.stack([v.mask for v in ctx.variants])
         kept = {v.name: v.kept.numpy() for v in ctx.variants}
-        artifacts = emit(
-            tmp_path / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks, quantize=quantize
-        )
+        predictor = ctx.checkpoint.root / PREDICTOR_DIR
+        artifacts = emit(tmp_path / "onnx", ctx.checkpoint.weights, kept, predictor, masks, quantize=quantize)
     first, second = (v.name for v in ctx.variants[:2])
     path = artifacts.models[DENSE_NAME if damaged == DENSE_NAME else second]
     swap_layer_1_cache_outputs(path)
@@ -352,7 +352,9 @@ def test_a_quantization_layout_bug_fails_validation(tiny_export: ExportContext, 
     ctx = tiny_export
     masks = torch.stack([v.mask for v in ctx.variants])
     kept = {v.name: v.kept.numpy() for v in ctx.variants}
-    artifacts = emit(tmp_path / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks, quantize="int4")
+    artifacts = emit(
+        tmp_path / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.root / PREDICTOR_DIR, masks, quantize="int4"
+    )
     name = ctx.variants[0].name
     path = artifacts.models[name]
     graph = onnx.load(str(path), load_external_data=False)

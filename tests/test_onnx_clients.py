@@ -16,6 +16,7 @@ from helpers import og_greedy, zero_hf_neurons
 from tiny import make_checkpoint, onnx_passes, run_export
 from transformers import AutoModelForCausalLM
 
+from ifp_export.checkpoint import PREDICTOR_DIR
 from ifp_export.fold import fold_decoder
 from ifp_export.generate import greedy_generate
 from ifp_export.model.config import DecoderConfig, generation_config
@@ -141,7 +142,7 @@ def wide_heads(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportContext,
     ctx = run_export(make_checkpoint(root, head_dim=16), root / "out", until="fold")
     kept = {v.name: v.kept.numpy() for v in ctx.variants}
     masks = torch.stack([v.mask for v in ctx.variants])
-    artifacts = emit(root / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks)
+    artifacts = emit(root / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.root / PREDICTOR_DIR, masks)
     ctx.emitted["onnx"] = artifacts
     return ctx, root / "onnx"
 

@@ -15,6 +15,7 @@ import torch
 from optimum.onnxruntime import ORTModelForCausalLM
 from transformers import AutoModelForCausalLM
 
+from ifp_export.checkpoint import PREDICTOR_DIR
 from ifp_export.cli import bundled_sample, main
 from ifp_export.fold import fold_decoder, relative_difference
 from ifp_export.generate import greedy_generate
@@ -22,6 +23,7 @@ from ifp_export.masks import encode_prompts, routing_scores
 from ifp_export.ort import OrtDecoder, session
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx import DENSE_NAME, ONNX_DIR, SHARED_DATA
+from ifp_export.targets.onnx.predictor import PredictorTrace
 
 
 @pytest.fixture(params=["sample_export", "qwen2_export"])
@@ -95,6 +97,32 @@ def test_predictor_graph_routes_like_pytorch_on_heldout(exported: ExportContext)
     assert routes.shape == (len(prompts), len(exported.variants))
     assert np.array_equal(routes.argmax(-1), expected.argmax(-1).numpy())
     assert float(np.abs(routes - expected.numpy()).max()) <= 1e-4
+
+
+def test_a_failed_predictor_trace_names_the_childs_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """The predictor graph is traced in a child process: its failure is one error naming what the child said, and
+    the masks file it was given is gone."""
+    (tmp_path / "onnx").mkdir()
+    failed = pytest.raises(RuntimeError, match=r"tracing the predictor failed \(exit 1\): .*predictor config")
+    with failed, PredictorTrace(tmp_path / "onnx", tmp_path / "no-predictor", torch.ones(2, 3, 4)) as trace:
+        scratch = Path(trace.scratch.name)
+        trace.wait()
+    assert not scratch.exists()
+    assert not any((tmp_path / "onnx").iterdir())
+
+
+def test_leaving_early_stops_the_predictor_trace(sample_export: ExportContext, tmp_path: Path) -> None:
+    """An error while the decoders are written (the child still tracing) stops the child and removes its inputs."""
+    (tmp_path / "onnx").mkdir()
+    masks = torch.stack([v.mask for v in sample_export.variants])
+    with (
+        pytest.raises(KeyError),
+        PredictorTrace(tmp_path / "onnx", sample_export.checkpoint.root / PREDICTOR_DIR, masks) as trace,
+    ):
+        child, scratch = trace.child, Path(trace.scratch.name)
+        raise KeyError("an error while binding")
+    assert child.returncode is not None and child.returncode < 0  # killed, not finished
+    assert not scratch.exists()
 
 
 def test_weights_are_stored_once(exported: ExportContext) -> None:

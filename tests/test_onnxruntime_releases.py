@@ -28,6 +28,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from ifp_export.checkpoint import PREDICTOR_DIR
 from ifp_export.errors import ValidationFailed
 from ifp_export.pipeline import ExportContext
 from ifp_export.runtime import Runtime
@@ -152,7 +153,7 @@ def test_floor_1_24_emits_and_validates_opset_23(tiny_export: ExportContext, tmp
     ctx = tiny_export
     masks = torch.stack([v.mask for v in ctx.variants])
     kept = {v.name: v.kept.numpy() for v in ctx.variants}
-    artifacts = emit(tmp_path / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks,
+    artifacts = emit(tmp_path / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.root / PREDICTOR_DIR, masks,
                      min_onnxruntime="1.24")  # fmt: skip
     graph = onnx.load(str(artifacts.models["add"]), load_external_data=False)
     assert {o.domain: o.version for o in graph.opset_import}[""] == 23

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+from ifp_export.checkpoint import PREDICTOR_DIR
 from ifp_export.errors import IFPError
 from ifp_export.generate import greedy_generate
 from ifp_export.masks import encode_prompts
@@ -24,7 +25,9 @@ def quantized(request: pytest.FixtureRequest, tiny_export: ExportContext, tmp_pa
     directory = tmp_path_factory.mktemp(request.param) / "onnx"
     masks = torch.stack([v.mask for v in ctx.variants])
     kept = {v.name: v.kept.numpy() for v in ctx.variants}
-    artifacts = emit(directory, ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks, quantize=request.param)
+    artifacts = emit(
+        directory, ctx.checkpoint.weights, kept, ctx.checkpoint.root / PREDICTOR_DIR, masks, quantize=request.param
+    )
     return request.param, artifacts
 
 
@@ -61,8 +64,8 @@ def test_int8_at_floor_1_22_uses_matmulnbits(tiny_export: ExportContext, tmp_pat
     ctx = tiny_export
     masks = torch.stack([v.mask for v in ctx.variants])
     kept = {v.name: v.kept.numpy() for v in ctx.variants}
-    artifacts = emit(tmp_path / "onnx", ctx.checkpoint.weights, kept, ctx.checkpoint.predictor, masks, "int8",
-                     min_onnxruntime="1.22")  # fmt: skip
+    predictor = ctx.checkpoint.root / PREDICTOR_DIR
+    artifacts = emit(tmp_path / "onnx", ctx.checkpoint.weights, kept, predictor, masks, "int8", min_onnxruntime="1.22")
     nodes = onnx.load(str(artifacts.models["add"]), load_external_data=False).graph.node
     bits = {attr.i for node in nodes if node.op_type == "MatMulNBits" for attr in node.attribute if attr.name == "bits"}
     assert bits == {8}

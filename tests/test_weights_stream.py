@@ -23,12 +23,13 @@ from helpers import (
     run_cli,
 )
 from safetensors.torch import load_file
-from tiny import char_tokenizer, make_checkpoint, write_tasks
+from tiny import char_tokenizer, make_checkpoint, run_export, write_tasks
 from transformers import AutoModelForCausalLM
 
-from ifp_export.checkpoint import load_checkpoint
+from ifp_export.checkpoint import PREDICTOR_DIR, load_checkpoint
 from ifp_export.fold import fold_decoder, mask_from_indices, read_kept_indices
-from ifp_export.fsutil import TensorEntry, stream_safetensors, write_safetensors
+from ifp_export.fsutil import TensorEntry, read_safetensors, stream_safetensors, write_safetensors
+from ifp_export.memory import drop_clean_file_pages
 from ifp_export.model.hf_io import load_decoder, open_decoder
 from ifp_export.passes.fold import KEPT_INDICES_FILE
 from ifp_export.targets.onnx import emit
@@ -135,6 +136,46 @@ def test_release_drops_the_mapped_pages(tmp_path: Path) -> None:
     assert resident - after > 0.8 * weights.nbytes / 1024, (resident, after)
 
 
+def test_clean_file_pages_are_dropped_and_written_mappings_left_alone(tmp_path: Path) -> None:
+    """`drop_clean_file_pages` gives back the touched pages of safetensors' private mappings (the predictor's weights)
+    and the values read again are the file's; a mapping with a written page keeps it (dropping it would lose the
+    write)."""
+    arrays = {"a": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(1 << 20)}
+    write_safetensors(tmp_path / "clean.safetensors", arrays)
+    write_safetensors(tmp_path / "written.safetensors", arrays)
+    clean, written = (read_safetensors(tmp_path / f"{n}.safetensors") for n in ("clean", "written"))
+    touched = [float(t.sum()) for t in (*clean.values(), *written.values())]
+    written["b"][0] = 42.0
+    resident = rss_file_kib()
+    drop_clean_file_pages([*clean.values(), *written.values()])
+    dropped = resident - rss_file_kib()
+    assert 0.9 * 8 * 1024 < dropped < 1.1 * 8 * 1024, dropped  # the clean file's 8 MiB, not the written one's
+    assert torch.equal(clean["a"], arrays["a"]) and float(written["b"][0]) == 42.0
+    assert np.isfinite(touched).all()
+
+
+def test_the_pipeline_drops_the_predictor_pages_after_each_pass(tmp_path: Path) -> None:
+    """The predict pass reads every predictor weight; once it is done none of them is resident."""
+    ctx = run_export(make_checkpoint(tmp_path), tmp_path / "out", until="predict")
+    path = str((ctx.checkpoint.root / PREDICTOR_DIR / "model.safetensors").resolve())
+    assert mapped_kib(path) == 0
+    with torch.no_grad():
+        ctx.checkpoint.predictor(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+    assert mapped_kib(path) > 0  # what the test measures does see the predictor's pages
+
+
+def mapped_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of `path`."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) > 4 and ":" in fields[3]:
+            inside = fields[-1] == path
+        elif inside and line.startswith("Rss:"):
+            total += int(fields[1])
+    return total
+
+
 def test_streaming_forward_keeps_about_one_layer_resident(tmp_path: Path) -> None:
     """A forward pass maps every weight in; inside `streaming` each layer's pages go once it has run."""
     directory = save_low_precision(tmp_path / "m", torch.float32, vocab_size=8192, hidden_size=256)
@@ -168,7 +209,7 @@ def test_onnx_emit_keeps_about_one_tensor_resident(tmp_path: Path) -> None:
     def sampling(description: str, total: int):
         yield lambda n=1: rises.append(rss_file_kib() - before)
 
-    emit(tmp_path / "onnx", weights, kept, ckpt.predictor, torch.ones(1, 4, d_ff), progress=sampling)
+    emit(tmp_path / "onnx", weights, kept, ckpt.root / PREDICTOR_DIR, torch.ones(1, 4, d_ff), progress=sampling)
     largest = max(weights.info(name).nbytes for name in weights.names()) / 1024
     assert rises and max(rises) < 3 * largest < 0.5 * weights.nbytes / 1024, (max(rises), largest, weights.nbytes)
 

@@ -30,13 +30,12 @@ from ifp_export.errors import IFPError
 from ifp_export.fsutil import write_json
 from ifp_export.model.config import GENERATION_CONFIG_FILE, DecoderConfig, generation_config
 from ifp_export.model.decoder import CausalLM
-from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.targets.onnx.build import build_decoder
 from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME, emit_dynamic
 from ifp_export.targets.onnx.floor import DEFAULT_FLOOR
 from ifp_export.targets.onnx.genai import GENAI_SUFFIX, write_genai_config
 from ifp_export.targets.onnx.ops import Binding, Materializer
-from ifp_export.targets.onnx.predictor import trace_predictor
+from ifp_export.targets.onnx.predictor import PredictorTrace
 from ifp_export.weights import WeightSource, ffn_slice
 
 SHARED_DATA = "decoder_shared.onnx_data"
@@ -254,7 +253,7 @@ def emit(
     directory: Path,
     source: WeightSource,
     kept: dict[str, np.ndarray],
-    predictor: SparsityPredictor,
+    predictor_dir: Path,
     variant_masks: torch.Tensor,
     quantize: str = "none",
     dynamic: bool = False,
@@ -263,8 +262,9 @@ def emit(
     min_onnxruntime: str = DEFAULT_FLOOR,
     digests: Digests | None = None,
 ) -> OnnxArtifacts:
-    """Write every variant (`kept`: name -> [L, k] kept indices), the dense model and the predictor under
-    `directory` (created, must be new). `generation`: the checkpoint's generation_config.json (its EOS ids join
+    """Write every variant (`kept`: name -> [L, k] kept indices), the dense model and the predictor (read from
+    `predictor_dir`, traced in a child process while the decoders are written) under `directory` (created, must be
+    new). `generation`: the checkpoint's generation_config.json (its EOS ids join
     config.json's in what Optimum and og read). `min_onnxruntime`: the oldest onnxruntime release every graph must
     run on (it picks the decoder's ops: floor.py). `digests` gets the data files' sha256, taken as they are written."""
     if dynamic and quantize != "none":
@@ -289,34 +289,29 @@ def emit(
     paths: dict[str, Path] = {}
     genai_paths: dict[str, Path] = {}
     total = sum(len(bindings) for _, _, (_, bindings), _ in plan)
-    with (progress or no_progress)("ONNX: tensors written", total) as advance:
-        for name, idx, (graph, bindings), graph_width in plan:
-            bind_model(
-                graph, bindings, dense_rows.maker(source, idx), writer, f"{name}.onnx_data", advance, source.release
-            )
-            paths[name] = directory / f"{name}.onnx"
-            ir.save(graph, paths[name])
-            if (twin := genai_graphs[graph_width]) is not None:
-                share_initializers(graph, twin)
-                genai_paths[name] = directory / f"{name}{GENAI_SUFFIX}"
-                ir.save(twin, genai_paths[name])
+    with PredictorTrace(directory, predictor_dir, variant_masks) as predictor_trace:
+        with (progress or no_progress)("ONNX: tensors written", total) as advance:
+            for name, idx, (graph, bindings), graph_width in plan:
+                bind_model(
+                    graph, bindings, dense_rows.maker(source, idx), writer, f"{name}.onnx_data", advance, source.release
+                )
+                paths[name] = directory / f"{name}.onnx"
+                ir.save(graph, paths[name])
+                if (twin := genai_graphs[graph_width]) is not None:
+                    share_initializers(graph, twin)
+                    genai_paths[name] = directory / f"{name}{GENAI_SUFFIX}"
+                    ir.save(twin, genai_paths[name])
+        predictor_path = predictor_trace.wait()
     del dense_rows
     order = [*kept, DENSE_NAME]  # variants, then dense, as everywhere else
     paths = {n: paths[n] for n in order}
     genai_paths = {n: genai_paths[n] for n in order if n in genai_paths}
     dynamic_inputs = emit_dynamic(directory, *pruned, *dense) if dynamic else None
 
-    predictor_graph = trace_predictor(predictor, variant_masks)
-    predictor_writer = DataWriter(directory)
-    for name, value in predictor_graph.graph.initializers.items():
-        array = value.const_value.numpy()
-        if array.nbytes >= EXTERNAL_THRESHOLD:
-            location = predictor_writer.write(f"{PREDICTOR_NAME}.onnx_data", array)
-            value.const_value = external(name, array.dtype, array.shape, location, directory)
-    predictor_path = directory / f"{PREDICTOR_NAME}.onnx"
-    ir.save(predictor_graph, predictor_path)
-    for data in (writer, predictor_writer) if digests is not None else ():
-        data.record(digests)
+    if digests is not None:
+        writer.record(digests)
+        for data in directory.glob(f"{PREDICTOR_NAME}.onnx_data"):
+            digests.hash_soon(data)
 
     write_json(directory / "config.json", hf_config(cfg.replace(intermediate_size=next(iter(kept.values())).shape[1])))
     token_ids = generation_config(cfg, generation or {})

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ifp_export.chat import client_tokenizer_config, write_client_files
-from ifp_export.checkpoint import TOKENIZER_FILE
+from ifp_export.checkpoint import PREDICTOR_DIR, TOKENIZER_FILE
 from ifp_export.errors import IFPError
 from ifp_export.model.config import generation_config
 from ifp_export.pipeline import ExportContext
@@ -36,7 +36,7 @@ class EmitOnnxPass:
             ctx.workdir / ONNX_DIR,
             ckpt.weights,
             {v.name: v.kept.numpy() for v in variants},
-            ckpt.predictor,
+            ckpt.root / PREDICTOR_DIR,
             torch.stack([v.mask for v in variants]),
             ctx.options.quantize,
             ctx.options.mode == "dynamic",

@@ -1,16 +1,30 @@
 """The predictor graph with the routing head folded in, traced with the dynamo exporter (it is small; the decoder
-is built from the config instead: build.build_decoder)."""
+is built from the config instead: build.build_decoder).
+
+The export traces it in a child process (`PredictorTrace`, `predictor_process`): the dynamo exporter imports ~75 MiB
+of modules (torch._dynamo, torch.onnx's exporter, onnxscript's torchlib) and leaves ~20 MiB more behind, all of it
+held to the end of the process that traces, and the export's peak comes later (validation's ONNX Runtime run of the
+dense model: bench model 1.60x its weights with the trace in process)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import TracebackType
 
 import onnx_ir as ir
 import torch
 from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 from torch import nn
 
+from ifp_export.fsutil import write_safetensors
 from ifp_export.masks import standardize
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.quiet import quiet
+
+MASKS_TENSOR = "variant_masks"
 
 
 class PredictorRouter(nn.Module):
@@ -63,3 +77,37 @@ def trace_predictor(predictor: SparsityPredictor, variant_masks: torch.Tensor) -
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     router = PredictorRouter(predictor, variant_masks)
     return trace(router, args, shapes, ["input_ids", "attention_mask"], ["scores", "variant_scores"])
+
+
+class PredictorTrace:
+    """`predictor_process` run as a child process: it loads the predictor from `predictor_dir`, traces it with the
+    routing head of `variant_masks` and writes `predictor.onnx` (+ data) into `directory`. Started on entry, so it
+    runs beside what the caller does next (the decoders' binding: mostly I/O, one core); `wait` returns the graph's
+    path or raises with the child's last output line; leaving the block early stops the child."""
+
+    def __init__(self, directory: Path, predictor_dir: Path, variant_masks: torch.Tensor) -> None:
+        self.directory, self.predictor_dir, self.variant_masks = directory, predictor_dir, variant_masks
+
+    def __enter__(self) -> PredictorTrace:
+        self.scratch = tempfile.TemporaryDirectory(prefix="ifp-predictor-")
+        masks = Path(self.scratch.name) / "variant_masks.safetensors"
+        write_safetensors(masks, {MASKS_TENSOR: self.variant_masks})
+        self.log = tempfile.TemporaryFile()
+        command = [sys.executable, "-m", "ifp_export.targets.onnx.predictor_process"]
+        command += [str(self.predictor_dir), str(masks), str(self.directory)]
+        self.child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait(self) -> Path:
+        if self.child.wait() != 0:
+            self.log.seek(0)
+            lines = self.log.read().decode(errors="replace").strip().splitlines() or ["(no output)"]
+            raise RuntimeError(f"tracing the predictor failed (exit {self.child.returncode}): {lines[-1]}")
+        return self.directory / "predictor.onnx"
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+        self.log.close()
+        self.scratch.cleanup()

@@ -1,0 +1,43 @@
+"""`python -m ifp_export.targets.onnx.predictor_process PREDICTOR_DIR MASKS OUT_DIR`: the predictor graph, traced
+and written in a process of its own (`predictor.PredictorTrace` says why): PREDICTOR_DIR is a checkpoint's predictor
+directory, MASKS a safetensors file with the variants' masks [V, L, d_ff], OUT_DIR where `predictor.onnx` and its
+data file go."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+
+from ifp_export.checkpoint import predictor_from_dir
+from ifp_export.fsutil import read_safetensors
+from ifp_export.model.predictor import SparsityPredictor
+from ifp_export.targets.onnx.emitter import EXTERNAL_THRESHOLD, PREDICTOR_NAME, DataWriter, external
+from ifp_export.targets.onnx.predictor import MASKS_TENSOR, trace_predictor
+
+
+def write_predictor(directory: Path, predictor: SparsityPredictor, variant_masks: torch.Tensor) -> Path:
+    """`predictor.onnx` with the routing head folded in; tensors of `EXTERNAL_THRESHOLD` bytes or more go to
+    `predictor.onnx_data`."""
+    graph = trace_predictor(predictor, variant_masks)
+    writer = DataWriter(directory)
+    for name, value in graph.graph.initializers.items():
+        array = value.const_value.numpy()
+        if array.nbytes >= EXTERNAL_THRESHOLD:
+            location = writer.write(f"{PREDICTOR_NAME}.onnx_data", array)
+            value.const_value = external(name, array.dtype, array.shape, location, directory)
+    path = directory / f"{PREDICTOR_NAME}.onnx"
+    ir.save(graph, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    predictor_dir, masks, directory = (Path(arg) for arg in (sys.argv[1:] if argv is None else argv))
+    torch.set_num_threads(1)  # tracing is Python work; the parent binds decoders on the other core meanwhile
+    write_predictor(directory, predictor_from_dir(predictor_dir), read_safetensors(masks)[MASKS_TENSOR])
+
+
+if __name__ == "__main__":
+    main()
