@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from ifp_export.checkpoint import PREDICTOR_DIR
 from ifp_export.cli import bundled_sample, main
 from ifp_export.fold import fold_decoder, relative_difference
+from ifp_export.fsutil import write_safetensors
 from ifp_export.generate import greedy_generate
 from ifp_export.masks import encode_prompts, routing_scores
 from ifp_export.ort import OrtDecoder, session
@@ -123,6 +127,36 @@ def test_leaving_early_stops_the_predictor_trace(sample_export: ExportContext, t
         raise KeyError("an error while binding")
     assert child.returncode is not None and child.returncode < 0  # killed, not finished
     assert not scratch.exists()
+
+
+def test_the_predictor_trace_dies_with_a_killed_export(sample_export: ExportContext, tmp_path: Path) -> None:
+    """A SIGKILLed export leaves no child tracing into its work directory: the child dies with it before it writes."""
+    script = (
+        "import sys, time; from pathlib import Path; from safetensors.torch import load_file\n"
+        "from ifp_export.targets.onnx.predictor import PredictorTrace\n"
+        "masks = load_file(sys.argv[3])['masks']\n"
+        "with PredictorTrace(Path(sys.argv[1]), Path(sys.argv[2]), masks) as trace:\n"
+        "    print(trace.child.pid, flush=True); time.sleep(60)\n"
+    )
+    (tmp_path / "onnx").mkdir()
+    write_safetensors(tmp_path / "masks.safetensors", {"masks": torch.stack([v.mask for v in sample_export.variants])})
+    arguments = [tmp_path / "onnx", sample_export.checkpoint.root / PREDICTOR_DIR, tmp_path / "masks.safetensors"]
+    parent = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process_state(child) not in ("Z", "gone"):
+        time.sleep(0.05)
+    assert process_state(child) in ("Z", "gone")
+    assert not any((tmp_path / "onnx").iterdir())  # left alone, it would have written predictor.onnx
+
+
+def process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
 
 
 def test_weights_are_stored_once(exported: ExportContext) -> None:

@@ -8,6 +8,7 @@ dense model: bench model 1.60x its weights with the trace in process)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,7 @@ class PredictorTrace:
         write_safetensors(masks, {MASKS_TENSOR: self.variant_masks})
         self.log = tempfile.TemporaryFile()
         command = [sys.executable, "-m", "ifp_export.targets.onnx.predictor_process"]
-        command += [str(self.predictor_dir), str(masks), str(self.directory)]
+        command += [str(self.predictor_dir), str(masks), str(self.directory), str(os.getpid())]
         self.child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
         return self
 

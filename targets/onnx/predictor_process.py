@@ -1,11 +1,16 @@
-"""`python -m ifp_export.targets.onnx.predictor_process PREDICTOR_DIR MASKS OUT_DIR`: the predictor graph, traced
-and written in a process of its own (`predictor.PredictorTrace` says why): PREDICTOR_DIR is a checkpoint's predictor
-directory, MASKS a safetensors file with the variants' masks [V, L, d_ff], OUT_DIR where `predictor.onnx` and its
-data file go."""
+"""`python -m ifp_export.targets.onnx.predictor_process PREDICTOR_DIR MASKS OUT_DIR PARENT_PID`: the predictor graph,
+traced and written in a process of its own (`predictor.PredictorTrace` says why): PREDICTOR_DIR is a checkpoint's
+predictor directory, MASKS a safetensors file with the variants' masks [V, L, d_ff], OUT_DIR where `predictor.onnx`
+and its data file go. It dies with PARENT_PID, the export: a killed export leaves no process writing into its work
+directory. Its last output line, on failure, is the error in one line."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 import onnx_ir as ir
@@ -33,10 +38,27 @@ def write_predictor(directory: Path, predictor: SparsityPredictor, variant_masks
     return path
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with(parent: int) -> None:
+    """SIGKILL this process when `parent` exits (at once if it already has)."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
-    predictor_dir, masks, directory = (Path(arg) for arg in (sys.argv[1:] if argv is None else argv))
+    predictor_dir, masks, directory, parent = sys.argv[1:] if argv is None else argv
+    die_with(int(parent))
     torch.set_num_threads(1)  # tracing is Python work; the parent binds decoders on the other core meanwhile
-    write_predictor(directory, predictor_from_dir(predictor_dir), read_safetensors(masks)[MASKS_TENSOR])
+    try:
+        predictor = predictor_from_dir(Path(predictor_dir))
+        write_predictor(Path(directory), predictor, read_safetensors(Path(masks))[MASKS_TENSOR])
+    except Exception as error:
+        traceback.print_exc()
+        print(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
