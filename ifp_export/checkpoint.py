@@ -120,27 +120,20 @@ def read_spec(root: Path) -> dict[str, Any]:
     return spec
 
 
-def read_predictor(directory: Path, format_version: int) -> Predictor:
-    """The encoder (`ifp-sparsity-predictor`) or, from format_version 2, the LM predictor (`ifp-lm-predictor`)."""
-    raw = read_json(directory / "config.json", "predictor config")
-    if format_version < 2 and is_lm_predictor(raw):
+def read_predictor(directory: Path, format_version: int = FORMAT_VERSION) -> Predictor:
+    """The encoder (`ifp-sparsity-predictor`) or, from format_version 2 (the checkpoint's ifp.json), the LM predictor
+    (`ifp-lm-predictor`)."""
+    path = directory / "config.json"
+    raw = read_json(path, "predictor config")
+    if not (isinstance(raw, dict) and raw.get("format") == LM_PREDICTOR_FORMAT):
+        return load_predictor(directory)
+    if format_version < 2:
         raise IFPError(
             f"an {LM_PREDICTOR_FORMAT!r} predictor needs ifp.json format_version 2, not {format_version}",
             directory.parent / SPEC_FILE,
             'set "format_version": 2 in ifp.json',
         )
-    return predictor_from_dir(directory)
-
-
-def predictor_from_dir(directory: Path) -> Predictor:
-    """The predictor in `directory`, of the kind its config.json names (a checkpoint's was checked by
-    `read_predictor`)."""
-    raw = read_json(directory / "config.json", "predictor config")
-    return load_lm_predictor(directory, raw) if is_lm_predictor(raw) else load_predictor(directory)
-
-
-def is_lm_predictor(raw: Any) -> bool:
-    return isinstance(raw, dict) and raw.get("format") == LM_PREDICTOR_FORMAT
+    return load_lm_predictor(directory, raw)
 
 
 def read_tasks(path: Path) -> list[TaskPrompt]:

@@ -35,12 +35,11 @@ from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME, emit_dynamic
 from ifp_export.targets.onnx.floor import DEFAULT_FLOOR
 from ifp_export.targets.onnx.genai import GENAI_SUFFIX, write_genai_config
 from ifp_export.targets.onnx.ops import Binding, Materializer
-from ifp_export.targets.onnx.predictor import PredictorTrace
+from ifp_export.targets.onnx.predictor import PREDICTOR_NAME, PredictorTrace
 from ifp_export.weights import WeightSource, ffn_slice
 
 SHARED_DATA = "decoder_shared.onnx_data"
 DENSE_NAME = "dense"
-PREDICTOR_NAME = "predictor"
 EXTERNAL_THRESHOLD = 256  # bytes; smaller tensors stay inside each .onnx file
 ALIGNMENT = 64
 FFN_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -308,10 +307,11 @@ def emit(
     genai_paths = {n: genai_paths[n] for n in order if n in genai_paths}
     dynamic_inputs = emit_dynamic(directory, *pruned, *dense) if dynamic else None
 
+    predictor_data = directory / f"{PREDICTOR_NAME}.onnx_data"  # written by the child, hashed while cached
     if digests is not None:
         writer.record(digests)
-        for data in directory.glob(f"{PREDICTOR_NAME}.onnx_data"):
-            digests.hash_soon(data)
+        if predictor_data.is_file():
+            digests.hash_soon(predictor_data)
 
     write_json(directory / "config.json", hf_config(cfg.replace(intermediate_size=next(iter(kept.values())).shape[1])))
     token_ids = generation_config(cfg, generation or {})

@@ -25,6 +25,7 @@ from ifp_export.masks import standardize
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.quiet import quiet
 
+PREDICTOR_NAME = "predictor"
 MASKS_TENSOR = "variant_masks"
 
 
@@ -104,7 +105,7 @@ class PredictorTrace:
             self.log.seek(0)
             lines = self.log.read().decode(errors="replace").strip().splitlines() or ["(no output)"]
             raise RuntimeError(f"tracing the predictor failed (exit {self.child.returncode}): {lines[-1]}")
-        return self.directory / "predictor.onnx"
+        return self.directory / f"{PREDICTOR_NAME}.onnx"
 
     def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
         if self.child.poll() is None:

@@ -16,11 +16,11 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from ifp_export.checkpoint import predictor_from_dir
+from ifp_export.checkpoint import read_predictor
 from ifp_export.fsutil import read_safetensors
 from ifp_export.model.predictor import SparsityPredictor
-from ifp_export.targets.onnx.emitter import EXTERNAL_THRESHOLD, PREDICTOR_NAME, DataWriter, external
-from ifp_export.targets.onnx.predictor import MASKS_TENSOR, trace_predictor
+from ifp_export.targets.onnx.emitter import EXTERNAL_THRESHOLD, DataWriter, external
+from ifp_export.targets.onnx.predictor import MASKS_TENSOR, PREDICTOR_NAME, trace_predictor
 
 
 def write_predictor(directory: Path, predictor: SparsityPredictor, variant_masks: torch.Tensor) -> Path:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     die_with(int(parent))
     torch.set_num_threads(1)  # tracing is Python work; the parent binds decoders on the other core meanwhile
     try:
-        predictor = predictor_from_dir(Path(predictor_dir))
+        predictor = read_predictor(Path(predictor_dir))
         write_predictor(Path(directory), predictor, read_safetensors(Path(masks))[MASKS_TENSOR])
     except Exception as error:
         traceback.print_exc()
