@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -49,9 +50,6 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-MADV_DONTNEED = 4
-
-
 def drop_clean_file_pages(tensors: Iterable[torch.Tensor]) -> None:
     """Drop the resident pages of every file mapping that holds one of `tensors` and none of whose pages was ever
     written (each byte is the file's, re-read from the page cache when touched again); other memory is left alone.
@@ -63,7 +61,7 @@ def drop_clean_file_pages(tensors: Iterable[torch.Tensor]) -> None:
     madvise = ctypes.CDLL(None).madvise
     for start, end in clean_file_mappings():
         if any(start <= ptr < end for ptr in starts):
-            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 def clean_file_mappings() -> list[tuple[int, int]]:

@@ -307,9 +307,9 @@ def emit(
     genai_paths = {n: genai_paths[n] for n in order if n in genai_paths}
     dynamic_inputs = emit_dynamic(directory, *pruned, *dense) if dynamic else None
 
-    predictor_data = directory / f"{PREDICTOR_NAME}.onnx_data"  # written by the child, hashed while cached
     if digests is not None:
         writer.record(digests)
+        predictor_data = directory / f"{PREDICTOR_NAME}.onnx_data"  # written by the child, hashed while cached
         if predictor_data.is_file():
             digests.hash_soon(predictor_data)
 
