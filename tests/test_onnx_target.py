@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -104,45 +105,46 @@ def test_predictor_graph_routes_like_pytorch_on_heldout(exported: ExportContext)
 
 
 def test_a_failed_predictor_trace_names_the_childs_error_and_leaves_nothing(tmp_path: Path) -> None:
-    """The predictor graph is traced in a child process: its failure is one error naming what the child said, and
-    the masks file it was given is gone."""
+    """The predictor graph is traced in a child process: its failure is one error naming what the child said (here
+    before it read its masks, whose writer must not hang on the closed pipe: 4 MB, more than a pipe holds)."""
     (tmp_path / "onnx").mkdir()
     failed = pytest.raises(RuntimeError, match=r"tracing the predictor failed \(exit 1\): .*predictor config")
-    with failed, PredictorTrace(tmp_path / "onnx", tmp_path / "no-predictor", torch.ones(2, 3, 4)) as trace:
-        scratch = Path(trace.scratch.name)
+    with failed, PredictorTrace(tmp_path / "onnx", tmp_path / "no-predictor", torch.ones(8, 32, 4096)) as trace:
         trace.wait()
-    assert not scratch.exists()
     assert not any((tmp_path / "onnx").iterdir())
 
 
 def test_leaving_early_stops_the_predictor_trace(sample_export: ExportContext, tmp_path: Path) -> None:
-    """An error while the decoders are written (the child still tracing) stops the child and removes its inputs."""
+    """An error while the decoders are written (the child still tracing) stops the child."""
     (tmp_path / "onnx").mkdir()
     masks = torch.stack([v.mask for v in sample_export.variants])
     with (
         pytest.raises(KeyError),
         PredictorTrace(tmp_path / "onnx", sample_export.checkpoint.root / PREDICTOR_DIR, masks) as trace,
     ):
-        child, scratch = trace.child, Path(trace.scratch.name)
+        child = trace.child
         raise KeyError("an error while binding")
     assert child.returncode is not None and child.returncode < 0  # killed, not finished
-    assert not scratch.exists()
 
 
 def test_the_predictor_trace_dies_with_a_killed_export(sample_export: ExportContext, tmp_path: Path) -> None:
-    """A SIGKILLed export leaves no child tracing into its work directory: the child dies with it before it writes."""
+    """A SIGKILLed export leaves no child tracing into its work directory (the child dies with it before it writes)
+    and no file of the trace's anywhere else (the temporary directory holds what it held before the trace began)."""
     script = (
-        "import sys, time; from pathlib import Path; from safetensors.torch import load_file\n"
+        "import json, os, sys, tempfile, time; from pathlib import Path; from safetensors.torch import load_file\n"
         "from ifp_export.targets.onnx.predictor import PredictorTrace\n"
         "masks = load_file(sys.argv[3])['masks']\n"
+        "before = sorted(os.listdir(tempfile.gettempdir()))\n"
         "with PredictorTrace(Path(sys.argv[1]), Path(sys.argv[2]), masks) as trace:\n"
-        "    print(trace.child.pid, flush=True); time.sleep(60)\n"
+        "    print(json.dumps([trace.child.pid, before]), flush=True); time.sleep(60)\n"
     )
     (tmp_path / "onnx").mkdir()
+    (tmp_path / "tmp").mkdir()
     write_safetensors(tmp_path / "masks.safetensors", {"masks": torch.stack([v.mask for v in sample_export.variants])})
     arguments = [tmp_path / "onnx", sample_export.checkpoint.root / PREDICTOR_DIR, tmp_path / "masks.safetensors"]
-    parent = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE)
-    child = int(parent.stdout.readline())
+    environment = os.environ | {"TMPDIR": str(tmp_path / "tmp")}
+    parent = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE, env=environment)
+    child, before = json.loads(parent.stdout.readline())
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 60
@@ -150,6 +152,7 @@ def test_the_predictor_trace_dies_with_a_killed_export(sample_export: ExportCont
         time.sleep(0.05)
     assert process_state(child) in ("Z", "gone")
     assert not any((tmp_path / "onnx").iterdir())  # left alone, it would have written predictor.onnx
+    assert sorted(os.listdir(tmp_path / "tmp")) == before
 
 
 def process_state(pid: int) -> str:

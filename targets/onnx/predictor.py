@@ -8,19 +8,22 @@ dense model: bench model 1.60x its weights with the trace in process)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import onnx_ir as ir
+import safetensors.torch
 import torch
 from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 from torch import nn
 
-from ifp_export.fsutil import write_safetensors
 from ifp_export.masks import standardize
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.quiet import quiet
@@ -81,26 +84,34 @@ def trace_predictor(predictor: SparsityPredictor, variant_masks: torch.Tensor) -
     return trace(router, args, shapes, ["input_ids", "attention_mask"], ["scores", "variant_scores"])
 
 
+def feed(pipe: IO[bytes], data: bytes) -> None:
+    """Write `data` into `pipe` and close it; a child that died first closed its end (its log says why)."""
+    with contextlib.suppress(BrokenPipeError), pipe:
+        pipe.write(data)
+
+
 class PredictorTrace:
     """`predictor_process` run as a child process: it loads the predictor from `predictor_dir`, traces it with the
-    routing head of `variant_masks` and writes `predictor.onnx` (+ data) into `directory`. Started on entry, so it
-    runs beside what the caller does next (the decoders' binding: mostly I/O, one core); `wait` returns the graph's
-    path or raises with the child's last output line; leaving the block early stops the child."""
+    routing head of `variant_masks` (safetensors bytes on its stdin: no file to leave behind if the export is killed)
+    and writes `predictor.onnx` (+ data) into `directory`. Started on entry, so it runs beside what the caller does
+    next (the decoders' binding: mostly I/O, one core); `wait` returns the graph's path or raises with the child's
+    last output line; leaving the block early stops the child."""
 
     def __init__(self, directory: Path, predictor_dir: Path, variant_masks: torch.Tensor) -> None:
         self.directory, self.predictor_dir, self.variant_masks = directory, predictor_dir, variant_masks
 
     def __enter__(self) -> PredictorTrace:
-        self.scratch = tempfile.TemporaryDirectory(prefix="ifp-predictor-")
-        masks = Path(self.scratch.name) / "variant_masks.safetensors"
-        write_safetensors(masks, {MASKS_TENSOR: self.variant_masks})
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # unlinked at once: nothing on disk outlives the process
         command = [sys.executable, "-m", "ifp_export.targets.onnx.predictor_process"]
-        command += [str(self.predictor_dir), str(masks), str(self.directory), str(os.getpid())]
-        self.child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        command += [str(self.predictor_dir), str(self.directory), str(os.getpid())]
+        self.child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT)
+        masks = safetensors.torch.save({MASKS_TENSOR: self.variant_masks.contiguous()})
+        self.feeder = threading.Thread(target=feed, args=(self.child.stdin, masks), daemon=True)
+        self.feeder.start()  # the child reads them after its imports: the caller goes on meanwhile
         return self
 
     def wait(self) -> Path:
+        self.feeder.join()
         if self.child.wait() != 0:
             self.log.seek(0)
             lines = self.log.read().decode(errors="replace").strip().splitlines() or ["(no output)"]
@@ -111,5 +122,5 @@ class PredictorTrace:
         if self.child.poll() is None:
             self.child.kill()
             self.child.wait()
+        self.feeder.join()
         self.log.close()
-        self.scratch.cleanup()

@@ -1,8 +1,8 @@
-"""`python -m ifp_export.targets.onnx.predictor_process PREDICTOR_DIR MASKS OUT_DIR PARENT_PID`: the predictor graph,
+"""`python -m ifp_export.targets.onnx.predictor_process PREDICTOR_DIR OUT_DIR PARENT_PID < MASKS`: the predictor graph,
 traced and written in a process of its own (`predictor.PredictorTrace` says why): PREDICTOR_DIR is a checkpoint's
-predictor directory, MASKS a safetensors file with the variants' masks [V, L, d_ff], OUT_DIR where `predictor.onnx`
-and its data file go. It dies with PARENT_PID, the export: a killed export leaves no process writing into its work
-directory. Its last output line, on failure, is the error in one line."""
+predictor directory, MASKS (stdin) safetensors bytes with the variants' masks [V, L, d_ff], OUT_DIR where
+`predictor.onnx` and its data file go. It dies with PARENT_PID, the export: a killed export leaves no process writing
+into its work directory. Its last output line, on failure, is the error in one line."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import traceback
 from pathlib import Path
 
 import onnx_ir as ir
+import safetensors.torch
 import torch
 
 from ifp_export.checkpoint import read_predictor
-from ifp_export.fsutil import read_safetensors
 from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.targets.onnx.emitter import EXTERNAL_THRESHOLD, DataWriter, external
 from ifp_export.targets.onnx.predictor import MASKS_TENSOR, PREDICTOR_NAME, trace_predictor
@@ -49,12 +49,13 @@ def die_with(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    predictor_dir, masks, directory, parent = sys.argv[1:] if argv is None else argv
+    predictor_dir, directory, parent = sys.argv[1:] if argv is None else argv
     die_with(int(parent))
     torch.set_num_threads(1)  # tracing is Python work; the parent binds decoders on the other core meanwhile
     try:
         predictor = read_predictor(Path(predictor_dir))
-        write_predictor(Path(directory), predictor, read_safetensors(Path(masks))[MASKS_TENSOR])
+        masks = safetensors.torch.load(sys.stdin.buffer.read())[MASKS_TENSOR]
+        write_predictor(Path(directory), predictor, masks)
     except Exception as error:
         traceback.print_exc()
         print(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}", file=sys.stderr)
