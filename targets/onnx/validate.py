@@ -10,8 +10,8 @@ its own fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the 
 as cached logits that differ where the uncached ones agree. At most one model's ORT session, and one layer of the
 references' weights, are resident at a time. The variants' graphs are one graph fed their own
 tensors (`ifp_export.ort.graph_skeleton`), so the paths only that graph decides (the padded batch, the GenAI graph, a
-quantized graph's cached replay in pieces and its shipped kernels) run on the first model of each graph, and every
-later model's own tensors are checked on its first prompt and its own tokens, cached and uncached.
+quantized graph's uncached and cached replay and its shipped kernels) run on the first model of each graph, and every
+later model's own tensors are checked through its cache on its first prompt and a few tokens it generates.
 
 fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
 the *same dequantized weights* (that is what catches graph and binding bugs): the shipped graph's MatMulNBits
@@ -55,6 +55,9 @@ from ifp_export.weights import WeightSource
 
 VALIDATION_PROMPTS = 2
 GREEDY_TOKENS = 16  # ORT's greedy continuation of every prompt, cached; the reference checks it in one forward
+# ... of a model whose graph an earlier one ran in full (same graph, own tensors): every position of its prompt already
+# reads each own tensor; its decode steps read back the cache they wrote themselves, and the greedy choice is its own
+SHARED_GRAPH_TOKENS = 4
 THREADS = 2  # ORT runs alone (the reference after it): both cores; fixed, so the figures are the same on any machine
 
 
@@ -65,7 +68,7 @@ class OrtRun:
     ids: np.ndarray  # [B, T] left-padded prompts + the greedy continuation ORT chose, cached
     mask: np.ndarray  # [B, T]
     cached: np.ndarray | None  # [B, T, V] prefill logits, then each cached decode step's (argmax: the next token)
-    uncached: np.ndarray  # [B, T, V] one forward over `ids` with an empty cache
+    uncached: np.ndarray | None  # [B, T, V] one forward over `ids` with an empty cache
     genai: np.ndarray | None = None  # [T0, V] the GenAI-flavour graph, first prompt unpadded, cached, same tokens
     shipped: np.ndarray | None = None  # quantized only: the shipped graph's (accuracy_level 4) cached greedy logits
     load_seconds: float = 0.0
@@ -182,31 +185,37 @@ def run_onnx(
     resident: ResidentWeights,
     genai_path: Path | None,
     tokens: int = GREEDY_TOKENS,
-    shipped: bool = True,
+    graph_checked: bool = False,
 ) -> OrtRun:
     """ONNX checker, ORT load, the cached greedy continuation of `tokens` tokens and the uncached forward, and the
     GenAI-flavour graph on the first prompt (if given). A quantized graph generates as shipped (int8 activations,
     fast), then its accuracy_level 0 twin, which the reference can match at the fp32 bound, re-runs those tokens
-    uncached and through the cache (`replay_cached`); the shipped graph's logits are the quality figure. Without
-    `shipped` (a graph whose shipped kernels ran on an earlier model: the same graph but for its own tensors), the
-    twin generates itself and no quality figure is made: one session instead of two."""
+    uncached and through the cache (`replay_cached`); the shipped graph's logits are the quality figure.
+
+    `graph_checked`: an earlier model ran this graph in full (the same graph but for its own tensors), so only its own
+    tensors are left to check: it loads one session (a quantized one its twin), generates through the cache, and
+    those logits are its check (no uncached forward, no shipped figure). With no tokens to generate (`--checks quick`)
+    the prefill, one forward with an empty cache, is the check."""
     onnx.checker.check_model(str(path))
-    start = time.perf_counter()
     quantized = quantize != "none"
-    if quantized and not shipped:
+    start = time.perf_counter()
+    if quantized and graph_checked:
         decoder = OrtDecoder(exact_session(path, resident))
     else:
         decoder = decoder_session(path, resident, prepack=quantized)
     load_seconds = time.perf_counter() - start
     ids, mask, cached = generate_cached(decoder, prompts, tokens)
-    if not (quantized and shipped):  # without generated tokens (`--checks quick`) the prompts' one forward is the check
-        run = OrtRun(ids, mask, cached, cached if tokens == 0 else uncached_logits(decoder, ids, mask))
+    if tokens == 0:
+        run = OrtRun(ids, mask, None, cached)
+    elif graph_checked:
+        run = OrtRun(ids, mask, cached, None)
+    elif not quantized:
+        run = OrtRun(ids, mask, cached, uncached_logits(decoder, ids, mask))
     del decoder  # one session of this model at a time: its own FFN weights are not held twice
-    if quantized and shipped:
+    if quantized and not graph_checked and tokens:
         exact = OrtDecoder(exact_session(path, resident))
         uncached = uncached_logits(exact, ids, mask)
-        replayed = uncached if tokens == 0 else replay_cached(exact, ids, mask, ids.shape[1] - tokens)
-        run = OrtRun(ids, mask, replayed, uncached, shipped=cached)
+        run = OrtRun(ids, mask, replay_cached(exact, ids, mask, ids.shape[1] - tokens), uncached, shipped=cached)
         del exact
     run.load_seconds = load_seconds
     if genai_path is not None:
@@ -220,15 +229,16 @@ def run_onnx(
 def compare_run(
     name: str, run: OrtRun, expected: ReferenceRun, layers: int, quantize: str, tokens: int
 ) -> ValidationRow:
-    """Every position of every row, cached (if run) and uncached, against the float64 reference, under the bound its
-    own fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check. Without generated tokens
-    (`--checks quick`) the one forward over the prompts is the only check."""
+    """Every position of every row, cached and uncached (each if run), against the float64 reference, under the bound
+    its own fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check."""
     valid = run.mask.astype(bool)
     ref32, ref64 = expected.ref32[valid], expected.ref64[valid]
     noise = relative_noise(ref32, ref64)
-    checks = [compare("uncached", run.uncached[valid], ref32, ref64, layers, noise)]
-    if tokens and run.cached is not None:
-        checks.append(compare("cached", run.cached[valid], ref32, ref64, layers, noise))
+    checks = [
+        compare(name, logits[valid], ref32, ref64, layers, noise)
+        for name, logits in (("uncached", run.uncached), ("cached", run.cached))
+        if logits is not None
+    ]
     if run.genai is not None:
         first = valid[0]
         checks.append(compare("genai", run.genai, expected.ref32[0][first], expected.ref64[0][first], layers))
@@ -284,11 +294,11 @@ def validate(
     model); then the predictor graph's scores and routing. `checks="quick"`: the dense model and the first variant in
     full, every other variant by one forward over its first prompt (its weights, graph and binding; no generation, no
     GenAI graph). A model checked in full whose graphs equal an earlier one's but for its own tensors
-    (`graph_skeleton`: the variants after the first) skips what only tests the graph, the padded batch (it runs its
-    first prompt alone), the GenAI graph and a quantized graph's shipped session (its twin generates instead); its
-    generated tokens are still checked cached and uncached, which tests every own tensor (as does the one forward of a
-    model `quick` does not check in full, also run on the twin alone). A quantized export's figure against the fp32
-    model is the dense model's (one more reference stream)."""
+    (`graph_skeleton`: the variants after the first) skips what only tests the graph, the padded batch, the uncached
+    forward, the GenAI graph, and a quantized graph's shipped session (its twin generates instead): it generates
+    `SHARED_GRAPH_TOKENS` tokens from its first prompt through the cache, whose logits at every position test every own
+    tensor (as the one forward of a model `quick` does not check in full does, on the twin alone too). A quantized
+    export's figure against the fp32 model is the dense model's (one more reference stream)."""
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     layers = backbone.config.num_hidden_layers
     in_full = full_models(kept, checks)
@@ -300,13 +310,14 @@ def validate(
             shape = (graph_skeleton(path, SHARED_DATA), b"" if genai is None else graph_skeleton(genai, SHARED_DATA))
             first = cache_checked.setdefault(shape, name)
             same_as = None if first == name else first
-            # a graph already run on the padded batch needs only its own tensors checked: one prompt does that
-            tokens[name], chosen = GREEDY_TOKENS, prompts[name][: 1 if same_as else None]
+            # a graph already run in full needs only its own tensors checked: its first prompt, a few tokens
+            tokens[name] = SHARED_GRAPH_TOKENS if same_as else GREEDY_TOKENS
+            chosen = prompts[name][: 1 if same_as else None]
         else:
             tokens[name], chosen, genai = 0, prompts[name][:1], None
         genai = None if same_as else genai
-        shipped = name in in_full and not same_as  # the shipped kernels of this graph have not run yet
-        runs[name] = run_onnx(path, chosen, artifacts.quantize, resident, genai, tokens[name], shipped)
+        graph_checked = name not in in_full or same_as is not None
+        runs[name] = run_onnx(path, chosen, artifacts.quantize, resident, genai, tokens[name], graph_checked)
         same_graph_as[name] = same_as
         release_freed_memory()
     del resident  # the sessions' shared weights: not beside the reference's
@@ -337,11 +348,12 @@ def full_models(kept: dict[str, torch.Tensor | None], checks: str) -> set[str]:
 
 
 def tolerance_text(quantize: str) -> str:
+    tokens = f"prompt + {GREEDY_TOKENS} greedy tokens ({SHARED_GRAPH_TOKENS} for a graph already checked)"
     if quantize == "none":
-        return f"fp32 vs float64 PyTorch, every position of prompt + {GREEDY_TOKENS} greedy tokens: {RULE}"
+        return f"fp32 vs float64 PyTorch, every position of {tokens}: {RULE}"
     return (
         f"{quantize} weights (MatMulNBits at accuracy_level 0) vs PyTorch on the same dequantized weights in float64, "
-        f"every position of prompt + {GREEDY_TOKENS} greedy tokens: {RULE}; the shipped graph (int8 activations) vs "
+        f"every position of {tokens}: {RULE}; the shipped graph (int8 activations) vs "
         "dequantized and vs fp32 reported only"
     )
 
@@ -358,9 +370,9 @@ def validation_table(rows: list[ValidationRow], routing: list[Exactness]) -> Tab
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in rows:
         uncached, cached, genai_check = r.check("uncached"), r.check("cached"), r.check("genai")
-        cells = [r.model, f"{r.load_seconds:.2f}", f"{uncached.noise:.1e}", f"{uncached.bound:.1e}"]
-        same = "-" if r.same_graph_as is None else f"= {r.same_graph_as}"  # its graph's cache paths ran there
-        cells += [f"{uncached.error:.1e}", same if cached is None else f"{cached.error:.1e}"]
+        cells = [r.model, f"{r.load_seconds:.2f}", f"{r.checks[0].noise:.1e}", f"{r.checks[0].bound:.1e}"]
+        same = "-" if r.same_graph_as is None else f"= {r.same_graph_as}"  # its graph's own paths ran there
+        cells += [same if check is None else f"{check.error:.1e}" for check in (uncached, cached)]
         if genai:
             cells.append(same if genai_check is None else f"{genai_check.error:.1e}")
         cells += [str(sum(c.top1_disagreements for c in r.checks)), str(sum(c.near_ties for c in r.checks))]
@@ -374,7 +386,10 @@ def validation_table(rows: list[ValidationRow], routing: list[Exactness]) -> Tab
         table.add_row(*cells, "yes" if r.ok else "NO")
     table.caption = "predictor.onnx: " + "; ".join(c.text() for c in routing)
     if any(r.same_graph_as for r in rows):
-        table.caption += "; = NAME: the same graph as NAME's but for its own tensors, its cache paths checked there"
+        table.caption += (
+            f"; = NAME: the same graph as NAME's but for its own tensors (its paths checked there), its own tensors "
+            f"checked through its cache on its first prompt + {SHARED_GRAPH_TOKENS} greedy tokens"
+        )
     return table
 
 
