@@ -211,7 +211,8 @@ def lockstep_hidden(
         for index, layer in enumerate(inner.layers):
             for member, (xs, tables) in zip(members, states, strict=True):
                 kept = None if member.kept is None else member.kept[index]
-                own = layer if kept is None else fold_layer(layer, model.config, kept)
+                gather = any(not swap for _, swap in member.streams)  # else swapped() sets every FFN weight
+                own = layer if kept is None else fold_layer(layer, model.config, kept, ffn=gather)
                 run = lambda x, own=own, tables=tables: own(x, *tables[x.dtype])[0]  # noqa: E731
                 run_streams(member, xs, f"model.layers.{index}", own, run, swapped, kept)
             release(layer)

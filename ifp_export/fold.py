@@ -38,12 +38,18 @@ def fold_decoder(
     return decoder_from_state(model.config.replace(intermediate_size=int(kept.shape[1])), state)
 
 
-def fold_layer(layer: DecoderLayer, config: DecoderConfig, kept: torch.Tensor) -> DecoderLayer:
+def fold_layer(layer: DecoderLayer, config: DecoderConfig, kept: torch.Tensor, ffn: bool = True) -> DecoderLayer:
     """One decoder layer keeping the FFN neurons `kept` (ascending, [k]); shares every other weight with `layer`: a
     caller running several variants through one layer at a time (the multi-model lockstep of `ifp_export.bounds`)
-    gathers a layer's slices only while that layer runs."""
+    gathers a layer's slices only while that layer runs. Without `ffn` the FFN weights are placeholders (meta
+    tensors of their shapes), for a caller that swaps in weights of its own before the layer runs."""
     state = dict(layer.state_dict())
-    state |= kept_ffn(state, "", kept)
+    if ffn:
+        state |= kept_ffn(state, "", kept)
+    else:
+        for name in (f"mlp.{proj}.weight" for proj in FFN_PROJECTIONS):
+            shape = [len(kept) if axis == neuron_axis(name) else d for axis, d in enumerate(state[name].shape)]
+            state[name] = torch.empty(shape, dtype=state[name].dtype, device="meta")
     with torch.device("meta"):
         folded = DecoderLayer(config.replace(intermediate_size=int(kept.shape[0])))
     folded.load_state_dict(state, assign=True)

@@ -105,11 +105,11 @@ def test_a_wrong_fold_fails_the_fold_check(checkpoint: Path, tmp_path: Path, mon
     neuron of its last layer swapped for a dropped one must stop the export."""
     import ifp_export.bounds as bounds
 
-    def wrong_fold(layer, config, kept):
+    def wrong_fold(layer, config, kept, ffn=True):
         if torch.equal(kept, last_layer_kept):
             dropped = next(j for j in range(48) if j not in kept)
             kept = torch.cat((kept[1:], torch.tensor([dropped]))).sort().values
-        return fold_layer(layer, config, kept)
+        return fold_layer(layer, config, kept, ffn)
 
     ctx_variants = run_export(checkpoint, tmp_path / "ok", until="group").variants
     last_layer_kept = ctx_variants[-1].kept[-1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from ifp_export.bounds import Member, head_logits, lockstep_hidden
 from ifp_export.model.decoder import CausalLM
 from ifp_export.targets.onnx.build import build_decoder
 from ifp_export.targets.onnx.ops import Binding, dequantized_sources
-from ifp_export.weights import ModuleWeights, is_ffn
+from ifp_export.weights import ModuleWeights, is_ffn, kept_neurons, neuron_axis
 
 
 def quantized_groups(model: CausalLM, quantize: str) -> dict[str, list[Binding]]:
@@ -104,16 +105,21 @@ class LayerDequantizer:
         bindings = self.groups.get(owner, [])
         sliced = [b for b in bindings if any(s.endswith("down_proj.weight") for s in b.sources)]
         if owner != self._owner:
-            dense = lambda source: self.model.get_parameter(source).detach()  # noqa: E731
-            self._owner, self._dequantized = owner, dequantized_sources([b for b in bindings if b not in sliced], dense)
+            shared = [b for b in bindings if b not in sliced]
+            self._owner, self._dequantized = owner, dequantized_sources(shared, partial(self.own, None))
         prefix = "" if owner == "lm_head" else owner + "."
-        get = lambda source: module.get_parameter(source.removeprefix(prefix)).detach()  # noqa: E731
         weights = {n: w if kept is None or not is_ffn(n) else w[kept.numpy()] for n, w in self._dequantized.items()}
-        replaced = swap_in(self.model, weights | dequantized_sources(sliced, get), module, prefix)
+        replaced = swap_in(self.model, weights | dequantized_sources(sliced, partial(self.own, kept)), module, prefix)
         try:
             yield
         finally:
             restore(module, replaced)
+
+    def own(self, kept: torch.Tensor | None, source: str) -> torch.Tensor:
+        """A member's own slice of the dense weight `source` (gathered here: a member whose every stream runs
+        swapped gets no FFN slices from its fold, `lockstep_hidden`)."""
+        weight = self.model.get_parameter(source).detach()
+        return weight if kept is None or not is_ffn(source) else kept_neurons(weight, kept, neuron_axis(source))
 
 
 @dataclass
