@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,14 +58,17 @@ def blob_data_range(weights: Weights, offset: int) -> tuple[int, int, int]:
 def read_blob(weights: Weights, ref: BlobRef) -> np.ndarray:
     """The value of a blob-backed const (fp16, fp32, int8 or int4) as a numpy array of its shape."""
     dtype, start, size = blob_data_range(weights, ref.offset)
-    raw = bytes(weights[start : start + size])
-    if dtype == BLOB_INT4:  # packed, low nibble first; sign-extended by arithmetic shifts (torch: both cores)
-        packed = torch.frombuffer(bytearray(raw), dtype=torch.int8)
-        values = torch.stack(((packed << 4) >> 4, packed >> 4), dim=-1).view(-1)
-        return values[: int(np.prod(ref.shape))].reshape(ref.shape).numpy()
+    if dtype == BLOB_INT4:  # low nibble first, sign-extended by arithmetic shifts, from the mapped bytes (no copy)
+        with warnings.catch_warnings():  # read-only: torch only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            packed = torch.from_numpy(np.frombuffer(weights, np.int8, size, start))
+        values = torch.empty(size, 2, dtype=torch.int8)
+        torch.bitwise_right_shift(packed << 4, 4, out=values[:, 0])
+        torch.bitwise_right_shift(packed, 4, out=values[:, 1])
+        return values.view(-1)[: int(np.prod(ref.shape))].reshape(ref.shape).numpy()
     if dtype not in BLOB_DTYPES:
         raise ValueError(f"blob {ref.name} has an unexpected dtype code {dtype}")
-    return np.frombuffer(raw, dtype=BLOB_DTYPES[dtype]).reshape(ref.shape)
+    return np.frombuffer(bytes(weights[start : start + size]), dtype=BLOB_DTYPES[dtype]).reshape(ref.shape)
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,10 @@ class FunctionCheck:
 
 def quantization_bound(expected: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Allowed |dequantized - fp32| per element (float32): half a quantization step (round to nearest), plus the fp16
-    rounding of the weight before quantization and of the stored scale (2^-11 relative each, doubled)."""
-    return expected.abs().to(torch.float32).add_(scales).mul_(2.0**-10).add_(0.5 * scales).add_(2.0**-24)
+    rounding of the weight before quantization and of the stored scale (2^-11 relative each, doubled):
+    (|w| + scale) 2^-10 + scale / 2 + 2^-24, the per-block terms summed on the scales (block-sized) first."""
+    per_block = scales * (2.0**-10 + 0.5) + 2.0**-24
+    return torch.add(per_block, expected.abs(), alpha=2.0**-10)
 
 
 def tolerance_text(quantize: str) -> str:
