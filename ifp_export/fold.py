@@ -24,16 +24,20 @@ from ifp_export.weights import FFN_PROJECTIONS, SafetensorsWeights, is_ffn, kept
 
 
 def fold_decoder(
-    model: CausalLM, kept: torch.Tensor, gathered: Callable[[list[torch.Tensor]], None] = lambda tensors: None
+    model: CausalLM,
+    kept: torch.Tensor,
+    gathered: Callable[[list[torch.Tensor]], None] = lambda tensors: None,
+    placeholders: tuple[str, ...] = (),
 ) -> CausalLM:
     """A decoder keeping `kept[l]` (ascending neuron indices, [L, k]) in layer l; shares non-FFN weights.
 
     `gathered(tensors)` gets each layer's source FFN matrices once sliced (e.g. `SafetensorsWeights.release_tensors`,
-    so the gather does not leave every FFN matrix resident)."""
+    so the gather does not leave every FFN matrix resident). The FFN projections named in `placeholders` are not
+    gathered but meta tensors of their shapes, for a caller that checks them without their values."""
     state = dict(model.state_dict())
     for layer, idx in enumerate(kept):
-        sliced = kept_ffn(state, f"model.layers.{layer}.", idx)
-        gathered([state[name] for name in sliced])  # the sources, before they are replaced by their slices
+        sliced = kept_ffn(state, f"model.layers.{layer}.", idx, placeholders)
+        gathered([state[name] for name in sliced if not sliced[name].is_meta])  # the sources, before they are replaced
         state |= sliced
     return decoder_from_state(model.config.replace(intermediate_size=int(kept.shape[1])), state)
 
@@ -44,23 +48,27 @@ def fold_layer(layer: DecoderLayer, config: DecoderConfig, kept: torch.Tensor, f
     gathers a layer's slices only while that layer runs. Without `ffn` the FFN weights are placeholders (meta
     tensors of their shapes), for a caller that swaps in weights of its own before the layer runs."""
     state = dict(layer.state_dict())
-    if ffn:
-        state |= kept_ffn(state, "", kept)
-    else:
-        for name in (f"mlp.{proj}.weight" for proj in FFN_PROJECTIONS):
-            shape = [len(kept) if axis == neuron_axis(name) else d for axis, d in enumerate(state[name].shape)]
-            state[name] = torch.empty(shape, dtype=state[name].dtype, device="meta")
+    state |= kept_ffn(state, "", kept, () if ffn else FFN_PROJECTIONS)
     with torch.device("meta"):
         folded = DecoderLayer(config.replace(intermediate_size=int(kept.shape[0])))
     folded.load_state_dict(state, assign=True)
     return folded.eval().requires_grad_(False)
 
 
-def kept_ffn(state: dict[str, torch.Tensor], prefix: str, kept: torch.Tensor) -> dict[str, torch.Tensor]:
+def kept_ffn(
+    state: dict[str, torch.Tensor], prefix: str, kept: torch.Tensor, placeholders: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
     """The FFN matrices of `state` under `prefix` keeping neurons `kept`: row j of gate_proj/up_proj and column j of
-    down_proj go with neuron j."""
-    names = [f"{prefix}mlp.{proj}.weight" for proj in FFN_PROJECTIONS]
-    return {name: kept_neurons(state[name], kept, neuron_axis(name)) for name in names}
+    down_proj go with neuron j; the projections in `placeholders` as meta tensors of that shape (nothing gathered)."""
+    sliced = {}
+    for proj in FFN_PROJECTIONS:
+        name, axis = f"{prefix}mlp.{proj}.weight", neuron_axis(proj)
+        if proj in placeholders:
+            shape = [len(kept) if i == axis else d for i, d in enumerate(state[name].shape)]
+            sliced[name] = torch.empty(shape, dtype=state[name].dtype, device="meta")
+        else:
+            sliced[name] = kept_neurons(state[name], kept, axis)
+    return sliced
 
 
 def write_variant_checkpoint(weights: SafetensorsWeights, kept: torch.Tensor, directory: Path) -> None:

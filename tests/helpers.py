@@ -292,3 +292,32 @@ def ort_quantize(matrix: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]
     routine = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     routine(blocks, matrix, scales, zero_points, BLOCK_SIZE, n, k, True)
     return blocks, scales
+
+
+def assert_rows_checked_as_dense_rows(
+    art: Any, full: Callable[[str], Any], dense: Any, kept: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Core ML validation as it runs (`FunctionReferences`: a variant's gate/up checked as the dense function's rows,
+    byte for byte) gives every function's figures, and each variant gate/up's per-row figures, exactly as comparing
+    every weight of every full fold with PyTorch does, without gathering a variant's gate/up."""
+    from ifp_export.targets import coreml
+    from ifp_export.targets.coreml import validate
+    from ifp_export.weights import kept_neurons
+
+    expected = coreml.check_decoder_package(art, full)
+    check, compared = validate.DenseRows.check, []
+
+    def per_row(self, weights, name, ref, tensor, compare, indices) -> tuple[np.ndarray, np.ndarray]:
+        got = check(self, weights, name, ref, tensor, compare, indices)
+        if indices is not None:  # this variant's rows gathered and compared with PyTorch, as the full check does
+            rows = kept_neurons(self.dense.get_parameter(name).detach(), indices[int(name.split(".")[2])], 0)
+            compared.append(all(np.array_equal(g, e) for g, e in zip(got, compare(rows), strict=True)))
+        return got
+
+    def gathered(*args: Any) -> None:
+        raise AssertionError("a variant's gate/up were gathered: their bytes should have matched the dense rows")
+
+    monkeypatch.setattr(validate.DenseRows, "check", per_row)
+    monkeypatch.setattr(validate, "kept_neurons", gathered)
+    assert coreml.check_decoder_package(art, coreml.FunctionReferences(dense, kept)) == expected
+    assert compared and all(compared), compared

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_rows_checked_as_dense_rows
 from rich.console import Console
 
 from ifp_export.fold import fold_decoder, kept_indices
@@ -72,7 +73,14 @@ def references(models) -> dict[str, CausalLM]:
 
 
 def check(art: coreml.CoreMLArtifacts, models) -> list[coreml.FunctionCheck]:
+    """Every function against its own fold, every weight compared with PyTorch."""
     return coreml.check_decoder_package(art, references(models).__getitem__)
+
+
+def check_by_rows(art: coreml.CoreMLArtifacts, models) -> list[coreml.FunctionCheck]:
+    """As validation runs it: the variants' gate/up checked against the dense function's rows (`DenseRows`)."""
+    dense, _, _, masks = models
+    return coreml.check_decoder_package(art, coreml.FunctionReferences(dense, kept(masks)))
 
 
 def fp16_ideal(models) -> int:
@@ -170,9 +178,18 @@ def test_tampered_quantized_weight_fails_validation(quantized, models, tmp_path:
     path.write_bytes(bytes(data))
     tampered = coreml.open_artifacts(copy, models[0].config.max_position_embeddings, list(models[1]), mode)
     assert tampered.ideal_bytes == art.ideal_bytes
-    rows = {r.function: r for r in check(tampered, models)}
-    assert not rows[name].ok and rows[name].bound_ratio > 1
-    assert all(r.ok for f, r in rows.items() if f != name)
+    for checked in (check, check_by_rows):  # by rows: its bytes differ from the dense rows, so compared in full
+        rows = {r.function: r for r in checked(tampered, models)}
+        assert not rows[name].ok and rows[name].bound_ratio > 1, checked
+        assert all(r.ok for f, r in rows.items() if f != name)
+
+
+def test_variant_gate_up_checked_as_dense_rows_give_the_full_figures(quantized, models, monkeypatch) -> None:
+    """A variant's gate/up are the dense function's rows of its kept neurons, byte for byte (quantized along the
+    row): checked that way, never gathered nor compared again, the figures equal the full check's."""
+    _, art = quantized
+    dense, _, _, masks = models
+    assert_rows_checked_as_dense_rows(art, references(models).__getitem__, dense, kept(masks), monkeypatch)
 
 
 def test_quantized_emit_is_reproducible(quantized, models, tmp_path: Path) -> None:

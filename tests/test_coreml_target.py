@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_rows_checked_as_dense_rows
 from tiny import make_checkpoint, run_export
 
 from ifp_export.cli import bundled_sample
@@ -58,7 +59,7 @@ def kept(ctx: ExportContext) -> dict[str, np.ndarray]:
 
 def references(ctx: ExportContext) -> dict[str, CausalLM]:
     """Every function's reference (the tiny test models only; the target itself folds one at a time)."""
-    reference = coreml.reference_models(ctx.checkpoint.backbone, kept(ctx))
+    reference = coreml.FunctionReferences(ctx.checkpoint.backbone, kept(ctx))
     return {name: reference(name) for name in artifacts(ctx).functions}
 
 
@@ -151,13 +152,22 @@ def test_shared_weights_are_stored_once(exported: ExportContext) -> None:
     assert len(by_offset) > 3 * exported.checkpoint.backbone.config.num_hidden_layers
 
 
-def test_tampered_ffn_weight_fails_validation(exported: ExportContext, tmp_path: Path) -> None:
+def test_variant_gate_up_checked_as_dense_rows_give_the_full_figures(exported: ExportContext, monkeypatch) -> None:
+    """fp16: a variant's gate/up blobs are the dense function's rows of its kept neurons, byte for byte: checked that
+    way, never gathered, the figures equal those of comparing every weight."""
+    full = references(exported).__getitem__
+    dense = exported.checkpoint.backbone
+    assert_rows_checked_as_dense_rows(artifacts(exported), full, dense, kept(exported), monkeypatch)
+
+
+@pytest.mark.parametrize("projection", ["down_proj", "gate_proj"])
+def test_tampered_ffn_weight_fails_validation(exported: ExportContext, tmp_path: Path, projection: str) -> None:
     art = artifacts(exported)
     copy = tmp_path / "coreml"
     shutil.copytree(art.directory, copy)
     spec = coreml.coremltools().utils.load_spec(str(copy / coreml.DECODER_PACKAGE))
     name = art.functions[1]
-    ref = coreml.function_blobs(spec, name)[coreml.const_name("model.layers.0.mlp.down_proj.weight")]
+    ref = coreml.function_blobs(spec, name)[coreml.const_name(f"model.layers.0.mlp.{projection}.weight")]
     path = coreml.package_weights_path(copy / coreml.DECODER_PACKAGE)
     data = bytearray(path.read_bytes())
     _, start, size = coreml.blob_data_range(data, ref.offset)
@@ -166,7 +176,7 @@ def test_tampered_ffn_weight_fails_validation(exported: ExportContext, tmp_path:
     path.write_bytes(bytes(data))
     names = [v.name for v in exported.variants]
     tampered = coreml.open_artifacts(copy, exported.checkpoint.backbone.config.max_position_embeddings, names)
-    reference = coreml.reference_models(exported.checkpoint.backbone, kept(exported))
+    reference = coreml.FunctionReferences(exported.checkpoint.backbone, kept(exported))
     rows = {r.function: r for r in coreml.check_decoder_package(tampered, reference)}
     assert not rows[name].ok
     assert all(r.ok for f, r in rows.items() if f != name)
@@ -191,7 +201,9 @@ def test_norm_and_rope_structure_is_checked(exported: ExportContext, tmp_path: P
     path.write_bytes(bytes(data))
     names = [v.name for v in exported.variants]
     tampered = coreml.open_artifacts(copy, cfg.max_position_embeddings, names)
-    rows = coreml.check_decoder_package(tampered, coreml.reference_models(exported.checkpoint.backbone, kept(exported)))
+    rows = coreml.check_decoder_package(
+        tampered, coreml.FunctionReferences(exported.checkpoint.backbone, kept(exported))
+    )
     assert all(not r.ok and any("rope_cos_table" in m for m in r.missing) for r in rows)
 
 
@@ -219,7 +231,7 @@ def test_coreml_predictions_match_pytorch(exported: ExportContext) -> None:
     ckpt = exported.checkpoint
     prompt = ckpt.tokenizer.encode(ckpt.tasks[exported.variants[0].prompt_indices[0]].prompt).ids
     art = artifacts(exported)
-    reference = coreml.reference_models(exported.checkpoint.backbone, kept(exported))
+    reference = coreml.FunctionReferences(exported.checkpoint.backbone, kept(exported))
     parity = coreml.coreml_parity(art.decoder, art.functions, reference, prompt, decode_steps=8)
     assert set(parity) == set(artifacts(exported).functions)
     assert all(check.ok for check in parity.values()), [check.text() for check in parity.values()]
@@ -256,5 +268,5 @@ def test_dedup_ratio_on_a_model_where_weights_dominate(tmp_path: Path) -> None:
     assert ideal > 20_000_000
     assert art.disk_bytes / ideal <= 1.02, (art.disk_bytes, ideal)
     assert art.dedup_ratio <= 1.02, (art.disk_bytes, art.ideal_bytes, art.dedup_ratio)
-    rows = coreml.check_decoder_package(art, coreml.reference_models(dense, indices))
+    rows = coreml.check_decoder_package(art, coreml.FunctionReferences(dense, indices))
     assert all(r.ok for r in rows)

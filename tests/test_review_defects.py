@@ -70,10 +70,11 @@ def test_core_ml_weight_check_fails_a_weight_stored_as_inf() -> None:
     tensor = torch.tensor([1.0, 70000.0, -1e6], dtype=torch.bfloat16)
     stored = tensor.float().numpy().astype(np.float16)  # what an fp16 blob holds: [1, inf, -inf]
     assert np.isinf(stored[1:]).all()
-    difference, exact = blob_difference(stored, tensor)
-    assert not exact and difference == float("inf")
+    difference, exact = blob_difference(stored, tensor)  # per row: one, for a vector
+    assert exact.tolist() == [False] and difference.tolist() == [float("inf")]
     fine = torch.tensor([1.0, 65504.0, -0.5])
-    assert blob_difference(fine.numpy().astype(np.float16), fine) == (0.0, True)
+    difference, exact = blob_difference(fine.numpy().astype(np.float16), fine)
+    assert exact.tolist() == [True] and difference.tolist() == [0.0]
 
 
 def test_an_export_whose_weight_overflows_fp16_fails_validation(

@@ -49,11 +49,11 @@ from ifp_export.targets.coreml.parity import (
 from ifp_export.targets.coreml.quantize import INT4_BLOCK_SIZE, QUANTIZED_SUFFIX
 from ifp_export.targets.coreml.validate import (
     FunctionCheck,
+    FunctionReferences,
     check_decoder_package,
     check_predictor_package,
     feature_signature,
     open_artifacts,
-    reference_models,
     validate_export,
     validation_table,
 )
@@ -74,6 +74,7 @@ __all__ = [
     "CoreMLArtifacts",
     "EmitCoreMLPass",
     "FunctionCheck",
+    "FunctionReferences",
     "QuantizedRef",
     "blob_data_range",
     "causal_mask",
@@ -93,7 +94,6 @@ __all__ = [
     "package_weights_path",
     "read_blob",
     "reference_cached",
-    "reference_models",
     "relative_diff",
     "run_cached",
     "validate_export",

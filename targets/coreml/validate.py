@@ -25,9 +25,12 @@ from ifp_export.model.predictor import SparsityPredictor
 from ifp_export.pipeline import ExportContext
 from ifp_export.quiet import quiet
 from ifp_export.targets.coreml.blobs import (
+    BLOB_DTYPES,
+    BLOB_INT4,
     BlobRef,
     QuantizedRef,
     Weights,
+    blob_data_range,
     distinct_blob_bytes,
     function_blobs,
     function_quantized,
@@ -51,7 +54,9 @@ from ifp_export.targets.coreml.parity import coreml_parity
 from ifp_export.targets.coreml.predictor import PREDICTOR_INPUTS, CoreMLPredictorRouter
 from ifp_export.targets.coreml.quantize import INT4_BLOCK_SIZE, QUANTIZED_SUFFIX
 from ifp_export.targets.onnx import DENSE_NAME, FFN_PARAMS
+from ifp_export.weights import kept_neurons
 
+ROW_LOCAL = ("gate_proj", "up_proj")  # [d_ff, hidden]: one row per neuron, quantized along it (`DenseRows`)
 COMPARE_CHUNK = 1 << 20  # elements of a weight compared at once (4 MB in fp32: in cache, ~3x faster than 16 MB)
 
 
@@ -135,7 +140,9 @@ def check_weights(
     skip: set[str],
     quantized: dict[str, QuantizedRef] | None = None,
     release: Callable[[], None] = lambda: None,
-    compared: dict[tuple, tuple[float, float | bool]] | None = None,
+    compared: dict[tuple, tuple[np.ndarray, np.ndarray]] | None = None,
+    rows: DenseRows | None = None,
+    kept: np.ndarray | None = None,
 ) -> tuple[int, int, float, bool, list[str], int, float]:
     """Read every tensor of `model` back from weight.bin by its const name; (checked, FFN checked, max |diff|,
     all equal to the tensor's fp16 rounding / within the quantization bound, names not found, quantized checked,
@@ -143,7 +150,9 @@ def check_weights(
     tensor must be one of them. `release()` runs before each tensor (drops the pages read for the last one).
     `compared` (shared across a package's functions) keeps each comparison by blob offset and the tensor's memory:
     a shared weight, the same blob against the same tensor in every function, is compared once, while a function's
-    own tensor (a fold's FFN slice is its own memory) is always compared, even if its blob were another's."""
+    own tensor (a fold's FFN slice is its own memory) is always compared, even if its blob were another's.
+    `rows` (a decoder package's, the dense function checked first) and `kept` ([L, k], None for the dense function)
+    check the row-local FFN weights (`DenseRows`)."""
     compared = {} if compared is None else compared
     checked = ffn = nquantized = 0
     worst, exact, missing, ratio = 0.0, True, [], 0.0
@@ -156,34 +165,100 @@ def check_weights(
             if qref.shape != tuple(tensor.shape):
                 missing.append(name)
                 continue
-            if key not in compared or key[0] is None:
-                compared[key] = quantized_difference(*quantized_parts(weights, qref), tensor)
-            diff, bound = compared[key]
-            worst, ratio = max(worst, diff), max(ratio, bound)
-            checked += 1
-            nquantized += 1
-            ffn += name.rsplit(".", 2)[-2] in FFN_PARAMS
-            continue
-        if quantized is not None and tensor.dim() == 2 and name not in skip:
+            compare = lambda tensor, qref=qref: quantized_difference(*quantized_parts(weights, qref), tensor)  # noqa: E731
+        elif quantized is not None and tensor.dim() == 2 and name not in skip:
             missing.append(f"{name} (not quantized)")
             continue
-        if ref is None:
+        elif ref is None:
             # no blob: tied (lm_head), tiny (inlined), or an identity the converter removed (x * ones, x + zeros)
-            identity = bool((tensor == 1).all() or (tensor == 0).all())
+            identity = not tensor.is_meta and bool((tensor == 1).all() or (tensor == 0).all())
             if name not in skip and tensor.numel() >= 2 and not identity:
                 missing.append(name)
             continue
-        if ref.shape != tuple(tensor.shape):
+        elif ref.shape != tuple(tensor.shape):
             missing.append(name)
             continue
-        if key not in compared:
-            compared[key] = blob_difference(read_blob(weights, ref), tensor)
-        diff, equal = compared[key]
-        worst = max(worst, diff)
-        exact &= equal
+        else:
+            compare = lambda tensor, ref=ref: blob_difference(read_blob(weights, ref), tensor)  # noqa: E731
+        if rows is not None and rows.covers(name):
+            diff, second = rows.check(weights, name, qref or ref, tensor, compare, kept)
+        else:
+            if key not in compared or key[0] is None:
+                compared[key] = compare(tensor)
+            diff, second = compared[key]
+        worst = max(worst, float(diff.max()))
+        if qref is not None:
+            ratio = max(ratio, float(second.max()))
+            nquantized += 1
+        else:
+            exact &= bool(second.all())
         checked += 1
         ffn += name.rsplit(".", 2)[-2] in FFN_PARAMS
     return checked, ffn, worst, exact and ratio <= 1.0, missing, nquantized, ratio
+
+
+class DenseRows:
+    """The row-local FFN weights of a decoder package (gate/up: [d_ff, hidden], one row per neuron, quantized along
+    the row), checked against the dense function's. A variant's are the dense rows of its kept neurons, and every
+    mode (fp16, int8 per row, int4 in blocks of a row's inputs) stores a row the same whatever other rows the
+    function keeps, so they are compared byte for byte with the dense function's rows (checked first against
+    PyTorch, row by row), and take those rows' figures: what comparing them with PyTorch again would give, without
+    gathering or comparing them. A variant whose bytes differ is compared with PyTorch in full (its kept rows
+    gathered from the dense weights), so a wrong byte fails as it would without this."""
+
+    def __init__(self, dense: nn.Module) -> None:
+        self.dense = dense
+        self.stored: dict[str, list[np.ndarray] | None] = {}  # HF name -> the dense function's stored rows
+        self.figures: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # HF name -> per-row (max |Δ|, ratio or exact)
+
+    @staticmethod
+    def covers(name: str) -> bool:
+        return name.rsplit(".", 2)[-2] in ROW_LOCAL
+
+    def check(
+        self,
+        weights: Weights,
+        name: str,
+        ref: BlobRef | QuantizedRef,
+        tensor: torch.Tensor,
+        compare: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]],
+        kept: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row figures of the weight `name` stored at `ref`: the dense function's compared with `tensor` and
+        kept; a variant's (`kept`: its [L, k] indices; `tensor` may be a placeholder) by its bytes."""
+        stored = stored_rows(weights, ref)
+        if kept is None:
+            self.stored[name], self.figures[name] = stored, compare(tensor)
+            return self.figures[name]
+        rows = kept[int(name.split(".")[2])]
+        dense = self.stored.get(name)
+        same = stored is not None and dense is not None and len(stored) == len(dense)
+        if same and all(np.array_equal(mine, theirs[rows]) for mine, theirs in zip(stored, dense, strict=True)):
+            return tuple(figure[rows] for figure in self.figures[name])
+        return compare(kept_neurons(self.dense.get_parameter(name).detach(), rows, 0))
+
+
+def stored_rows(weights: Weights, ref: BlobRef | QuantizedRef) -> list[np.ndarray] | None:
+    """The bytes of a [N, ...] weight as stored, per part (quantized: data, scale, offset), as [N, bytes] rows (views
+    of the mapped weight.bin; inline parts as they are); None if a part's rows do not each fill whole bytes."""
+    parts = [ref] if isinstance(ref, BlobRef) else [p for p in (ref.data, ref.scale, ref.offset) if p is not None]
+    rows = ref.shape[0]
+    out = []
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            if part.shape[0] != rows:
+                return None
+            out.append(part.reshape(rows, -1))
+            continue
+        dtype, start, _ = blob_data_range(weights, part.offset)
+        if dtype != BLOB_INT4 and dtype not in BLOB_DTYPES:
+            return None
+        bits = 4 if dtype == BLOB_INT4 else 8 * np.dtype(BLOB_DTYPES[dtype]).itemsize
+        row_bits = bits * int(np.prod(part.shape[1:]))
+        if part.shape[0] != rows or row_bits % 8:
+            return None
+        out.append(np.frombuffer(weights, np.uint8, rows * row_bits // 8, start).reshape(rows, -1))
+    return out
 
 
 def blob_key(ref: BlobRef | QuantizedRef | None) -> tuple | None:
@@ -194,19 +269,23 @@ def blob_key(ref: BlobRef | QuantizedRef | None) -> tuple | None:
     return None if any(not isinstance(p, BlobRef) for p in parts) else tuple(p.offset for p in parts)
 
 
-def blob_difference(stored: np.ndarray, tensor: torch.Tensor) -> tuple[float, bool]:
-    """(max |stored - tensor| in fp32, stored == tensor rounded to the stored dtype), a chunk at a time: the fp32
-    temporaries of a whole embedding (4 of them, 1 GB at 1.1B) would otherwise top the validation's peak RSS.
+def blob_difference(stored: np.ndarray, tensor: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (of a 2-D weight; one row for a vector): max |stored - tensor| in fp32 and whether stored == tensor
+    rounded to the stored dtype, whole rows at a time: the fp32 temporaries of a whole embedding (4 of them, 1 GB at
+    1.1B) would otherwise top the validation's peak RSS.
 
     A stored ±inf is never exact: the checkpoint's weights are finite (checked on load), so it is a weight above
     fp16's 65504 that overflowed, which the rounding compared with would hide."""
-    flat_stored, flat = stored.reshape(-1), tensor.detach().reshape(-1)
-    worst, exact = 0.0, True
-    for start in range(0, flat.numel(), COMPARE_CHUNK):
-        part = torch.from_numpy(np.array(flat_stored[start : start + COMPARE_CHUNK]))  # as stored (torch: both cores)
-        expected = flat[start : start + COMPARE_CHUNK]
-        exact &= bool(torch.isfinite(part).all()) and torch.equal(part, expected.to(part.dtype))
-        worst = max(worst, float(part.to(torch.float32).sub_(expected).abs_().max()))
+    rows = tensor.shape[0] if tensor.dim() > 1 else 1
+    flat_stored, flat = stored.reshape(rows, -1), tensor.detach().reshape(rows, -1)
+    worst, exact = np.empty(rows, np.float32), np.empty(rows, bool)
+    step = max(1, COMPARE_CHUNK // max(1, flat.shape[1]))
+    for start in range(0, rows, step):
+        part = torch.from_numpy(np.array(flat_stored[start : start + step]))  # as stored (torch: both cores)
+        expected = flat[start : start + step]
+        same = torch.isfinite(part).all(1) & (part == expected.to(part.dtype)).all(1)
+        exact[start : start + step] = same.numpy()
+        worst[start : start + step] = part.to(torch.float32).sub_(expected).abs_().amax(1).numpy()
     return worst, exact
 
 
@@ -218,13 +297,13 @@ def fp32(array: np.ndarray) -> torch.Tensor:
 
 def quantized_difference(
     data: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, tensor: torch.Tensor
-) -> tuple[float, float]:
-    """(max |dequantized - tensor|, max of that / its `quantization_bound`) of a weight stored as `quantized_parts`,
-    in torch (both cores) a block of rows at a time, in place: each block's scale broadcast over it (a view, never
-    repeated to the weight's size), so temporaries stay a chunk's (see blob_difference)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a weight stored as `quantized_parts`: max |dequantized - tensor| and max of that / its
+    `quantization_bound`, in torch (both cores) a block of rows at a time, in place: each block's scale broadcast
+    over it (a view, never repeated to the weight's size), so temporaries stay a chunk's (see blob_difference)."""
     tiles = [full // part for full, part in zip(data.shape, scale.shape, strict=True)]
     step = tiles[0] * max(1, COMPARE_CHUNK // (data[0].size * tiles[0]))  # whole blocks of rows
-    worst = ratio = 0.0
+    worst, ratio = np.empty(data.shape[0], np.float32), np.empty(data.shape[0], np.float32)
     weight = tensor.detach()
     for start in range(0, data.shape[0], step):
         rows = slice(start, start + step)
@@ -237,23 +316,27 @@ def quantized_difference(
         scales = fp32(scale[blocks]).reshape(step_scale)
         expected = weight[rows].reshape(view)
         error.mul_(scales).sub_(expected).abs_()  # |dequantized - fp32|
-        worst = max(worst, float(error.max()))
-        ratio = max(ratio, float(error.div_(quantization_bound(expected, scales)).max()))
+        count = len(weight[rows])
+        worst[rows] = error.reshape(count, -1).amax(1).numpy()
+        ratio[rows] = error.div_(quantization_bound(expected, scales)).reshape(count, -1).amax(1).numpy()
     return worst, ratio
 
 
-def reference_models(
-    dense: CausalLM, kept: dict[str, Any], gathered: Callable[[list[torch.Tensor]], None] = lambda tensors: None
-) -> Callable[[str], CausalLM]:
-    """Function name -> its PyTorch reference, folded on demand (one at a time: never every variant at once;
-    `gathered` as in `fold_decoder`: drops the source pages a layer's gather read)."""
-    functions = variant_kept(kept)
+class FunctionReferences:
+    """Function name -> its PyTorch reference, folded from `dense` on demand (one at a time: never every variant at
+    once; `gathered` as in `fold_decoder`: drops the source pages a layer's gather read)."""
 
-    def reference(name: str) -> CausalLM:
-        indices = functions[name]
-        return dense if indices is None else fold_decoder(dense, torch.from_numpy(indices), gathered)
+    def __init__(
+        self, dense: CausalLM, kept: dict[str, Any], gathered: Callable[[list[torch.Tensor]], None] = lambda t: None
+    ) -> None:
+        self.dense, self.kept, self.gathered = dense, variant_kept(kept), gathered
 
-    return reference
+    def __call__(self, name: str, placeholders: tuple[str, ...] = ()) -> CausalLM:
+        """`name`'s reference; the FFN projections in `placeholders` not gathered (`fold_decoder`)."""
+        indices = self.kept[name]
+        if indices is None:
+            return self.dense
+        return fold_decoder(self.dense, torch.from_numpy(indices), self.gathered, placeholders)
 
 
 def check_decoder_package(
@@ -267,7 +350,9 @@ def check_decoder_package(
     weight.bin by the blob offsets in the spec, against the function's PyTorch reference (built, checked and
     dropped one at a time; equal to its fp16 rounding; quantized: dequantized, within half a step). Before each
     tensor the pages read so far are dropped (`release` for the reference's source, MADV_DONTNEED for weight.bin),
-    so the check keeps about one tensor resident, not the package and the checkpoint."""
+    so the check keeps about one tensor resident, not the package and the checkpoint. With `FunctionReferences` the
+    dense function goes first and the variants' gate/up are checked against its rows (`DenseRows`), never gathered;
+    the table keeps the package's order."""
     ct = coremltools()
     with quiet():
         ct.models.MLModel(str(artifacts.decoder), skip_model_load=True)  # coremltools parses the package
@@ -279,19 +364,26 @@ def check_decoder_package(
             f" expected {artifacts.functions} (default {artifacts.default_function!r})"
         )
     weights = open_weights(artifacts.decoder)
-    rows, compared = [], {}
+    by_rows = isinstance(reference, FunctionReferences)
+    rows = DenseRows(reference.dense) if by_rows else None
+    order = sorted(artifacts.functions, key=lambda name: name != DENSE_NAME) if by_rows else artifacts.functions
+    checks, compared = {}, {}
     with progress("Core ML validation", len(artifacts.functions)) as advance:
-        for name in artifacts.functions:
+        for name in order:
 
             def dropped(weights: mmap.mmap = weights) -> None:
                 weights.madvise(mmap.MADV_DONTNEED)
                 release()
 
-            model = reference(name)
-            rows.append(check_function(spec, weights, described[name], name, model, artifacts, dropped, compared))
-            rows[-1].residual_peak = None if peaks is None else peaks[name]
+            model = reference(name, ROW_LOCAL) if by_rows else reference(name)
+            kept = reference.kept[name] if by_rows else None
+            check = check_function(
+                spec, weights, described[name], name, model, artifacts, dropped, compared, rows, kept
+            )
+            check.residual_peak = None if peaks is None else peaks[name]
+            checks[name] = check
             advance(1)
-    return rows
+    return [checks[name] for name in artifacts.functions]
 
 
 def check_function(
@@ -302,9 +394,11 @@ def check_function(
     model: CausalLM,
     artifacts: CoreMLArtifacts,
     release: Callable[[], None] = lambda: None,
-    compared: dict[tuple, tuple[float, float | bool]] | None = None,
+    compared: dict[tuple, tuple[np.ndarray, np.ndarray]] | None = None,
+    rows: DenseRows | None = None,
+    kept: np.ndarray | None = None,
 ) -> FunctionCheck:
-    """One function's row of the table (`compared` as in `check_weights`)."""
+    """One function's row of the table (`compared`, `rows` and `kept` as in `check_weights`)."""
     io = {
         "inputs": [feature_signature(f) for f in desc.input],
         "outputs": [feature_signature(f) for f in desc.output],
@@ -313,7 +407,7 @@ def check_function(
     skip = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     quantized = None if artifacts.quantize == "none" else function_quantized(spec, name)
     checked, ffn, worst, exact, missing, nquantized, ratio = check_weights(
-        weights, function_blobs(spec, name), model, const_name, skip, quantized, release, compared
+        weights, function_blobs(spec, name), model, const_name, skip, quantized, release, compared, rows, kept
     )
     missing += check_numerics(spec, name, weights, model.config, artifacts.max_context)
     io_ok = io == expected_decoder_io(model, artifacts.max_context)
@@ -460,7 +554,7 @@ def validate_export(ctx: ExportContext) -> None:
     ckpt = ctx.checkpoint
     masks = torch.stack([v.mask for v in ctx.variants])
     release = ckpt.weights.release
-    reference = reference_models(ckpt.backbone, {v.name: v.kept.numpy() for v in ctx.variants}, lambda _: release())
+    reference = FunctionReferences(ckpt.backbone, {v.name: v.kept.numpy() for v in ctx.variants}, lambda _: release())
     recorded = {v.name: v.residual_peak for v in ctx.variants} | {DENSE_NAME: ctx.dense_residual_peak}
     peaks = None if None in recorded.values() else recorded  # `ifp-export validate` runs no quality pass
     rows = check_decoder_package(artifacts, reference, ctx.progress, release, peaks)
