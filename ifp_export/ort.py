@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class ResidentWeights:
         self.shared_file = shared_file
         self.values: dict[tuple[int, int], ort.OrtValue] = {}  # (offset, length) in the shared file -> value
         self.sessions: dict[tuple[bytes, int], ort.InferenceSession] = {}  # (graph with own tensors as inputs, threads)
+        self.lock = threading.Lock()
 
     def initializers(self, path: Path) -> Iterator[tuple[str, ort.OrtValue]]:
         """(name, OrtValue) for every initializer of the graph at `path` stored in the shared file."""
@@ -46,10 +48,11 @@ class ResidentWeights:
             if info.get("location") != self.shared_file:
                 continue
             offset, length = int(info.get("offset", 0)), int(info["length"])
-            if (offset, length) not in self.values:
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-                array = np.memmap(path.parent / self.shared_file, dtype, "r", offset, tuple(init.dims), order="C")
-                self.values[(offset, length)] = ort.OrtValue.ortvalue_from_numpy(array)
+            with self.lock:  # sessions may be built on two threads (each value mapped once)
+                if (offset, length) not in self.values:
+                    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+                    array = np.memmap(path.parent / self.shared_file, dtype, "r", offset, tuple(init.dims), order="C")
+                    self.values[(offset, length)] = ort.OrtValue.ortvalue_from_numpy(array)
             yield init.name, self.values[(offset, length)]
 
     def options(self, path: Path, threads: int = 0, prepack: bool = False) -> ort.SessionOptions:

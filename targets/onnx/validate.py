@@ -1,17 +1,18 @@
 """Validation sized to the model: every ONNX decoder against its PyTorch reference, all references in one pass.
 
-ORT runs first, one model's sessions at a time (dense first): each generates a greedy continuation of a left-padded
+ORT runs first, model by model (dense first): each generates a greedy continuation of a left-padded
 batch through its KV cache (Optimum's layout, as clients run it), runs the same tokens again in one uncached forward,
-and the GenAI-flavour graph on the first prompt unpadded (prefill, one decode step, the rest at once); only the logits
-are kept. Then the PyTorch references of every model, reading the mapped checkpoint a layer at a time for all of them
-(`reference.reference_runs`), run teacher-forced over those tokens: one forward in float32 and one in float64 per
-model, not one per generated token. Every position of every row is compared with the float64 logits under the bound
-its own fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check, and a KV-cache bug shows
-as cached logits that differ where the uncached ones agree. At most one model's ORT session, and one layer of the
-references' weights, are resident at a time. The variants' graphs are one graph fed their own
-tensors (`ifp_export.ort.graph_skeleton`), so the paths only that graph decides (the padded batch, the GenAI graph, a
-quantized graph's uncached and cached replay and its shipped kernels) run on the first model of each graph, and every
-later model's own tensors are checked through its cache on its first prompt and a few tokens it generates.
+and the GenAI-flavour graph on the first prompt unpadded (prefill, one decode step, the rest at once); only the
+logits are kept. Then the PyTorch references of every model, reading the mapped checkpoint a layer at a time for all
+of them (`reference.reference_runs`), run teacher-forced over those tokens: one forward in float32 and one in float64
+per model, not one per generated token. Every position of every row is compared with the float64 logits under the
+bound its own fp32 noise gives (`ifp_export.bounds`); the cached logits' top-1 is the greedy check, and a KV-cache
+bug shows as cached logits that differ where the uncached ones agree. At most two ORT sessions (built side by side,
+`SessionPairs`), and one layer of the references' weights, are resident at a time. The variants' graphs are one graph
+fed their own tensors (`ifp_export.ort.graph_skeleton`), so the paths only that graph decides (the padded batch, the
+GenAI graph, a quantized graph's uncached and cached replay and its shipped kernels) run on the first model of each
+graph, and every later model's own tensors are checked through its cache on its first prompt and a few tokens it
+generates.
 
 fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
 the *same dequantized weights* (that is what catches graph and binding bugs): the shipped graph's MatMulNBits
@@ -28,7 +29,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -101,11 +106,11 @@ class ValidationRow:
         return row | {"checks": [c.record() for c in self.checks], "ok": self.ok}
 
 
-def decoder_session(path: Path, resident: ResidentWeights, prepack: bool = False) -> OrtDecoder:
+def decoder_session(path: Path, resident: ResidentWeights, prepack: bool = False) -> ort.InferenceSession:
     """`THREADS` threads, shared weights from the resident memory-mapped cache (held once across every model checked);
     `prepack` for quantized graphs (see `ResidentWeights.options`)."""
     options = resident.options(path, threads=THREADS, prepack=prepack)
-    return OrtDecoder(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def exact_session(path: Path, resident: ResidentWeights) -> ort.InferenceSession:
@@ -179,19 +184,63 @@ def genai_cached(sess: ort.InferenceSession, tokens: list[int], prompt_length: i
     return np.concatenate(chunks)
 
 
+class SessionPairs:
+    """The sessions a validation uses, built two at a time on two threads, in the order they are used. Building one
+    (graph optimization, weight pre-packing) runs on one core: a 3B int4 variant's twin takes 1.2 s, the dense
+    model's shipped and twin sessions 3-4 s each, 3.0 s for both built side by side. A pair is built only when the
+    first of it is needed, so nothing else runs beside the builds (ORT's own runs use both cores, and a build beside
+    them slows them as much as it gains), and at most the pair is alive (a pre-packed 3B dense session: 1.4 GB)."""
+
+    def __init__(self, builders: list[Callable[[], ort.InferenceSession]]) -> None:
+        self.builders = deque(builders)
+        self.built: deque[tuple[ort.InferenceSession, float]] = deque()
+
+    def next(self) -> tuple[ort.InferenceSession, float]:
+        """The next session and the seconds its own build took."""
+        if not self.built:
+            pair = [self.builders.popleft() for _ in range(min(2, len(self.builders)))]
+            with ThreadPoolExecutor(len(pair), thread_name_prefix="ort-session") as pool:
+                self.built.extend(pool.map(timed, pair))
+        return self.built.popleft()
+
+
+def timed(build: Callable[[], ort.InferenceSession]) -> tuple[ort.InferenceSession, float]:
+    start = time.perf_counter()
+    return build(), time.perf_counter() - start
+
+
+def twin_only(quantize: str, tokens: int, graph_checked: bool) -> bool:
+    """A quantized model whose graph an earlier one ran in full, or checked by its prefill alone (`--checks quick`),
+    runs on its accuracy_level 0 twin alone."""
+    return quantize != "none" and (graph_checked or not tokens)
+
+
+def session_builders(
+    path: Path, quantize: str, resident: ResidentWeights, genai_path: Path | None, tokens: int, graph_checked: bool
+) -> list[Callable[[], ort.InferenceSession]]:
+    """The sessions `run_onnx` uses for one model, in the order it uses them (see there)."""
+    quantized, twin = quantize != "none", twin_only(quantize, tokens, graph_checked)
+    builders: list[Callable[[], ort.InferenceSession]] = [
+        partial(exact_session, path, resident) if twin else partial(decoder_session, path, resident, quantized)
+    ]
+    builders += [partial(exact_session, path, resident)] if quantized and not twin else []
+    return builders + ([partial(exact_session, genai_path, resident)] if genai_path is not None else [])
+
+
 def run_onnx(
     path: Path,
     prompts: list[list[int]],
     quantize: str,
-    resident: ResidentWeights,
+    sessions: SessionPairs,
     genai_path: Path | None,
     tokens: int = GREEDY_TOKENS,
     graph_checked: bool = False,
 ) -> OrtRun:
-    """ONNX checker, ORT load, the cached greedy continuation of `tokens` tokens and the uncached forward, and the
-    GenAI-flavour graph on the first prompt (if given). A quantized graph generates as shipped (int8 activations,
-    fast), then its accuracy_level 0 twin, which the reference can match at the fp32 bound, re-runs those tokens
-    uncached and through the cache (`replay_cached`); the shipped graph's logits are the quality figure.
+    """ONNX checker, the cached greedy continuation of `tokens` tokens and the uncached forward, and the
+    GenAI-flavour graph on the first prompt (if given), on the sessions `session_builders` lists, taken from
+    `sessions`. A quantized graph generates as shipped (int8 activations, fast), then its accuracy_level 0 twin,
+    which the reference can match at the fp32 bound, re-runs those tokens uncached and through the cache
+    (`replay_cached`); the shipped graph's logits are the quality figure.
 
     `graph_checked`: an earlier model ran this graph in full (the same graph but for its own tensors), so only its own
     tensors are left to check: it loads one session (a quantized one its twin), generates through the cache, and
@@ -199,13 +248,9 @@ def run_onnx(
     the prefill, one forward with an empty cache, is the check."""
     onnx.checker.check_model(str(path))
     quantized = quantize != "none"
-    twin_only = quantized and (graph_checked or not tokens)  # a quantized prefill alone is checked on the twin
-    start = time.perf_counter()
-    if twin_only:
-        decoder = OrtDecoder(exact_session(path, resident))
-    else:
-        decoder = decoder_session(path, resident, prepack=quantized)
-    load_seconds = time.perf_counter() - start
+    first, load_seconds = sessions.next()
+    decoder = OrtDecoder(first)
+    del first
     ids, mask, cached = generate_cached(decoder, prompts, tokens)
     if tokens == 0:
         run = OrtRun(ids, mask, None, cached)
@@ -214,15 +259,15 @@ def run_onnx(
     elif not quantized:
         run = OrtRun(ids, mask, cached, uncached_logits(decoder, ids, mask))
     del decoder  # one session of this model at a time: its own FFN weights are not held twice
-    if quantized and not twin_only:
-        exact = OrtDecoder(exact_session(path, resident))
+    if quantized and not twin_only(quantize, tokens, graph_checked):
+        exact = OrtDecoder(sessions.next()[0])
         uncached = uncached_logits(exact, ids, mask)
         run = OrtRun(ids, mask, replay_cached(exact, ids, mask, ids.shape[1] - tokens), uncached, shipped=cached)
         del exact
     run.load_seconds = load_seconds
     if genai_path is not None:
         onnx.checker.check_model(str(genai_path))
-        genai = exact_session(genai_path, resident)  # accuracy_level 0 (a no-op for fp32 graphs)
+        genai = sessions.next()[0]  # accuracy_level 0 (a no-op for fp32 graphs)
         row = run.ids[0][run.mask[0].astype(bool)].tolist()
         run.genai = genai_cached(genai, row, len(prompts[0]))
     return run
@@ -305,7 +350,7 @@ def validate(
     layers = backbone.config.num_hidden_layers
     in_full = full_models(kept, checks)
     cache_checked: dict[tuple[bytes, bytes], str] = {}  # graph skeletons -> the model whose cache paths ran on them
-    runs, same_graph_as, tokens = {}, {}, {}
+    plan, same_graph_as, tokens = {}, {}, {}
     for name in sorted(kept, key=lambda name: name != DENSE_NAME):  # the largest first: no other's logits beside it
         path, genai, same_as = artifacts.models[name], artifacts.genai_models.get(name), None
         if name in in_full:
@@ -318,11 +363,19 @@ def validate(
         else:
             tokens[name], chosen, genai = 0, prompts[name][:1], None
         genai = None if same_as else genai
-        graph_checked = name not in in_full or same_as is not None
-        runs[name] = run_onnx(path, chosen, artifacts.quantize, resident, genai, tokens[name], graph_checked)
+        plan[name] = (path, chosen, genai, name not in in_full or same_as is not None)  # ..., graph_checked
         same_graph_as[name] = same_as
+    builders = [
+        build
+        for name, (path, _, genai, graph_checked) in plan.items()
+        for build in session_builders(path, artifacts.quantize, resident, genai, tokens[name], graph_checked)
+    ]
+    sessions = SessionPairs(builders)
+    runs = {}
+    for name, (path, chosen, genai, graph_checked) in plan.items():
+        runs[name] = run_onnx(path, chosen, artifacts.quantize, sessions, genai, tokens[name], graph_checked)
         release_freed_memory()
-    del resident  # the sessions' shared weights: not beside the reference's
+    del resident, sessions  # the sessions' shared weights: not beside the reference's
     release_freed_memory()
     members = [
         reference_member(
