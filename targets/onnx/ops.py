@@ -153,11 +153,12 @@ def quantized_chunks(rows: list[np.ndarray | torch.Tensor], bits: int) -> Iterat
             high, low = part.amax(-1), part.amin(-1)  # each ~10x faster than one torch.aminmax here
             scale = torch.where(high.abs() > low.abs(), high, low) / -mid
             reciprocal = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
-            shifted = part.mul_(reciprocal[..., None]).add_(mid)
-            # round half away from zero: floor is trunc wherever it matters (a value below 0 ends at 0 either way,
-            # clamped) and ~10x faster than torch's trunc
-            q = shifted.floor()
-            yield q.add_(shifted.sub_(q) >= 0.5).clamp_(0, 2 * mid - 1), scale
+            shifted = part.mul_(reciprocal[..., None]).add_(mid)  # x in [0, 2 mid] (but for rounding; then clamped)
+            # round half away from zero, as floor(x + 0.5), in place (3 passes fewer than floor + compare + add):
+            # the same for every float32 w / scale in [-mid - 0.5, mid + 0.5] (checked exhaustively for int4 and
+            # int8), as x + 0.5 rounds only where it crosses a power of two, which it floors to either way; beyond,
+            # both clamp; floor is ~10x faster than torch's trunc
+            yield shifted.add_(0.5).floor_().clamp_(0, 2 * mid - 1), scale
 
 
 def nibble_plane(blocks: np.ndarray, plane: str) -> np.ndarray:
