@@ -259,7 +259,7 @@ def run_onnx(
         run = OrtRun(ids, mask, cached, None)
     elif not quantized:
         run = OrtRun(ids, mask, cached, uncached_logits(decoder, ids, mask))
-    del decoder  # one session of this model at a time: its own FFN weights are not held twice
+    del decoder  # gone before the next session runs (`SessionPairs` holds at most the pair built with it)
     if quantized and not twin_only(quantize, tokens, graph_checked):
         exact = OrtDecoder(sessions.next()[0])
         uncached = uncached_logits(exact, ids, mask)
