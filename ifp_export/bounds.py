@@ -31,7 +31,7 @@ from torch import nn
 
 from ifp_export.fold import fold_layer
 from ifp_export.generate import padded_positions
-from ifp_export.model.decoder import CausalLM, Embedding, reused_casts
+from ifp_export.model.decoder import CausalLM, DecoderLayer, Embedding, reused_casts
 
 FP32_EPS = float(np.finfo(np.float32).eps)
 FP16_EPS = float(np.finfo(np.float16).eps)  # Core ML's compute precision: the noise scales by FP16_EPS / FP32_EPS
@@ -193,10 +193,13 @@ def lockstep_hidden(
 ) -> list[list[torch.Tensor]]:
     """The final-norm hidden states of one uncached forward per member and stream, every member and stream advancing
     together a layer at a time: each layer's weights are read once for all of them (a variant's FFN slices are
-    gathered from the dense layer as it runs, `fold_layer`), then `release(module)` may drop them. A stream marked
-    True runs a module inside `swapped(owner, module, kept)` (owner: `model.layers.N` or `lm_head`; module: the
-    member's own; kept: its layer's kept neurons, None if all), e.g. with the dequantized weights a quantized graph
-    computes with. A float64 stream upcasts the embedding rows and every later op follows its input's dtype (as
+    gathered from the dense layer as it runs, `fold_layer`), then `release(module)` may drop them. The attention
+    weights are every member's, so each projection multiplies the rows of every member's streams of one dtype at
+    once (`shared_attention`; a few small products run at a fraction of the machine's rate); the FFN runs per
+    member. A stream marked True runs a module inside `swapped(owner, module, kept)` (owner: `model.layers.N` or
+    `lm_head`; module: the member's own; kept: its layer's kept neurons, None if all), e.g. with the dequantized
+    weights a quantized graph computes with; every member's swapped attention weights are the same, so the first
+    member's serve all. A float64 stream upcasts the embedding rows and every later op follows its input's dtype (as
     `float64` does)."""
     inner = model.model
     states = []
@@ -209,14 +212,44 @@ def lockstep_hidden(
     release(inner.embed_tokens)
     with reused_casts():  # a layer's weights cast once per member and stream: into the same buffers every time
         for index, layer in enumerate(inner.layers):
-            for member, (xs, tables) in zip(members, states, strict=True):
+            owner, owns = f"model.layers.{index}", []
+            for member in members:
                 kept = None if member.kept is None else member.kept[index]
                 gather = any(not swap for _, swap in member.streams)  # else swapped() sets every FFN weight
-                own = layer if kept is None else fold_layer(layer, model.config, kept, ffn=gather)
-                run = lambda x, own=own, tables=tables: own(x, *tables[x.dtype])[0]  # noqa: E731
-                run_streams(member, xs, f"model.layers.{index}", own, run, swapped, kept)
+                owns.append((layer if kept is None else fold_layer(layer, model.config, kept, ffn=gather), kept))
+            for inside in (False, True):
+                chosen = [[i for i, (_, swap) in enumerate(m.streams) if swap == inside] for m in members]
+                runs = [(m, i) for m, streams in enumerate(chosen) for i in streams]
+                for m, (own, kept) in enumerate(owns):
+                    if not chosen[m]:
+                        continue
+                    with swapped(owner, own, kept) if inside else nullcontext():
+                        if (m, chosen[m][0]) == runs[0]:  # the first member's module: every member's attention
+                            shared_attention(own, [(states[n][0], states[n][1], i) for n, i in runs])
+                        xs = states[m][0]
+                        for i in chosen[m]:
+                            xs[i] = xs[i] + own.mlp(own.post_attention_layernorm(xs[i]))
             release(layer)
     return [[inner.norm(x) for x in xs] for xs, _ in states]
+
+
+def shared_attention(layer: DecoderLayer, streams: list[tuple[list[torch.Tensor], dict, int]]) -> None:
+    """Advance each stream (a member's hidden states `xs[i]` and its positional `tables`) by `layer`'s attention and
+    residual, every projection multiplying the rows of all the streams of one dtype at once."""
+    attention = layer.self_attn
+    for dtype in dict.fromkeys(xs[i].dtype for xs, _, i in streams):
+        same = [(xs, tables[dtype], i) for xs, tables, i in streams if xs[i].dtype == dtype]
+        shapes = [xs[i].shape for xs, _, i in same]
+        rows = torch.cat([layer.input_layernorm(xs[i]).flatten(0, 1) for xs, _, i in same])
+        sizes = [shape[0] * shape[1] for shape in shapes]
+        projected = [p(rows).split(sizes) for p in (attention.q_proj, attention.k_proj, attention.v_proj)]
+        attended = [
+            attention.attend(*(p[n].view(*shape[:2], -1) for p in projected), *table)[0].flatten(0, 1)
+            for n, ((_, table, _), shape) in enumerate(zip(same, shapes, strict=True))
+        ]
+        out = attention.o_proj(torch.cat(attended)).split(sizes)
+        for (xs, _, i), shape, o in zip(same, shapes, out, strict=True):
+            xs[i] = xs[i] + o.view(shape)
 
 
 @torch.no_grad()

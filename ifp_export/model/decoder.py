@@ -189,10 +189,26 @@ class Attention(nn.Module):
         bias: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        out, present = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, bias, past)
+        return self.o_proj(out), present
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """What happens between the projections: the projected rows [B, T, heads * D] with RoPE, the cache and the
+        softmax; [B, T, heads * D] for o_proj, and the keys and values. Apart from `forward` so that several models
+        sharing these weights can project all their rows in one product each (`ifp_export.bounds.lockstep_hidden`)."""
+        b, t, _ = q.shape
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
@@ -200,8 +216,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads), attn_mask=bias
         )
-        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out), (k, v)
+        return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), (k, v)
 
 
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
