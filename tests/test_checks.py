@@ -321,7 +321,8 @@ def test_a_kv_cache_bug_fails_the_cached_check_only(
     tiny_export: ExportContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quantize: str, damaged: str
 ) -> None:
     """A graph with a KV-cache bug: its cached check fails, its uncached check and every other model pass. int4: the
-    shipped graph generates, its exact twin replays the tokens through the cache in three pieces; a later variant of
+    shipped graph generates, its exact twin replays the tokens through the cache its uncached forward left (the bug is
+    in the cache the graph returns, so it shows there too); a later variant of
     the same graph generates on the twin alone. In a variant after the first (whose graph the others share, so its
     padded-batch, uncached and GenAI paths run once, there), the bug makes its graph another one, which gets its own
     checks."""
