@@ -11,8 +11,8 @@ bug shows as cached logits that differ where the uncached ones agree. At most tw
 `SessionPairs`), and one layer of the references' weights, are resident at a time. The variants' graphs are one graph
 fed their own tensors (`ifp_export.ort.graph_skeleton`), so the paths only that graph decides (the padded batch, the
 GenAI graph, a quantized graph's uncached and cached replay and its shipped kernels) run on the first model of each
-graph, and every later model's own tensors are checked through its cache on its first prompt and a few tokens it
-generates.
+graph, and every later model's own tensors are checked through its cache on the first tokens of its first prompt
+and a few tokens it generates.
 
 fp32 exports are held to fp32 parity. A quantized export is held to the same tight bound against PyTorch running
 the *same dequantized weights* (that is what catches graph and binding bugs): the shipped graph's MatMulNBits
@@ -61,10 +61,15 @@ from ifp_export.weights import WeightSource
 
 VALIDATION_PROMPTS = 2
 GREEDY_TOKENS = 16  # ORT's greedy continuation of every prompt, cached; the reference checks it in one forward
-# ... of a model whose graph an earlier one ran in full (same graph, own tensors): every position of its prompt already
-# reads each own tensor, the second decode step reads back the cache entry the first one wrote, and the greedy choice
-# is its own (more steps run the same graph paths again, which the first model of the graph ran for 16)
+# ... of a model whose graph an earlier one ran in full (same graph, own tensors): every position already reads each own
+# tensor, the second decode step reads back the cache entry the first one wrote, and the greedy choice is its own (more
+# steps run the same graph paths again, which the first model of the graph ran for 16); and it runs on the first
+# tokens of its first prompt alone: more positions read the same tensors again (one wrong kept neuron, in any layer of
+# the trained SmolLM2-135M, 120 random swaps: its first 8 tokens' logits moved >= 9.4e-04, median 1.6e-02, against a
+# bound ~1e-04; the least move over all 19 tokens was the same), and a prompt's length would otherwise set the cost of
+# every variant's check (at 3B, 7 later variants on 8 of their 24 prompt tokens: the reference ~a sixth faster)
 SHARED_GRAPH_TOKENS = 2
+SHARED_GRAPH_PROMPT_TOKENS = 8
 THREADS = 2  # ORT runs alone (the reference after it): both cores; fixed, so the figures are the same on any machine
 
 
@@ -348,7 +353,8 @@ def validate(
     GenAI graph). A model checked in full whose graphs equal an earlier one's but for its own tensors
     (`graph_skeleton`: the variants after the first) skips what only tests the graph, the padded batch, the uncached
     forward, the GenAI graph, and a quantized graph's shipped session (its twin generates instead): it generates
-    `SHARED_GRAPH_TOKENS` tokens from its first prompt through the cache, whose logits at every position test every own
+    `SHARED_GRAPH_TOKENS` tokens from the first `SHARED_GRAPH_PROMPT_TOKENS` tokens of its first prompt through the
+    cache, whose logits at every position test every own
     tensor (as the one forward of a model `quick` does not check in full does, on the twin alone too). A quantized
     export's figure against the fp32 model is the dense model's (one more reference stream)."""
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
@@ -362,9 +368,9 @@ def validate(
             shape = (graph_skeleton(path, SHARED_DATA), b"" if genai is None else graph_skeleton(genai, SHARED_DATA))
             first = cache_checked.setdefault(shape, name)
             same_as = None if first == name else first
-            # a graph already run in full needs only its own tensors checked: its first prompt, a few tokens
+            # a graph already run in full needs only its own tensors checked: its first prompt's start, 2 tokens
             tokens[name] = SHARED_GRAPH_TOKENS if same_as else GREEDY_TOKENS
-            chosen = prompts[name][: 1 if same_as else None]
+            chosen = [prompts[name][0][:SHARED_GRAPH_PROMPT_TOKENS]] if same_as else prompts[name]
         else:
             tokens[name], chosen, genai = 0, prompts[name][:1], None
         genai = None if same_as else genai
@@ -408,7 +414,10 @@ def full_models(kept: dict[str, torch.Tensor | None], checks: str) -> set[str]:
 
 
 def tolerance_text(quantize: str) -> str:
-    tokens = f"prompt + {GREEDY_TOKENS} greedy tokens ({SHARED_GRAPH_TOKENS} for a graph already checked)"
+    tokens = (
+        f"prompt + {GREEDY_TOKENS} greedy tokens (for a graph already checked: its first "
+        f"{SHARED_GRAPH_PROMPT_TOKENS} prompt tokens + {SHARED_GRAPH_TOKENS})"
+    )
     if quantize == "none":
         return f"fp32 vs float64 PyTorch, every position of {tokens}: {RULE}"
     return (
@@ -448,7 +457,8 @@ def validation_table(rows: list[ValidationRow], routing: list[Exactness]) -> Tab
     if any(r.same_graph_as for r in rows):
         table.caption += (
             f"; = NAME: the same graph as NAME's but for its own tensors (its paths checked there), its own tensors "
-            f"checked through its cache on its first prompt + {SHARED_GRAPH_TOKENS} greedy tokens"
+            f"checked through its cache on the first {SHARED_GRAPH_PROMPT_TOKENS} tokens of its first prompt + "
+            f"{SHARED_GRAPH_TOKENS} greedy tokens"
         )
     return table
 
