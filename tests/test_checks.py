@@ -25,6 +25,7 @@ from ifp_export.fsutil import read_safetensors
 from ifp_export.generate import left_pad
 from ifp_export.pipeline import ExportContext
 from ifp_export.targets.onnx import DENSE_NAME, emit, emitter, validate, validation_inputs
+from ifp_export.targets.onnx.validate import padded_batch
 
 
 def test_bound_is_a_multiple_of_the_reference_noise_with_a_floor() -> None:
@@ -348,6 +349,17 @@ def test_a_kv_cache_bug_fails_the_cached_check_only(
     assert len(shared) == len(ctx.variants) - (1 if damaged == DENSE_NAME else 2)
     assert all([c.name for c in r.checks] == ["cached"] for r in shared)  # its own tensors, through its cache
     assert all(r.shipped_prefill_diff is None for r in shared)  # int4: their graph's shipped kernels ran on `first`
+
+
+def test_a_model_checked_in_full_generates_from_a_padded_batch() -> None:
+    """Prompts of one length would leave the left-padded path unchecked: every prompt after the first is cut to at
+    most half the first's length (at least one token)."""
+    assert padded_batch([[1, 2, 3, 4], [5, 6, 7, 8, 9]]) == [[1, 2, 3, 4], [5, 6]]
+    assert padded_batch([[1, 2, 3, 4, 5], [6]]) == [[1, 2, 3, 4, 5], [6]]
+    assert padded_batch([[1], [2, 3]]) == [[1], [2]]
+    assert padded_batch([[1, 2, 3]]) == [[1, 2, 3]]
+    _, mask = left_pad(padded_batch([[1, 2, 3, 4], [5, 6, 7, 8]]))
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
 
 
 def test_a_quantization_layout_bug_fails_validation(tiny_export: ExportContext, tmp_path: Path) -> None:
