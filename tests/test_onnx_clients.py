@@ -32,7 +32,7 @@ from ifp_export.targets.onnx import (
     validation_inputs,
 )
 from ifp_export.targets.onnx.genai import GENAI_CONFIG, genai_overlay, write_genai_config
-from ifp_export.targets.onnx.reference import dequantized, reference_member, reference_runs
+from ifp_export.targets.onnx.reference import dequantized, reference_members, reference_runs
 
 
 @pytest.fixture(params=["sample_export", "qwen2_export"])
@@ -189,9 +189,10 @@ def test_layer_dequantizer_equals_the_dequantized_copy_and_gives_the_model_back(
     with torch.no_grad():
         expected = dequantized(fold_decoder(backbone, kept), "int4")(ids)[0].numpy()
         fp32 = folded(ids)[0].numpy()
-    (run,) = reference_runs(folded, [reference_member(ids, torch.ones_like(ids), "int4", fp32_figure=True)], "int4")
+        prompt_fp32 = folded(ids[:, :3])[0].numpy()  # the fp32 figure's member runs the first 3 columns
+    (run,) = reference_runs(folded, [reference_members(ids, torch.ones_like(ids), "int4", figure_width=3)], "int4")
     np.testing.assert_array_equal(run.ref32, expected)
-    np.testing.assert_array_equal(run.fp32, fp32)
+    np.testing.assert_array_equal(run.fp32, prompt_fp32)
     assert not np.array_equal(run.ref32, fp32)
     assert run.ref64.dtype == np.float64 and np.abs(run.ref64 - expected).max() < 1e-4 * np.abs(expected).max()
     after = dict(folded.named_parameters(remove_duplicate=False))
@@ -210,11 +211,11 @@ def test_multi_model_references_equal_each_model_run_alone(qwen2_export: ExportC
     ids = [torch.tensor([[0, 0, 5, 6, 7], [1, 5, 6, 7, 3]]), torch.tensor([[2, 9, 4]]), torch.tensor([[8, 8, 1, 3]])]
     kept = [None, variants[0].kept, variants[1].kept]
     masks = [(i != 0).long() for i in ids]
-    members = [reference_member(i, m, "int4", k, fp32_figure=True) for i, m, k in zip(ids, masks, kept, strict=True)]
-    together = list(reference_runs(backbone, members, "int4"))
+    models = [reference_members(i, m, "int4", k, i.shape[1] - 1) for i, m, k in zip(ids, masks, kept, strict=True)]
+    together = list(reference_runs(backbone, models, "int4"))
     for i, m, k, run in zip(ids, masks, kept, together, strict=True):
         model = backbone if k is None else fold_decoder(backbone, k)
-        (alone,) = reference_runs(model, [reference_member(i, m, "int4", fp32_figure=True)], "int4")
+        (alone,) = reference_runs(model, [reference_members(i, m, "int4", figure_width=i.shape[1] - 1)], "int4")
         for got, expected, tolerance in (
             (run.ref32, alone.ref32, 1e-6),
             (run.fp32, alone.fp32, 1e-6),

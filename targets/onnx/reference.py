@@ -129,33 +129,40 @@ class ReferenceRun:
 
     ref32: np.ndarray  # [B, T, V] one uncached forward over the left-padded prompts + ORT's greedy continuation
     ref64: np.ndarray  # the same forward in float64: the truth the checks measure against (`ifp_export.bounds`)
-    fp32: np.ndarray | None = None  # quantized, dense model: the fp32 model's logits on the same tokens (quality)
+    fp32: np.ndarray | None = None  # quantized, dense model: the fp32 model's logits on the prompts [B, P, V] (quality)
 
 
-def reference_member(
-    ids: torch.Tensor, mask: torch.Tensor, quantize: str, kept: torch.Tensor | None = None, fp32_figure: bool = False
-) -> Member:
-    """A model's reference streams over `ids` (left-padded prompts + continuation, [B, T]): float32 and float64, for
-    a quantized export on the dequantized weights, and with `fp32_figure` once more on the fp32 weights (the
-    quantization's quality figure); `kept` as `Member.kept`."""
+def reference_members(
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    quantize: str,
+    kept: torch.Tensor | None = None,
+    figure_width: int | None = None,
+) -> list[Member]:
+    """A model's reference over `ids` (left-padded prompts + continuation, [B, T]): one member whose streams are
+    float32 and float64, for a quantized export on the dequantized weights; with `figure_width`, a quantized
+    export's second member runs the fp32 weights over the first `figure_width` columns (the prompts: the
+    quantization's quality figure, which needs no more positions than the prefill's); `kept` as `Member.kept`."""
     quantized = quantize != "none"
-    streams = [(torch.float32, quantized), (torch.float64, quantized)]
-    streams += [(torch.float32, False)] if quantized and fp32_figure else []
-    return Member(ids, mask, streams, kept)
+    members = [Member(ids, mask, [(torch.float32, quantized), (torch.float64, quantized)], kept)]
+    if quantized and figure_width is not None:
+        members.append(Member(ids[:, :figure_width], mask[:, :figure_width], [(torch.float32, False)], kept))
+    return members
 
 
 def reference_runs(
     backbone: CausalLM,
-    members: list[Member],
+    models: list[list[Member]],
     quantize: str = "none",
     release: Callable[[nn.Module], None] = lambda module: None,
 ) -> Iterator[ReferenceRun]:
-    """Every member's `ReferenceRun`, in order: the layers run once for all of them (`lockstep_hidden`: the
-    checkpoint is read once, the shared weights are dequantized once per module), then lm_head one member at a time,
-    each run yielded before the next member's logits are made (one model's logits alive at a time)."""
+    """Every model's `ReferenceRun` (from its `reference_members`), in order: the layers run once for all their members
+    (`lockstep_hidden`: the checkpoint is read once, the shared weights are dequantized once per module), then lm_head
+    one member at a time, each run yielded before the next model's logits are made (one model's logits alive at a
+    time)."""
     dequantizer = LayerDequantizer(backbone, quantize)
-    hidden = lockstep_hidden(backbone, members, dequantizer.swapped, release)
-    for member in members:
-        logits = head_logits(backbone, member, hidden.pop(0), dequantizer.swapped)
-        yield ReferenceRun(logits[0], logits[1], logits[2] if len(logits) > 2 else None)
+    hidden = lockstep_hidden(backbone, [m for members in models for m in members], dequantizer.swapped, release)
+    for members in models:
+        logits = [head_logits(backbone, m, hidden.pop(0), dequantizer.swapped) for m in members]
+        yield ReferenceRun(*logits[0], logits[1][0] if len(logits) > 1 else None)
     release(backbone.lm_head)

@@ -56,7 +56,7 @@ from ifp_export.targets.onnx.dynamic import DYNAMIC_NAME, check_dynamic
 from ifp_export.targets.onnx.emitter import DENSE_NAME, PREDICTOR_NAME, SHARED_DATA, OnnxArtifacts
 from ifp_export.targets.onnx.floor import validate_floor
 from ifp_export.targets.onnx.predictor import PredictorRouter
-from ifp_export.targets.onnx.reference import ReferenceRun, reference_member, reference_runs
+from ifp_export.targets.onnx.reference import ReferenceRun, reference_members, reference_runs
 from ifp_export.weights import WeightSource
 
 VALIDATION_PROMPTS = 2
@@ -303,8 +303,9 @@ def compare_run(
     if run.shipped is not None:
         shipped = run.shipped[valid]
         quality["shipped_prefill_diff"] = float(np.abs(shipped - ref32).max())
-    if run.shipped is not None and expected.fp32 is not None:
-        fp32 = expected.fp32[valid]
+    if run.shipped is not None and expected.fp32 is not None:  # over the prompts (the prefill)
+        prompts = valid[:, : expected.fp32.shape[1]]
+        shipped, fp32 = run.shipped[:, : prompts.shape[1]][prompts], expected.fp32[prompts]
         quality["fp32_prefill_diff"] = float(np.abs(shipped - fp32).max())
         quality["fp32_top1_agreement"] = float((shipped.argmax(-1) == fp32.argmax(-1)).mean())
     return ValidationRow(name, run.load_seconds, quantize, tokens, checks, **quality)
@@ -356,7 +357,7 @@ def validate(
     `SHARED_GRAPH_TOKENS` tokens from the first `SHARED_GRAPH_PROMPT_TOKENS` tokens of its first prompt through the
     cache, whose logits at every position test every own
     tensor (as the one forward of a model `quick` does not check in full does, on the twin alone too). A quantized
-    export's figure against the fp32 model is the dense model's (one more reference stream)."""
+    export's figure against the fp32 model is the dense model's, over its prompts (one more reference member)."""
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     layers = backbone.config.num_hidden_layers
     in_full = full_models(kept, checks)
@@ -388,16 +389,16 @@ def validate(
         release_freed_memory()
     del resident, sessions  # the sessions' shared weights: not beside the reference's
     release_freed_memory()
-    members = [
-        reference_member(
+    models = [
+        reference_members(
             torch.from_numpy(runs[name].ids), torch.from_numpy(runs[name].mask), artifacts.quantize, idx,
-            fp32_figure=name == DENSE_NAME,
+            figure_width=runs[name].ids.shape[1] - tokens[name] if name == DENSE_NAME else None,
         )
         for name, idx in kept.items()
     ]  # fmt: skip
     rows = []
     release = lambda module: weights.release()  # noqa: E731  (each layer's mapped pages, once every model ran it)
-    for name, expected in zip(kept, reference_runs(backbone, members, artifacts.quantize, release), strict=True):
+    for name, expected in zip(kept, reference_runs(backbone, models, artifacts.quantize, release), strict=True):
         run = runs.pop(name)
         rows.append(compare_run(artifacts.models[name].name, run, expected, layers, artifacts.quantize, tokens[name]))
         rows[-1].same_graph_as = same_graph_as[name]
