@@ -244,7 +244,7 @@ def shared_attention(layer: DecoderLayer, streams: list[tuple[list[torch.Tensor]
         sizes = [shape[0] * shape[1] for shape in shapes]
         projected = [p(rows).split(sizes) for p in (attention.q_proj, attention.k_proj, attention.v_proj)]
         attended = [
-            attention.attend(*(p[n].view(*shape[:2], -1) for p in projected), *table)[0].flatten(0, 1)
+            attention.attend(tuple(p[n].view(*shape[:2], -1) for p in projected), table)[0].flatten(0, 1)
             for n, ((_, table, _), shape) in enumerate(zip(same, shapes, strict=True))
         ]
         out = attention.o_proj(torch.cat(attended)).split(sizes)

@@ -189,22 +189,20 @@ class Attention(nn.Module):
         bias: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        out, present = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, bias, past)
+        out, present = self.attend((self.q_proj(x), self.k_proj(x), self.v_proj(x)), (cos, sin, bias), past)
         return self.o_proj(out), present
 
     def attend(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        bias: torch.Tensor,
+        qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        positional: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """What happens between the projections: the projected rows [B, T, heads * D] with RoPE, the cache and the
-        softmax; [B, T, heads * D] for o_proj, and the keys and values. Apart from `forward` so that several models
-        sharing these weights can project all their rows in one product each (`ifp_export.bounds.lockstep_hidden`)."""
+        """What happens between the projections: the projected rows (q, k, v) [B, T, heads * D] with RoPE, the cache
+        and the softmax (`positional`: cos, sin, bias); [B, T, heads * D] for o_proj, and the keys and values. Apart
+        from `forward` so that several models sharing these weights can project all their rows in one product each
+        (`ifp_export.bounds.lockstep_hidden`)."""
+        (q, k, v), (cos, sin, bias) = qkv, positional
         b, t, _ = q.shape
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
