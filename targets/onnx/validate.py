@@ -355,8 +355,8 @@ def validate(
     (`graph_skeleton`: the variants after the first) skips what only tests the graph, the padded batch, the uncached
     forward, the GenAI graph, and a quantized graph's shipped session (its twin generates instead): it generates
     `SHARED_GRAPH_TOKENS` tokens from the first `SHARED_GRAPH_PROMPT_TOKENS` tokens of its first prompt through the
-    cache, whose logits at every position test every own
-    tensor (as the one forward of a model `quick` does not check in full does, on the twin alone too). A quantized
+    cache, whose logits at every position test every own tensor (as the one forward of a model `quick` does not check
+    in full does, on the twin alone too). A model checked in full generates from `padded_batch`. A quantized
     export's figure against the fp32 model is the dense model's, over its prompts (one more reference member)."""
     resident = ResidentWeights(SHARED_DATA)  # shared weights mapped once for every model's sessions
     layers = backbone.config.num_hidden_layers
@@ -425,8 +425,8 @@ def full_models(kept: dict[str, torch.Tensor | None], checks: str) -> set[str]:
 
 def tolerance_text(quantize: str) -> str:
     tokens = (
-        f"prompt + {GREEDY_TOKENS} greedy tokens (for a graph already checked: its first "
-        f"{SHARED_GRAPH_PROMPT_TOKENS} prompt tokens + {SHARED_GRAPH_TOKENS})"
+        f"prompts (the second cut to half the first's length) + {GREEDY_TOKENS} greedy tokens (for a graph already "
+        f"checked: its first {SHARED_GRAPH_PROMPT_TOKENS} prompt tokens + {SHARED_GRAPH_TOKENS})"
     )
     if quantize == "none":
         return f"fp32 vs float64 PyTorch, every position of {tokens}: {RULE}"
