@@ -224,7 +224,7 @@ def lockstep_hidden(
                     if not chosen[m]:
                         continue
                     with swapped(owner, own, kept) if inside else nullcontext():
-                        if (m, chosen[m][0]) == runs[0]:  # the first member's module: every member's attention
+                        if m == runs[0][0]:  # the first member with such streams: its module, every one's attention
                             shared_attention(own, [(states[n][0], states[n][1], i) for n, i in runs])
                         xs = states[m][0]
                         for i in chosen[m]:
